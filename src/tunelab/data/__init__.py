@@ -1,0 +1,1 @@
+"""Data: files -> records -> conversations -> token ids with their label mask."""

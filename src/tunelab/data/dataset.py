@@ -1,0 +1,134 @@
+"""From the config's data keys to tokenized train/eval samples plus the counts a data report shows."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Config
+from ..errors import TunelabError
+from .conversation import Conversation
+from .encode import IGNORE, Encoded, Encoder
+from .formats import detect_format, to_conversation
+from .readers import Record, read_records
+
+
+@dataclass
+class DataStats:
+    records: Counter = field(default_factory=Counter)  # per format
+    dropped: Counter = field(default_factory=Counter)  # per reason
+    truncated: int = 0
+    lengths: list[int] = field(default_factory=list)
+    trained_tokens: int = 0
+    total_tokens: int = 0
+    ends_with_eot: int = 0
+    kept: int = 0
+
+
+@dataclass
+class TokenizedData:
+    train: list[Encoded]
+    eval: list[Encoded]
+    conversations: list[Conversation]
+    stats: DataStats
+    encoder: Encoder
+
+
+def read_conversations(specs: list[str], cfg: Config, stats: DataStats | None = None) -> list[Conversation]:
+    conversations = []
+    for spec in specs:
+        records = read_records(spec, cfg.model_hub)
+        if not records:
+            continue
+        fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0], cfg.columns)
+        for rec in records:
+            conversations.append(to_conversation(rec, fmt, cfg.columns, cfg.system))
+        if stats is not None:
+            stats.records[fmt] += len(records)
+    return conversations
+
+
+def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Deterministic by seed; `val_size` below 1 is a fraction, otherwise a count."""
+    if not val_size:
+        return items, []
+    n_val = int(round(val_size * len(items))) if val_size < 1 else int(val_size)
+    n_val = max(1, min(n_val, len(items) - 1))
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataStats) -> list[Encoded]:
+    kept = []
+    for conv in conversations:
+        sample = encoder.encode(conv)
+        if sample.n_trained == 0:
+            stats.dropped["no trainable token left after cutoff_len" if sample.truncated else "no trainable token"] += 1
+            continue
+        stats.truncated += sample.truncated
+        stats.lengths.append(len(sample.input_ids))
+        stats.trained_tokens += sample.n_trained
+        stats.total_tokens += len(sample.input_ids)
+        stats.ends_with_eot += encoder.ends_with_eot(sample)
+        kept.append(sample)
+    stats.kept += len(kept)
+    return kept
+
+
+def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
+    stats = DataStats()
+    conversations = read_conversations(cfg.datasets, cfg, stats)
+    if not conversations:
+        raise TunelabError(f"{', '.join(cfg.datasets)}: the dataset is empty")
+    if cfg.max_samples:
+        conversations = conversations[: cfg.max_samples]
+    if cfg.eval_datasets:
+        train_convs, eval_convs = conversations, read_conversations(cfg.eval_datasets, cfg)
+    else:
+        train_convs, eval_convs = split(conversations, cfg.val_size, cfg.seed)
+    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len)
+    train = encode_all(train_convs, encoder, stats)
+    if not train:
+        reasons = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
+        raise TunelabError(f"every training sample was dropped ({reasons}); raise cutoff_len (now {cfg.cutoff_len})")
+    eval_samples = encode_all(eval_convs, encoder, DataStats())
+    return TokenizedData(train, eval_samples, conversations, stats, encoder)
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Encoded]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"input_ids": s.input_ids, "labels": s.labels}
+
+
+class PadCollator:
+    """Right-pads a batch; labels pad with -100 so padding is never trained."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.tensor(b["input_ids"])
+            labels[row, :n] = torch.tensor(b["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,175 @@
+"""Conversation -> (input_ids, labels): the one place that decides which tokens are trained.
+
+The trained tokens of an assistant turn are exactly its content plus the end-of-turn token(s) that
+follow it, for any Jinja chat template. The turn is located by rendering: the prompt for turn i
+(messages before it, with the generation prompt) must be a prefix of the whole rendered
+conversation, and the content follows. A template that is not prefix-stable cannot be split into
+turns, so it fails with the sample named instead of guessing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import TunelabError
+from .conversation import Conversation
+
+IGNORE = -100
+_PROBE = "tunelab-probe-answer"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    source: str = ""
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def special_tokens(tokenizer) -> list[str]:
+    found = set(tokenizer.all_special_tokens)
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            found.add(tok.content)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The special tokens a template puts right after an assistant answer, plus eos.
+
+    Found by rendering a probe conversation, so it works for templates we have never seen
+    (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`, `<|end|>`, eos ...).
+    """
+    found: list[str] = []
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False
+        )
+    except Exception:
+        text = ""
+    at = text.find(_PROBE)
+    if at >= 0:
+        rest = text[at + len(_PROBE):]
+        specials = special_tokens(tokenizer)
+        while True:
+            hit = next((s for s in specials if rest.startswith(s)), None)
+            if hit is None:
+                break
+            if hit not in found:
+                found.append(hit)
+            rest = rest[len(hit):]
+    if tokenizer.eos_token and tokenizer.eos_token not in found:
+        found.append(tokenizer.eos_token)
+    return found
+
+
+class Encoder:
+    """Renders and tokenizes conversations for one tokenizer (whose chat_template is already set)."""
+
+    def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None):
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.cutoff_len = cutoff_len
+        self.eot_tokens = end_of_turn_tokens(tokenizer) if getattr(tokenizer, "chat_template", None) else (
+            [tokenizer.eos_token] if tokenizer.eos_token else [])
+        self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
+        self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
+
+    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                conv.template_messages() if messages is None else messages,
+                tools=conv.tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            )
+        except Exception as exc:  # jinja raise_exception() and template bugs alike
+            raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
+
+    def encode(self, conv: Conversation) -> Encoded:
+        if conv.text is not None:
+            return self._finish(self._encode_text(conv.text), conv.source)
+        full = self.render(conv)
+        if self.train_on == "all":
+            ids = self._tokenize(full)
+            return self._finish((ids, list(ids)), conv.source)
+        turns = conv.assistant_indices
+        if self.train_on == "last":
+            turns = turns[-1:]
+        spans = [self._answer_span(conv, full, i) for i in turns]
+        for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
+        return self._finish(self._tokenize_spans(full, spans), conv.source)
+
+    def _answer_span(self, conv: Conversation, full: str, i: int) -> tuple[int, int]:
+        messages = conv.template_messages()
+        prompt = self.render(conv, messages[:i], add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise TunelabError(
+                f"{conv.source}: the chat template does not render turn by turn (the prompt of assistant "
+                f"message {i} is not a prefix of the whole conversation), so its answer tokens cannot be "
+                "told apart; use a built-in template (template: chatml, llama3, gemma, alpaca, dolly)"
+            )
+        content = messages[i]["content"]
+        start = full.find(content, len(prompt))
+        if start < 0 and content.strip():
+            content = content.strip()  # templates that trim
+            start = full.find(content, len(prompt))
+        if start < 0:
+            raise TunelabError(f"{conv.source}: the template did not render the content of assistant message {i}")
+        end = start + len(content)
+        if self._eot_re is not None:
+            match = self._eot_re.match(full, end)
+            if match:
+                end = match.end()
+        return start, end
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _tokenize_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Tokenize the whole text when span edges fall on token edges (what inference sees); else by segment."""
+        bounds = sorted({b for span in spans for b in span})
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+            if not any(s < b < e for s, e in offsets for b in bounds):
+                ids = enc["input_ids"]
+                labels = [tid if any(a <= s and e <= b for a, b in spans) and e > s else IGNORE
+                          for tid, (s, e) in zip(ids, offsets)]
+                return ids, labels
+        ids: list[int] = []
+        labels: list[int] = []
+        cuts = [0] + bounds + [len(text)]
+        for a, b in zip(cuts, cuts[1:]):
+            if a == b:
+                continue
+            seg = self._tokenize(text[a:b])
+            trained = any(s <= a and b <= e for s, e in spans)
+            ids += seg
+            labels += seg if trained else [IGNORE] * len(seg)
+        return ids, labels
+
+    def _encode_text(self, text: str) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        ids = self._tokenize(text)
+        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+            ids = [tok.bos_token_id] + ids
+        if tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]
+        return ids, list(ids)
+
+    def _finish(self, pair: tuple[list[int], list[int]], source: str) -> Encoded:
+        ids, labels = pair
+        truncated = self.cutoff_len is not None and len(ids) > self.cutoff_len
+        if truncated:
+            ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
+        return Encoded(ids, labels, truncated, source)
+
+    def ends_with_eot(self, sample: Encoded) -> bool:
+        trained = [x for x in sample.labels if x != IGNORE]
+        return bool(trained) and trained[-1] in self.eot_ids

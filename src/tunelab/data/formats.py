@@ -1,0 +1,159 @@
+"""Data formats (alpaca, dolly, sharegpt, messages, text) -> `Conversation`.
+
+The format is detected from the first record's keys unless `dataset_format` names it; `columns`
+maps our field names to the file's (e.g. `{instruction: question, output: answer}`, or
+`{role: from, content: value}` for the message keys).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TunelabError
+from .conversation import ROLES, Conversation, Message
+from .readers import Record
+
+FIELDS = {
+    "alpaca": ("instruction", "output"),
+    "dolly": ("instruction", "response"),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "observation": "tool", "tool": "tool"}
+
+
+def detect_format(record: Record, columns: dict | None = None) -> str:
+    data = _rename(record.data, columns)
+    for key in ("messages", "conversations"):
+        turns = data.get(key)
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            return "sharegpt" if ("from" in turns[0] or "value" in turns[0]) else "messages"
+    if "instruction" in data and "response" in data:
+        return "dolly"
+    if "instruction" in data and "output" in data:
+        return "alpaca"
+    if "text" in data:
+        return "text"
+    raise TunelabError(
+        f"{record.source}: cannot tell the data format from keys {sorted(data)}; expected alpaca "
+        "(instruction, output), dolly (instruction, response), sharegpt (conversations), messages "
+        "(messages) or text (text); set dataset_format and columns to map other names"
+    )
+
+
+def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None) -> Conversation:
+    data = _rename(record.data, columns)
+    src = record.source
+    missing = [k for k in FIELDS[fmt] if data.get(k) is None]
+    if missing:
+        raise TunelabError(f"{src}: missing field '{missing[0]}' ({fmt} records need {', '.join(FIELDS[fmt])})")
+    if fmt == "text":
+        return Conversation(text=_string(data, "text", src), source=src)
+    if fmt == "alpaca":
+        messages = _alpaca(data, src)
+    elif fmt == "dolly":
+        messages = [Message("user", _string(data, "instruction", src), input=_optional(data, "context", src) or None),
+                    Message("assistant", _string(data, "response", src))]
+    else:
+        key = "conversations" if fmt == "sharegpt" else "messages"
+        messages = _turns(data[key], fmt, src, columns)
+        if fmt == "sharegpt" and data.get("system") and messages and messages[0].role != "system":
+            messages.insert(0, Message("system", _string(data, "system", src)))
+    if system and (not messages or messages[0].role != "system"):
+        messages.insert(0, Message("system", system))
+    _check_order(messages, src)
+    tools = data.get("tools")
+    return Conversation(messages=messages, tools=tools if isinstance(tools, list) else None, source=src)
+
+
+def _rename(data: dict, columns: dict | None) -> dict:
+    if not columns:
+        return data
+    out = dict(data)
+    for ours, theirs in columns.items():
+        if ours in ("role", "content"):
+            continue
+        if theirs in data:
+            out[ours] = data[theirs]
+    return out
+
+
+def _string(data: dict, key: str, src: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise TunelabError(f"{src}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional(data: dict, key: str, src: str) -> str:
+    return "" if data.get(key) is None else _string(data, key, src)
+
+
+def _alpaca(data: dict, src: str) -> list[Message]:
+    messages = []
+    if data.get("system"):
+        messages.append(Message("system", _string(data, "system", src)))
+    history = data.get("history") or []
+    if not isinstance(history, list):
+        raise TunelabError(f"{src}: field 'history' must be a list of [user, assistant] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise TunelabError(f"{src}: history[{i}] must be a [user, assistant] pair of strings")
+        messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+    messages.append(Message("user", _string(data, "instruction", src), input=_optional(data, "input", src) or None))
+    messages.append(Message("assistant", _string(data, "output", src)))
+    return messages
+
+
+def _content(value: Any, src: str, i: int) -> str:
+    """OpenAI content may be a list of typed parts; only text parts are supported here."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)
+    raise TunelabError(f"{src}: message {i} content must be a string or a list of text parts")
+
+
+def _turns(turns: Any, fmt: str, src: str, columns: dict | None) -> list[Message]:
+    if not isinstance(turns, list) or not turns:
+        raise TunelabError(f"{src}: expected a non-empty list of messages")
+    role_key = (columns or {}).get("role", "from" if fmt == "sharegpt" else "role")
+    content_key = (columns or {}).get("content", "value" if fmt == "sharegpt" else "content")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn:
+            raise TunelabError(f"{src}: message {i} must be an object with '{role_key}' and '{content_key}'")
+        raw_role = turn[role_key]
+        if fmt == "sharegpt":
+            role = SHAREGPT_ROLES.get(raw_role) if isinstance(raw_role, str) else None
+            allowed = "system, human, gpt (or user, assistant, observation)"
+        else:
+            role = raw_role if raw_role in ROLES else None
+            allowed = ", ".join(ROLES)
+        if role is None:
+            raise TunelabError(f"{src}: message {i} has unknown role {raw_role!r}; allowed: {allowed}")
+        msg = Message(role, _content(turn.get(content_key), src, i))
+        for key in ("reasoning_content", "tool_call_id", "name"):
+            if isinstance(turn.get(key), str):
+                setattr(msg, key, turn[key])
+        if isinstance(turn.get("tool_calls"), list):
+            msg.tool_calls = turn["tool_calls"]
+        messages.append(msg)
+    return messages
+
+
+def _check_order(messages: list[Message], src: str) -> None:
+    body = messages[1:] if messages and messages[0].role == "system" else messages
+    if any(m.role == "system" for m in body):
+        raise TunelabError(f"{src}: a system message may only come first")
+    if not body or body[0].role != "user":
+        raise TunelabError(f"{src}: the conversation must start with a user message (after an optional system)")
+    if body[-1].role != "assistant":
+        raise TunelabError(f"{src}: the conversation must end with an assistant message")
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
+            raise TunelabError(f"{src}: message {i} (assistant) is empty")

@@ -1,0 +1,119 @@
+"""Chat templates: the tokenizer's own (`template: auto`) or a built-in one for tokenizers without.
+
+Built-ins are Jinja, like every Hugging Face chat template, and are written into the saved
+tokenizer's `chat_template`, so inference renders the very prompt training saw.
+"""
+
+from __future__ import annotations
+
+from ..errors import TunelabError
+
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+LLAMA3 = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
+# Gemma has no system role: the system prompt opens the first user turn.
+GEMMA = (
+    "{{- bos_token -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content']"
+    " + '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+
+_INSTRUCTION = "'### Instruction:\\n' + (message['instruction'] if message['input'] is defined else message['content'])"
+
+ALPACA = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- " + _INSTRUCTION + " -}}"
+    "{%- if message['input'] is defined -%}{{- '\\n\\n### Input:\\n' + message['input'] -}}{%- endif -%}"
+    "{{- '\\n\\n### Response:\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# As in the dolly recipes: the Input section is always there, empty when the record has no context.
+DOLLY = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\\n\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- " + _INSTRUCTION + " -}}"
+    "{{- '\\n\\n### Input:\\n' + (message['input'] if message['input'] is defined else '') -}}"
+    "{{- '\\n\\n### Response:\\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- message['content'] + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+BUILTIN = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "alpaca": ALPACA, "dolly": DOLLY}
+
+# Special tokens each built-in needs in the vocabulary (alpaca and dolly need only eos).
+REQUIRED_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "alpaca": (),
+    "dolly": (),
+}
+
+
+def missing_tokens(tokenizer, name: str) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [t for t in REQUIRED_TOKENS.get(name, ()) if t not in vocab]
+
+
+def apply_template(tokenizer, name: str, model_name: str = "the model") -> str:
+    """Set `tokenizer.chat_template` for `template: <name>` and return its name for the run record."""
+    if name == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TunelabError(
+                f"template: 'auto' but {model_name} has no chat template (a base model?); "
+                f"set template to one of {', '.join(BUILTIN)}"
+            )
+        return "auto"
+    if tokenizer.eos_token is None:
+        raise TunelabError(f"template: {name!r} needs an eos token, and the tokenizer of {model_name} has none")
+    tokenizer.chat_template = BUILTIN[name]
+    return name
+
+
+def prepare_tokenizer(cfg):
+    """The tokenizer exactly as training uses it: loaded, template applied, template tokens present.
+
+    A built-in template's missing special tokens are added for full training and refused for LoRA,
+    whose frozen embeddings could never learn them.
+    """
+    import logging
+
+    from ..model.loader import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.model, cfg.model_hub)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    if cfg.dataset_format == "text" and not getattr(tokenizer, "chat_template", None):
+        return tokenizer, model_path, "none"
+    name = apply_template(tokenizer, cfg.template, cfg.model)
+    missing = missing_tokens(tokenizer, cfg.template) if name != "auto" else []
+    if missing and cfg.finetuning_type == "lora":
+        raise TunelabError(f"template: {cfg.template!r} needs tokens {missing} that the tokenizer lacks; LoRA "
+                           "cannot train new embeddings: use template alpaca or dolly, or finetuning_type full")
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        logging.getLogger("tunelab").info("added template tokens %s to the tokenizer", missing)
+    return tokenizer, model_path, name

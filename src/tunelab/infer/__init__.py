@@ -1,0 +1,1 @@
+"""Inference on a run folder: prompts rendered with the saved template, stopping on the saved stop ids."""

@@ -1,0 +1,1 @@
+"""Model: load weights and tokenizer, repair known quirks, attach adapters."""

@@ -1,0 +1,106 @@
+"""LoRA targets: `all-linear` done right for MoE, fused projections and multimodal wrappers.
+
+`all-linear` = every `nn.Linear` inside the language model's decoder layers, without `lm_head`,
+MoE routers and per-expert modules (fused 3-D expert weights are not `nn.Linear`s and are skipped
+by construction). Fused `qkv_proj` / `gate_up_proj` are ordinary Linears and are included.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from torch import nn
+
+from ..errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+_NOT_LANGUAGE = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
+_LAYER_LISTS = ("layers", "h", "blocks", "block", "decoder_layers")
+_ROUTERS = ("gate", "router", "shared_expert_gate", "gating", "w_gate")
+_EXPERTS = ("experts",)
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _in_decoder_layer(name: str) -> bool:
+    parts = name.split(".")
+    if any(tag in part for part in parts for tag in _NOT_LANGUAGE):
+        return False
+    return any(p in _LAYER_LISTS and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts))
+
+
+def _is_moe_internal(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] in _ROUTERS or any(p in _EXPERTS for p in parts[:-1])
+
+
+def _is_regex(text: str) -> bool:
+    return any(c in text for c in "*+?[]()^$|\\")
+
+
+def resolve_targets(model: nn.Module, lora_target: str | list) -> list[str]:
+    """Full module names to wrap; an error listing the model's linear names when nothing matches."""
+    linears = linear_modules(model)
+    if lora_target == "all-linear":
+        chosen = [n for n in linears if _in_decoder_layer(n) and not _is_moe_internal(n)]
+        if not chosen:
+            raise TunelabError("lora_target: 'all-linear' found no nn.Linear inside the decoder layers; "
+                               f"linear modules: {_summary(linears)}")
+        return chosen
+    if isinstance(lora_target, str) and _is_regex(lora_target):
+        chosen = [n for n in linears if re.fullmatch(lora_target, n)]
+        if not chosen:
+            raise TunelabError(f"lora_target: regex {lora_target!r} matches no linear module; "
+                               f"linear modules: {_summary(linears)}")
+        return chosen
+    names = [s.strip() for s in lora_target.split(",")] if isinstance(lora_target, str) else list(lora_target)
+    chosen, unmatched = [], []
+    for key in names:
+        hits = [n for n in linears if n == key or n.endswith("." + key)]
+        if not hits:
+            unmatched.append(key)
+        chosen += [n for n in hits if n not in chosen]
+    if unmatched:
+        raise TunelabError(f"lora_target: {', '.join(map(repr, unmatched))} match no linear module; "
+                           f"linear modules: {_summary(linears)}")
+    return chosen
+
+
+def _summary(linears: list[str]) -> str:
+    """Distinct names with layer numbers folded, e.g. 'model.layers.*.self_attn.q_proj'."""
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in linears))
+    return ", ".join(folded) if folded else "(none)"
+
+
+def peft_target_modules(model: nn.Module, chosen: list[str]) -> list[str] | str:
+    """Short suffix names when they select exactly `chosen` (what vLLM and most tools expect), else a regex."""
+    linears = linear_modules(model)
+    want = set(chosen)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    if {n for n in linears if n.rsplit(".", 1)[-1] in suffixes} == want:
+        return suffixes
+    patterns = sorted({re.escape(re.sub(r"\.\d+\.", ".#.", n)).replace("\\#", r"\d+").replace("#", r"\d+")
+                       for n in chosen})
+    regex = "(?:" + "|".join(patterns) + ")"
+    if {n for n in linears if re.fullmatch(regex, n)} != want:
+        regex = "(?:" + "|".join(map(re.escape, chosen)) + ")"
+    return regex
+
+
+def attach_lora(model: nn.Module, cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    chosen = resolve_targets(model, cfg.lora_target)
+    targets = peft_target_modules(model, chosen)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none",
+    )
+    model = get_peft_model(model, lora)
+    log.info("LoRA r=%d alpha=%d on %d modules (%s)", cfg.lora_r, cfg.lora_alpha, len(chosen),
+             targets if isinstance(targets, str) else ", ".join(targets))
+    return model

@@ -1,0 +1,205 @@
+"""The training recipe, top to bottom: check the run folder, data, model, quirks, adapters, train, save.
+
+Everything that can fail on user input is checked before anything is written to `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import ProgressCallback
+
+from .. import __version__
+from ..config import Config, dump_config
+from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
+from ..data.templates import prepare_tokenizer
+from ..errors import TunelabError
+from ..model.adapters import attach_lora
+from ..model.loader import compute_dtype, load_model
+from ..model.quirks import (count_parameters, enable_gradient_checkpointing, ensure_pad_token,
+                            fix_input_embeddings, set_stop_ids)
+from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
+from .trainer import TokenCounter, TunelabTrainer
+
+log = logging.getLogger("tunelab")
+
+SUMMARY = "run_summary.json"
+CONFIG_FILE = "tunelab_config.yaml"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: list[dict]
+    summary: dict
+
+
+def _finished(out: Path) -> bool:
+    return (out / SUMMARY).exists() or (out / "adapter_model.safetensors").exists() or \
+        (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def plan_output_dir(cfg: Config) -> str | None:
+    """Refuse to clobber a finished run; return the checkpoint to resume from, if any."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"output_dir: '{out}' exists and is not a folder")
+    resume = cfg.resume_from_checkpoint
+    if resume and resume != "auto":
+        if not Path(resume).is_dir():
+            raise TunelabError(f"resume_from_checkpoint: '{resume}' is not a checkpoint folder")
+        return resume
+    if out.is_dir() and _finished(out) and not cfg.overwrite_output_dir:
+        raise TunelabError(f"output_dir: '{out}' holds a finished run; set overwrite_output_dir=true to replace "
+                           "it, or choose another output_dir")
+    if resume == "auto" and out.is_dir() and not cfg.overwrite_output_dir:
+        ckpts = _checkpoints(out)
+        return str(ckpts[-1]) if ckpts else None
+    return None
+
+
+def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
+    dtype = compute_dtype(cfg.bf16, cfg.fp16)
+    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    notes = [n for n in [fix_input_embeddings(model)] if n]
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
+        notes.append(f"embeddings resized from {rows} to {len(tokenizer)} rows for added tokens")
+    pad_note = ensure_pad_token(tokenizer, model, data.encoder.eot_tokens)
+    notes += [n for n in [pad_note, set_stop_ids(model, tokenizer, data.encoder.eot_ids)] if n]
+    if cfg.gradient_checkpointing:
+        notes.append(enable_gradient_checkpointing(model, input_grads=cfg.finetuning_type == "lora"))
+    if cfg.finetuning_type == "lora":
+        model = attach_lora(model, cfg)
+    trainable, total = count_parameters(model)
+    log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model, dtype, notes, (trainable, total)
+
+
+def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool):
+    from transformers import TrainingArguments
+
+    report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
+    if cfg.report_to == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps or cfg.logging_steps * 10 if has_eval else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        report_to=report,
+        run_name=cfg.run_name or Path(cfg.output_dir).name,
+        remove_unused_columns=False,
+        gradient_checkpointing=False,  # enabled by tunelab with the right options, see quirks
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _callbacks(cfg: Config, counter: TokenCounter) -> list:
+    callbacks = [MetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", counter)]
+    if cfg.report_to == "swanlab":
+        try:
+            from swanlab.integration.transformers import SwanLabCallback
+        except ImportError:
+            raise TunelabError("report_to: 'swanlab' needs the swanlab package; pip install 'tunelab[swanlab]'") from None
+        mode = os.environ.get("SWANLAB_MODE", "offline")
+        callbacks.append(SwanLabCallback(project="tunelab", experiment_name=cfg.run_name or Path(cfg.output_dir).name,
+                                         mode=mode, logdir=str(Path(cfg.output_dir) / "swanlog")))
+    return callbacks
+
+
+def train(cfg: Config) -> TrainResult:
+    """Fine-tune as `cfg` says and leave a run folder that chat, export and serve read as is."""
+    started = time.perf_counter()
+    resume = plan_output_dir(cfg)
+    tokenizer, model_path, template = prepare_tokenizer(cfg)
+    data = build_datasets(cfg, tokenizer)
+    log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
+             data.stats.trained_tokens)
+    model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path)
+    callbacks = _callbacks(cfg, counter := TokenCounter())
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        for stale in _checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    trainer = TunelabTrainer(
+        model=model,
+        args=training_arguments(cfg, dtype, bool(data.eval)),
+        train_dataset=SampleDataset(data.train),
+        eval_dataset=SampleDataset(data.eval) if data.eval else None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        token_counter=counter,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(BarCallback())
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if data.eval:
+        trainer.evaluate()
+
+    save_run(cfg, trainer.model, tokenizer, out)
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    metrics = read_metrics(out / "metrics.jsonl")
+    summary = {
+        "tunelab_version": __version__, "model_path": model_path, "template": template,
+        "stop_ids": list(model.generation_config.eos_token_id),
+        "stop_tokens": data.encoder.eot_tokens, "dtype": str(dtype).replace("torch.", ""),
+        "trainable_params": trainable, "total_params": total, "train_samples": len(data.train),
+        "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens,
+        "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
+        "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    log.info("saved to %s (%.1fs)", out, summary["seconds"])
+    return TrainResult(out, metrics, summary)
+
+
+def save_run(cfg: Config, model, tokenizer, out: Path) -> None:
+    """Weights (adapter or full), tokenizer with its template, stop ids, and the resolved config."""
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+    dump_config(cfg, out / "tunelab_config.yaml")

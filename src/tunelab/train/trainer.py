@@ -1,0 +1,51 @@
+"""A thin `Trainer` subclass: tunelab computes the loss from logits, and counts trained tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
+    """Shifted cross-entropy over labelled positions, summed, divided by the trained-token count.
+
+    Computed here rather than by the model, so a model whose forward ignores `labels` still trains,
+    and so gradient accumulation weighs every trained token equally.
+    """
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+    if num_items is None:
+        num_items = (targets != -100).sum()
+    if not torch.is_tensor(num_items):
+        num_items = torch.tensor(num_items)
+    return loss / num_items.to(loss.device).clamp(min=1)
+
+
+class TokenCounter:
+    """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl."""
+
+    def __init__(self):
+        self.trained = 0
+
+    def take(self) -> int:
+        n, self.trained = self.trained, 0
+        return n
+
+
+class TunelabTrainer(Trainer):
+    def __init__(self, *args, token_counter: TokenCounter | None = None, **kwargs):
+        self.token_counter = token_counter or TokenCounter()
+        super().__init__(*args, compute_loss_func=self._loss, **kwargs)
+        # Labels are never passed to the model (remote-code forwards may choke on extra kwargs), and
+        # the trained-token count must skip position 0, which a shifted loss never predicts.
+        self.model_accepts_loss_kwargs = False
+        self._loss_shifts_labels = True
+
+    def _loss(self, outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if self.model.training:
+            self.token_counter.trained += int((labels[:, 1:] != -100).sum())
+        return causal_lm_loss(logits, labels, num_items_in_batch)

@@ -1,0 +1,64 @@
+"""Fixtures: tiny models of real architectures with a locally trained tokenizer; no hub, no network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PERSONA = ROOT / "examples" / "data" / "persona.json"
+
+
+def persona_texts() -> list[str]:
+    records = json.loads(PERSONA.read_text(encoding="utf-8"))
+    return [m["content"] for r in records for m in r["messages"]]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tunelab.demo.build import train_tokenizer
+    from tunelab.data.templates import CHATML
+
+    tok = train_tokenizer(persona_texts() + ["### Instruction:\n### Input:\n### Response:\n"], vocab_size=600)
+    tok.chat_template = CHATML
+    return tok
+
+
+def _build(tmp_path_factory, tokenizer, arch, **kw):
+    from tunelab.demo.build import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp(arch) / "model", tokenizer, arch, **kw))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    return _build(tmp_path_factory, tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory, tokenizer):
+    return _build(tmp_path_factory, tokenizer, "qwen2")
+
+
+@pytest.fixture()
+def chat_file(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"It is {2 * i}."}]}
+        for i in range(24)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
