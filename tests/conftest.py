@@ -59,6 +59,14 @@ def chat_file(tmp_path):
     return str(path)
 
 
-def write_jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+@pytest.fixture()
+def write_data(tmp_path):
+    """write_data(name, rows) -> path: JSONL for .jsonl names, a JSON array for .json."""
+    def write(name: str, rows: list) -> str:
+        path = tmp_path / name
+        if name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        return str(path)
+    return write

@@ -34,7 +34,7 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, h
 
     base = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=max(1, heads // 2), intermediate_size=hidden * 2, max_position_embeddings=1024,
-                tie_word_embeddings=False)
+                tie_word_embeddings=False, pad_token_id=None)
     if arch == "gemma3_text":
         base.update(head_dim=hidden // heads, sliding_window=128, query_pre_attn_scalar=hidden // heads)
     if arch in ("qwen2_moe", "mixtral"):

@@ -26,9 +26,13 @@ def linear_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _in_language_model(name: str) -> bool:
+    return not any(tag in part for part in name.split(".") for tag in _NOT_LANGUAGE)
+
+
 def _in_decoder_layer(name: str) -> bool:
     parts = name.split(".")
-    if any(tag in part for part in parts for tag in _NOT_LANGUAGE):
+    if not _in_language_model(name):
         return False
     return any(p in _LAYER_LISTS and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts))
 
@@ -60,7 +64,8 @@ def resolve_targets(model: nn.Module, lora_target: str | list) -> list[str]:
     names = [s.strip() for s in lora_target.split(",")] if isinstance(lora_target, str) else list(lora_target)
     chosen, unmatched = [], []
     for key in names:
-        hits = [n for n in linears if n == key or n.endswith("." + key)]
+        # short names mean the language model's modules, never a vision tower's namesakes
+        hits = [n for n in linears if n == key or (n.endswith("." + key) and _in_language_model(n))]
         if not hits:
             unmatched.append(key)
         chosen += [n for n in hits if n not in chosen]

@@ -75,7 +75,11 @@ def fix_input_embeddings(model) -> str | None:
 
 def enable_gradient_checkpointing(model, input_grads: bool) -> str:
     """Non-reentrant checkpointing, input grads on (needed when the embeddings are frozen), no KV cache."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if input_grads:
         model.enable_input_require_grads()
     model.config.use_cache = False

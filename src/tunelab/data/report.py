@@ -1,0 +1,77 @@
+"""`tunelab data`: what training will see, before any weights are loaded.
+
+Counts per format, what was dropped and why, token lengths, the share of trained tokens, whether
+every sample's labels end in an end-of-turn token, and rendered samples with trained tokens marked.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from ..config import Config
+from .dataset import TokenizedData, build_datasets
+from .encode import IGNORE, Encoded
+from .templates import prepare_tokenizer
+
+_ON, _OFF = "\x1b[1;32m", "\x1b[0m"
+
+
+def _percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0
+
+
+def highlight(tokenizer, sample: Encoded, color: bool = True) -> str:
+    """Decode a sample with its trained spans in green (or between [[ ]] when not on a terminal)."""
+    on, off = (_ON, _OFF) if color else ("[[", "]]")
+    parts, run, trained = [], [], None
+    for tid, label in zip(sample.input_ids, sample.labels):
+        is_trained = label != IGNORE
+        if trained is not None and is_trained != trained:
+            parts.append((trained, tokenizer.decode(run)))
+            run = []
+        run.append(tid)
+        trained = is_trained
+    if run:
+        parts.append((trained, tokenizer.decode(run)))
+    return "".join(f"{on}{text}{off}" if t else text for t, text in parts)
+
+
+def load(cfg: Config) -> tuple[TokenizedData, object, str]:
+    tokenizer, _, template = prepare_tokenizer(cfg)
+    return build_datasets(cfg, tokenizer), tokenizer, template
+
+
+def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
+    data, tokenizer, template = load(cfg)
+    s = data.stats
+    lines = [f"records read: {sum(s.records.values())} ("
+             + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")"]
+    if cfg.max_samples:
+        lines.append(f"max_samples: first {len(data.conversations)} kept")
+    lines.append(f"train samples: {len(data.train)}   eval samples: {len(data.eval)}")
+    dropped = sum(s.dropped.values())
+    lines.append(f"dropped: {dropped}" + (" (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")"
+                                          if dropped else ""))
+    lines.append(f"truncated to cutoff_len {cfg.cutoff_len}: {s.truncated}")
+    lines.append("tokens per sample: p50 {} / p90 {} / p99 {} / max {}".format(
+        *(_percentile(s.lengths, q) for q in (0.5, 0.9, 0.99)), max(s.lengths, default=0)))
+    share = s.trained_tokens / max(s.total_tokens, 1)
+    lines.append(f"trained tokens: {s.trained_tokens} of {s.total_tokens} ({share:.1%})")
+    ok = "yes" if s.ends_with_eot == s.kept else f"NO ({s.kept - s.ends_with_eot} samples do not)"
+    lines.append(f"labels end in an end-of-turn token {data.encoder.eot_tokens}: {ok}")
+    lines.append(f"template: {template}   train_on: {cfg.train_on}")
+    for i, sample in enumerate(data.train[:n_samples]):
+        lines.append(f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---")
+        lines.append(highlight(tokenizer, sample, color))
+    return "\n".join(lines)
+
+
+def write_jsonl(cfg: Config, stream: TextIO = sys.stdout) -> int:
+    """One {"input_ids", "labels"} object per training sample; labels unshifted, masked positions -100."""
+    data, _, _ = load(cfg)
+    for sample in data.train:
+        stream.write(json.dumps({"input_ids": sample.input_ids, "labels": sample.labels}) + "\n")
+    return len(data.train)

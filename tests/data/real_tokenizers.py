@@ -1,0 +1,71 @@
+"""Real tokenizers and chat templates from ../shared/tokenizers, rebuilt as loadable tokenizers.
+
+Template-only families (gemma-3, phi-4, DeepSeek-R1, Mistral) are paired with the Qwen2.5
+vocabulary plus their own special tokens, which is enough to test how their templates split turns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
+
+FULL = ("qwen2.5-instruct", "qwen3", "llama-3.2-3b-instruct", "phi-3-mini-4k-instruct")
+TEMPLATE_ONLY = ("gemma-3-4b-it", "phi-4", "phi-4-mini-instruct", "deepseek-r1-distill-qwen",
+                 "mistral-v1", "mistral-v3")
+ALL = FULL + TEMPLATE_ONLY
+
+
+def available(family: str) -> bool:
+    return (SHARED_TOKENIZERS / "qwen2.5-instruct" / "vocab.json").exists() and \
+        (SHARED_TOKENIZERS / family.split("-v")[0] if family.startswith("mistral") else SHARED_TOKENIZERS / family).exists()
+
+
+def _token_text(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _template_of(family: str) -> tuple[str, dict]:
+    if family.startswith("mistral"):
+        name = "chat_template_v1_spm.jinja" if family.endswith("v1") else "chat_template_v3_spm.jinja"
+        text = (SHARED_TOKENIZERS / "mistral" / name).read_text()
+        return text, {"bos_token": "<s>", "eos_token": "</s>"}
+    cfg = json.loads((SHARED_TOKENIZERS / family / "tokenizer_config.json").read_text())
+    template = cfg.get("chat_template")
+    if family == "gemma-3-4b-it":
+        template = json.loads((SHARED_TOKENIZERS / family / "chat_template.json").read_text())["chat_template"]
+    if isinstance(template, list):
+        template = next(t["template"] for t in template if t["name"] == "default")
+    return template, cfg
+
+
+def load(family: str, workdir: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = SHARED_TOKENIZERS / family
+    if family in ("qwen2.5-instruct", "qwen3", "phi-3-mini-4k-instruct"):
+        return AutoTokenizer.from_pretrained(src)
+    if family == "llama-3.2-3b-instruct":
+        dst = workdir / family
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "derived" / "tokenizer.json", dst / "tokenizer.json")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(src / name, dst / name)
+        return AutoTokenizer.from_pretrained(dst)
+    template, cfg = _template_of(family)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(SHARED_TOKENIZERS / "qwen2.5-instruct" / "derived" / "tokenizer.json"))
+    specials = {_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials |= {v["content"] for v in cfg.get("added_tokens_decoder", {}).values() if v.get("special")}
+    # tokens the template writes literally, e.g. '<start_of_turn>' or '[INST]'
+    specials |= set(re.findall(r"<[^<>\s'\"{}]{2,40}>|\[/?[A-Z_]{3,20}\]", template))
+    specials = sorted(t for t in specials if t)
+    tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = _token_text(cfg.get(key))
+        if value:
+            setattr(tok, key, value)
+    tok.chat_template = template
+    return tok

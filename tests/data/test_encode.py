@@ -1,0 +1,165 @@
+"""The label mask is exact: trained tokens are each assistant answer plus its end-of-turn token(s).
+
+Checked for three template styles written here (ChatML-like, Gemma-like with the system prompt merged
+into the first user turn, Llama-3-like) and for the real templates under ../shared/tokenizers.
+"""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tunelab.data.conversation import Conversation, Message
+from tunelab.data.encode import IGNORE, Encoder, end_of_turn_tokens
+from tunelab.data.templates import BUILTIN
+from tunelab.errors import TunelabError
+
+_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
+real_tokenizers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real_tokenizers)
+
+EOT = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>", "alpaca": "<|endoftext|>",
+       "dolly": "<|endoftext|>"}
+
+
+def conversation(system=True):
+    msgs = [Message("system", "Answer briefly.")] if system else []
+    msgs += [Message("user", "Name a colour."), Message("assistant", "Ocean blue, 海蓝色."),
+             Message("user", "And a number?"), Message("assistant", "Seven.")]
+    return Conversation(msgs, source="test[record 0]")
+
+
+def trained_spans(tok, sample):
+    spans, run = [], []
+    for tid, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE:
+            assert label == tid, "labels are unshifted copies of the ids"
+            run.append(tid)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    if run:
+        spans.append(tok.decode(run))
+    return spans
+
+
+@pytest.fixture()
+def styled(tokenizer):
+    """The test tokenizer with a chosen built-in template and that template's special tokens."""
+    def make(name):
+        tok = copy.deepcopy(tokenizer)
+        extra = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                 "gemma": ["<start_of_turn>", "<end_of_turn>"]}.get(name, [])
+        if extra:
+            tok.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+        tok.chat_template = BUILTIN[name]
+        return tok
+    return make
+
+
+@pytest.mark.parametrize("style", ["chatml", "gemma", "llama3", "alpaca", "dolly"])
+@pytest.mark.parametrize("system", [True, False])
+def test_trained_spans_are_answers_plus_end_of_turn(styled, style, system):
+    tok = styled(style)
+    sample = Encoder(tok).encode(conversation(system))
+    assert trained_spans(tok, sample) == [f"Ocean blue, 海蓝色.{EOT[style]}", f"Seven.{EOT[style]}"]
+
+
+def test_gemma_style_merges_system_into_first_user_turn(styled):
+    tok = styled("gemma")
+    text = tok.decode(Encoder(tok).encode(conversation()).input_ids)
+    assert "<start_of_turn>user\nAnswer briefly.\n\nName a colour.<end_of_turn>" in text
+    assert "system" not in text
+
+
+def test_train_on_last_marks_only_the_last_answer(styled):
+    tok = styled("chatml")
+    sample = Encoder(tok, train_on="last").encode(conversation())
+    assert trained_spans(tok, sample) == ["Seven.<|im_end|>"]
+
+
+def test_train_on_all_trains_every_token(styled):
+    tok = styled("chatml")
+    sample = Encoder(tok, train_on="all").encode(conversation())
+    assert sample.labels == sample.input_ids
+
+
+def test_text_format_trains_every_token_and_ends_with_eos(tokenizer):
+    sample = Encoder(tokenizer).encode(Conversation(text="plain pretraining text", source="t"))
+    assert sample.labels == sample.input_ids
+    assert sample.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_prompt_tokens_equal_what_inference_renders(styled):
+    """Training's prompt tokens for the first answer are exactly the tokens chat will feed the model."""
+    tok = styled("chatml")
+    conv = conversation()
+    sample = Encoder(tok).encode(conv)
+    first_trained = next(i for i, label in enumerate(sample.labels) if label != IGNORE)
+    prompt = tok.apply_chat_template(conv.template_messages()[:2], tokenize=False, add_generation_prompt=True)
+    assert sample.input_ids[:first_trained] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_answer_glued_to_prompt_text_is_split_at_the_boundary(tokenizer):
+    """A template whose prompt ends in a space would merge ' Seven' into one token; segments keep it exact."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }} A: "
+                         "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    conv = Conversation([Message("user", "Number?"), Message("assistant", "Seven.")], source="t")
+    assert trained_spans(tok, Encoder(tok).encode(conv)) == ["Seven.<|endoftext|>"]
+
+
+def test_template_that_is_not_prefix_stable_fails_with_the_sample(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    # the system prompt moves to the last user turn, as some real templates do
+    tok.chat_template = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                         "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+                         "{% if loop.last or loop.revindex == 2 %}{{ sys }} {% endif %}U: {{ m['content'] }}\n"
+                         "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}A: {% endif %}")
+    with pytest.raises(TunelabError, match=r"test\[record 0\].*not a prefix"):
+        Encoder(tok).encode(conversation())
+
+
+def test_truncation_keeps_the_start_and_flags_it(styled):
+    tok = styled("chatml")
+    full = Encoder(tok).encode(conversation())
+    cut = Encoder(tok, cutoff_len=len(full.input_ids) - 3).encode(conversation())
+    assert cut.truncated and cut.input_ids == full.input_ids[: len(full.input_ids) - 3]
+    tiny = Encoder(tok, cutoff_len=5).encode(conversation())
+    assert tiny.n_trained == 0
+
+
+def test_end_of_turn_tokens_are_found_by_probing(styled):
+    assert end_of_turn_tokens(styled("gemma"))[0] == "<end_of_turn>"
+    assert end_of_turn_tokens(styled("llama3"))[0] == "<|eot_id|>"
+    assert end_of_turn_tokens(styled("alpaca")) == ["<|endoftext|>"]
+
+
+REAL_EOT = {"qwen2.5-instruct": "<|im_end|>", "qwen3": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>",
+            "phi-3-mini-4k-instruct": "<|end|>", "gemma-3-4b-it": "<end_of_turn>", "phi-4": "<|im_end|>",
+            "phi-4-mini-instruct": "<|end|>", "mistral-v1": "</s>"}
+
+
+@pytest.mark.parametrize("family", sorted(REAL_EOT))
+def test_real_templates_mask_exactly(family, tmp_path):
+    if not real_tokenizers.available(family):
+        pytest.skip(f"../shared/tokenizers/{family} not present")
+    tok = real_tokenizers.load(family, tmp_path)
+    eot = REAL_EOT[family]
+    for conv in (conversation(True), conversation(False)):
+        spans = trained_spans(tok, Encoder(tok).encode(conv))
+        assert len(spans) == 2
+        assert spans[0] == f"Ocean blue, 海蓝色.{eot}"
+        # a template may close the whole conversation with eos right after the last end-of-turn
+        assert spans[1] in (f"Seven.{eot}", f"Seven.{eot}{tok.eos_token}")
+
+
+@pytest.mark.parametrize("family", ["deepseek-r1-distill-qwen", "mistral-v3"])
+def test_real_templates_that_move_text_between_turns_fail_loudly(family, tmp_path):
+    if not real_tokenizers.available(family):
+        pytest.skip(f"../shared/tokenizers/{family} not present")
+    tok = real_tokenizers.load(family, tmp_path)
+    with pytest.raises(TunelabError, match="not a prefix"):
+        Encoder(tok).encode(conversation(True))
