@@ -144,19 +144,30 @@ def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
     return value, f"expected {_type_name(types)}"
 
 
+# Names other tools use for our keys, so the hint is right where spelling similarity is not.
+ALIASES = {"batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs", "lr": "learning_rate",
+           "max_length": "cutoff_len", "max_seq_length": "cutoff_len", "max_len": "cutoff_len",
+           "lora_rank": "lora_r", "target_modules": "lora_target", "model_name_or_path": "model",
+           "evaluation_strategy": "eval_steps", "torch_dtype": "bf16", "dtype": "bf16",
+           "grad_accum": "gradient_accumulation_steps", "warmup_steps": "warmup_ratio"}
+
+
 def _check(cfg: dict) -> list[str]:
     problems = []
+    bad = set(cfg)
     for key, value in list(cfg.items()):
         if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append(f"unknown key '{key}'{hint}")
+            cfg.pop(key)
             continue
         value, err = _coerce(key, value)
         if err:
             problems.append(f"{key}: {value!r} is not valid, {err}")
             continue
         cfg[key] = value
+        bad.discard(key)
         if key in CHOICES and value not in CHOICES[key]:
             problems.append(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
         if key in POSITIVE and value is not None and value <= 0:
@@ -166,8 +177,7 @@ def _check(cfg: dict) -> list[str]:
     for key in REQUIRED:
         if not cfg.get(key):
             problems.append(f"{key}: missing; it is required")
-    if not problems:
-        problems += _check_combinations(cfg)
+    problems += _check_combinations({k: v for k, v in cfg.items() if k not in bad})
     return problems
 
 

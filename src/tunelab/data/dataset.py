@@ -53,7 +53,7 @@ def read_conversations(specs: list[str], cfg: Config, stats: DataStats | None = 
 
 def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     """Deterministic by seed; `val_size` below 1 is a fraction, otherwise a count."""
-    if not val_size:
+    if not val_size or len(items) < 2:
         return items, []
     n_val = int(round(val_size * len(items))) if val_size < 1 else int(val_size)
     n_val = max(1, min(n_val, len(items) - 1))

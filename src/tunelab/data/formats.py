@@ -16,8 +16,8 @@ from .readers import Record
 FIELDS = {
     "alpaca": ("instruction", "output"),
     "dolly": ("instruction", "response"),
-    "sharegpt": ("conversations",),
-    "messages": ("messages",),
+    "sharegpt": ("conversations|messages",),
+    "messages": ("messages|conversations",),
     "text": ("text",),
 }
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -46,9 +46,10 @@ def detect_format(record: Record, columns: dict | None = None) -> str:
 def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None) -> Conversation:
     data = _rename(record.data, columns)
     src = record.source
-    missing = [k for k in FIELDS[fmt] if data.get(k) is None]
+    missing = [k for k in FIELDS[fmt] if all(data.get(alt) is None for alt in k.split("|"))]
     if missing:
-        raise TunelabError(f"{src}: missing field '{missing[0]}' ({fmt} records need {', '.join(FIELDS[fmt])})")
+        need = ", ".join(k.split("|")[0] for k in FIELDS[fmt])
+        raise TunelabError(f"{src}: missing field '{missing[0].split('|')[0]}' ({fmt} records need {need})")
     if fmt == "text":
         return Conversation(text=_string(data, "text", src), source=src)
     if fmt == "alpaca":
@@ -57,8 +58,8 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
         messages = [Message("user", _string(data, "instruction", src), input=_optional(data, "context", src) or None),
                     Message("assistant", _string(data, "response", src))]
     else:
-        key = "conversations" if fmt == "sharegpt" else "messages"
-        messages = _turns(data[key], fmt, src, columns)
+        key = FIELDS[fmt][0].split("|")
+        messages = _turns(data[key[0]] if data.get(key[0]) is not None else data[key[1]], fmt, src, columns)
         if fmt == "sharegpt" and data.get("system") and messages and messages[0].role != "system":
             messages.insert(0, Message("system", _string(data, "system", src)))
     if system and (not messages or messages[0].role != "system"):

@@ -7,6 +7,7 @@ of those, or a datasets-hub name. Errors name the file and line so a user can op
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ def _text(path: Path) -> str:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for lineno, line in enumerate(_text(path).splitlines(), 1):
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() breaks on
+    for lineno, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -97,9 +99,14 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    reader = csv.DictReader(_text(path).splitlines())
-    # line numbers count the header as line 1
-    return [Record(dict(row), f"{path}:{i + 2}") for i, row in enumerate(reader)]
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    records = []
+    reader.fieldnames  # reads the header, so line_num counts it
+    start = reader.line_num + 1
+    for row in reader:
+        records.append(Record(dict(row), f"{path}:{start}"))
+        start = reader.line_num + 1
+    return records
 
 
 def _read_parquet(path: Path) -> list[Record]:
