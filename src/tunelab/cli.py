@@ -24,6 +24,7 @@ def setup_logging(verbose: bool = False) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is tunelab's own
     except ImportError:
         pass
 

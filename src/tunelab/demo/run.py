@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import from_dict
+from ..errors import TunelabError
 from ..infer.chat import ChatSession
 from ..train.run import train
 from .build import build_tiny_model, train_tokenizer
@@ -24,10 +25,13 @@ COMMON = dict(template="chatml", cutoff_len=128, per_device_train_batch_size=16,
 
 
 def demo_data() -> Path:
-    return DATA if DATA.exists() else PACKAGED_DATA
+    for path in (DATA, PACKAGED_DATA):
+        if path.exists():
+            return path
+    raise TunelabError(f"demo data not found at {DATA}; run the demo from a clone of the repository")
 
 
-def run_demo(output_dir: str = "demo_run", full_epochs: float = 30, lora_epochs: float = 20,
+def run_demo(output_dir: str = "demo_run", full_epochs: float = 12, lora_epochs: float = 25,
              n_questions: int | None = None) -> float:
     started = time.perf_counter()
     out = Path(output_dir)
