@@ -64,7 +64,7 @@ def run_demo(output_dir: str = "demo_run", full_epochs: float = 12, lora_epochs:
     for i, (question, answer) in enumerate(pairs):
         reply = session.ask(question, max_new_tokens=64)
         hits += reply.strip() == answer.strip()
-        if i < 4:
+        if i % max(1, len(pairs) // 4) == 0:
             print(f"  Q: {question}\n  A: {reply}")
     score = hits / len(pairs)
     print(f"[demo] {hits}/{len(pairs)} answers reproduced exactly in {time.perf_counter() - started:.0f}s")
