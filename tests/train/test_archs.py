@@ -32,3 +32,25 @@ def test_phi3_fused_projections_get_lora(tokenizer, chat_file, tmp_path):
     model_dir = build_tiny_model(tmp_path / "m", tokenizer, "phi3")
     _, keys = _train(str(model_dir), chat_file, tmp_path / "run")
     assert any("qkv_proj.lora_A" in k for k in keys) and any("gate_up_proj.lora_A" in k for k in keys)
+
+
+def test_gemma3_multimodal_wrapper_trains_its_language_model(tokenizer, chat_file, tmp_path):
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from tunelab.demo.build import tiny_config
+
+    text = tiny_config("gemma3_text", len(tokenizer)).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    cfg = from_dict(dict(model=str(tmp_path / "m"), dataset=chat_file, output_dir=str(tmp_path / "run"), max_steps=6,
+                         learning_rate=1e-2, per_device_train_batch_size=8, logging_steps=2,
+                         lr_scheduler_type="constant", lora_target="q_proj,k_proj,v_proj,o_proj"))
+    result = train(cfg)
+    losses = [m["loss"] for m in result.metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("language_model" in k for k in keys)

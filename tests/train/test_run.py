@@ -33,19 +33,27 @@ def test_training_lowers_loss_and_saves_everything(llama_dir, chat_file, tmp_pat
     assert all("trained_tokens_per_s" in m for m in result.metrics if "loss" in m)
 
 
-def test_lora_reloads_with_peft_and_gives_same_logits(llama_dir, chat_file, tmp_path):
+def test_lora_reloads_with_peft_and_gives_the_same_logits_as_in_memory(llama_dir, chat_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     result = train(_cfg(llama_dir, chat_file, tmp_path / "run", max_steps=10))
-    base = AutoModelForCausalLM.from_pretrained(llama_dir)
-    reloaded = PeftModel.from_pretrained(base, str(result.output_dir)).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(result.output_dir))
     with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(llama_dir)(ids).logits
-        tuned = reloaded(ids).logits
-    assert not torch.allclose(plain, tuned, atol=1e-4), "the adapter changed nothing"
-    # the in-memory model is gone after train(); reload twice and compare, plus against a fresh merge
-    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(result.output_dir)).eval()
-    with torch.no_grad():
-        assert torch.allclose(tuned, again(ids).logits, atol=1e-6)
+        in_memory = result.model.eval()(input_ids=ids).logits
+        again = reloaded.eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(llama_dir)(input_ids=ids).logits
+    assert torch.allclose(in_memory, again, atol=1e-5)
+    assert not torch.allclose(plain, again, atol=1e-4), "the adapter changed nothing"
+
+
+def test_builtin_template_is_saved_with_the_tokenizer(llama_dir, write_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import DOLLY
+
+    data = write_data("d.jsonl", [{"instruction": f"Say {i}.", "context": "", "response": f"{i}."}
+                                  for i in range(8)])
+    result = train(_cfg(llama_dir, data, tmp_path / "run", template="dolly", max_steps=2))
+    assert AutoTokenizer.from_pretrained(result.output_dir).chat_template == DOLLY

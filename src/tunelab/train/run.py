@@ -39,6 +39,7 @@ class TrainResult:
     output_dir: Path
     metrics: list[dict]
     summary: dict
+    model: object = None  # the trained model, still in memory (a PeftModel for LoRA)
 
 
 def _finished(out: Path) -> bool:
@@ -192,7 +193,7 @@ def train(cfg: Config) -> TrainResult:
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     log.info("saved to %s (%.1fs)", out, summary["seconds"])
-    return TrainResult(out, metrics, summary)
+    return TrainResult(out, metrics, summary, trainer.model)
 
 
 def save_run(cfg: Config, model, tokenizer, out: Path) -> None:
