@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.config import from_dict
-from tunelab.data.conversation import Conversation, Message
+from tunelab.data.conversation import Conversation
 from tunelab.data.dataset import DataStats, read_conversations, split
 from tunelab.data.formats import detect_format, to_conversation
 from tunelab.data.readers import Record

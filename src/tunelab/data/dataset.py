@@ -13,7 +13,7 @@ from ..errors import TunelabError
 from .conversation import Conversation
 from .encode import IGNORE, Encoded, Encoder
 from .formats import detect_format, to_conversation
-from .readers import Record, read_records
+from .readers import read_records
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -105,6 +104,3 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
         raise TunelabError(f"model: cannot load weights from '{path}' ({str(exc).splitlines()[0]})") from None
     return model
 
-
-def local_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
