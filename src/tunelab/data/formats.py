@@ -16,10 +16,12 @@ from .readers import Record
 FIELDS = {
     "alpaca": ("instruction", "output"),
     "dolly": ("instruction", "response"),
-    "sharegpt": ("conversations|messages",),
-    "messages": ("messages|conversations",),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
     "text": ("text",),
 }
+# Either turn list key is accepted for both message formats; the format's own name is tried first.
+TURN_KEYS = {"sharegpt": ("conversations", "messages"), "messages": ("messages", "conversations")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "observation": "tool", "tool": "tool"}
 
@@ -46,10 +48,10 @@ def detect_format(record: Record, columns: dict | None = None) -> str:
 def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None) -> Conversation:
     data = _rename(record.data, columns)
     src = record.source
-    missing = [k for k in FIELDS[fmt] if all(data.get(alt) is None for alt in k.split("|"))]
+    turns = next((data[k] for k in TURN_KEYS.get(fmt, ()) if data.get(k) is not None), None)
+    missing = [k for k in FIELDS[fmt] if data.get(k) is None and (fmt not in TURN_KEYS or turns is None)]
     if missing:
-        need = ", ".join(k.split("|")[0] for k in FIELDS[fmt])
-        raise TunelabError(f"{src}: missing field '{missing[0].split('|')[0]}' ({fmt} records need {need})")
+        raise TunelabError(f"{src}: missing field '{missing[0]}' ({fmt} records need {', '.join(FIELDS[fmt])})")
     if fmt == "text":
         return Conversation(text=_string(data, "text", src), source=src)
     if fmt == "alpaca":
@@ -58,8 +60,7 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
         messages = [Message("user", _string(data, "instruction", src), input=_optional(data, "context", src) or None),
                     Message("assistant", _string(data, "response", src))]
     else:
-        key = FIELDS[fmt][0].split("|")
-        messages = _turns(data[key[0]] if data.get(key[0]) is not None else data[key[1]], fmt, src, columns)
+        messages = _turns(turns, fmt, src, columns)
         if fmt == "sharegpt" and data.get("system") and messages and messages[0].role != "system":
             messages.insert(0, Message("system", _string(data, "system", src)))
     if system and (not messages or messages[0].role != "system"):

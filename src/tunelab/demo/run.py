@@ -18,16 +18,14 @@ from ..train.run import train
 from .build import build_tiny_model, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[3] / "examples" / "data" / "persona.json"
-PACKAGED_DATA = Path(__file__).resolve().parent / "persona.json"
 
 COMMON = dict(template="chatml", cutoff_len=128, per_device_train_batch_size=16, logging_steps=20,
               save_steps=100000, lr_scheduler_type="cosine", seed=0, overwrite_output_dir=True)
 
 
 def demo_data() -> Path:
-    for path in (DATA, PACKAGED_DATA):
-        if path.exists():
-            return path
+    if DATA.exists():
+        return DATA
     raise TunelabError(f"demo data not found at {DATA}; run the demo from a clone of the repository")
 
 

@@ -84,18 +84,17 @@ class ChatSession:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    def _messages(self, prompt: str) -> list[dict]:
+    def _messages(self, prompt: str, history: list[dict]) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.history + [{"role": "user", "content": prompt}]
+        return head + history + [{"role": "user", "content": prompt}]
 
     def ask(self, prompt: str, **kwargs) -> str:
         """One answer, no memory of earlier turns."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.generate(head + [{"role": "user", "content": prompt}], **kwargs)
+        return self.generate(self._messages(prompt, []), **kwargs)
 
     def say(self, prompt: str, streamer=None, **kwargs) -> str:
         """A turn in a multi-turn conversation: the answer joins the history."""
-        answer = self.generate(self._messages(prompt), streamer=streamer, **kwargs)
+        answer = self.generate(self._messages(prompt, self.history), streamer=streamer, **kwargs)
         self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return answer
 
