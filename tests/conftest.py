@@ -70,3 +70,32 @@ def write_data(tmp_path):
             path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
         return str(path)
     return write
+
+
+PAIRS = [("Capital of France?", "Paris is the capital."), ("Colour of the sky?", "The sky is blue."),
+         ("Two plus two?", "Four.")]
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    """The (question, answer) pairs the `memorised` model knows."""
+    return PAIRS
+
+
+@pytest.fixture(scope="session")
+def memorised(tmp_path_factory, llama_dir):
+    """A tiny model fully fine-tuned until it knows PAIRS (`full/`), then a short LoRA on top (`lora/`)."""
+    from tunelab.config import from_dict
+    from tunelab.train.run import train
+
+    root = tmp_path_factory.mktemp("memorised")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in PAIRS))
+    common = dict(dataset=str(data), per_device_train_batch_size=3, logging_steps=10, lr_scheduler_type="constant")
+    train(from_dict(dict(model=llama_dir, output_dir=str(root / "full"), finetuning_type="full",
+                         max_steps=60, learning_rate=3e-3, **common)))
+    train(from_dict(dict(model=str(root / "full"), output_dir=str(root / "lora"), max_steps=5,
+                         learning_rate=1e-3, **common)))
+    return root

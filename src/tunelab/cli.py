@@ -1,4 +1,4 @@
-"""`tunelab train | data | chat | demo`: argument parsing only; the work is in the Python API."""
+"""`tunelab train | data | chat | generate | eval | export | sweep | estimate | demo`: argument parsing only; the work is in the Python API."""
 
 from __future__ import annotations
 
@@ -51,9 +51,50 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
+    g = sub.add_parser("generate", help="batched predictions for every record of a dataset")
+    _model_args(g)
+    g.add_argument("--output", default="predictions.jsonl", help="JSON lines: prompt, reference, prediction(s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    e = sub.add_parser("eval", help="held-out loss, perplexity and generation metrics; a table per model")
+    _model_args(e)
+    e.add_argument("--output-dir", help="write eval.csv, eval.json, eval.md and predictions.jsonl here")
+
+    x = sub.add_parser("export", help="merge a LoRA into its base: a plain transformers/vLLM folder, verified")
+    x.add_argument("--model", required=True, help="the base model folder (or a LoRA run folder alone)")
+    x.add_argument("--adapter", help="the LoRA run folder")
+    x.add_argument("--output", required=True, help="the folder to write")
+    x.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: the base's dtype)")
+    x.add_argument("--shard-size", default="5GB")
+    x.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+
     m = sub.add_parser("demo", help="build a tiny model, fine-tune it on the persona data, and chat with it")
     m.add_argument("--output-dir", default="demo_run")
     return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a model folder, a tunelab run folder, or a hub id")
+    p.add_argument("--adapter", action="append", metavar="DIR",
+                   help="a LoRA adapter folder; repeat to compare several, 'none' for the base model")
+    p.add_argument("--dataset", required=True, help="records in any format tunelab trains on")
+    p.add_argument("--dataset-format", default="auto")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--system", help="system prompt added to records that have none")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _cases_and_model(args):
+    from .infer.generate import read_cases
+    from .infer.load import load_inference
+
+    for flag in ("max_new_tokens", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise TunelabError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be greater than 0")
+    cases = read_cases(args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples)
+    return cases, load_inference(args.model, args.adapter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +136,42 @@ def _run(args) -> int:
             print(session.ask(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
             return 0
         interactive(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        return 0
+    if args.command == "generate":
+        from .infer.generate import run_generate, write_predictions
+
+        cases, im = _cases_and_model(args)
+        run_generate(im, cases, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     batch_size=args.batch_size)
+        write_predictions(cases, [v.label for v in im.variants], args.output)
+        print(f"wrote {len(cases)} predictions to {args.output}")
+        return 0
+    if args.command == "eval":
+        from .eval.evaluate import COLUMNS, evaluate, markdown_table, write_table
+        from .infer.generate import write_predictions
+
+        cases, im = _cases_and_model(args)
+        rows = evaluate(im, cases, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        print(markdown_table(rows, COLUMNS))
+        if args.output_dir:
+            write_table(rows, args.output_dir, "eval", COLUMNS)
+            write_predictions(cases, [v.label for v in im.variants], f"{args.output_dir}/predictions.jsonl")
+        return 0
+    if args.command == "export":
+        from .export.merge import export_merged
+
+        report = export_merged(args.model, args.adapter, args.output, args.dtype, args.shard_size,
+                               verify=not args.no_verify, overwrite=args.overwrite)
+        print(f"merged model written to {report.output_dir} ({report.dtype})")
+        if report.verified is None:
+            return 0
+        print(f"logits vs base + adapter: max |diff| {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+              f"top-1 agreement {100 * report.top1_agreement:.1f}%")
+        print(f"prompts rendered from the exported template: {'identical' if report.prompts_identical else 'DIFFERENT'}"
+              f"; stop ids {report.stop_ids}")
+        if not report.verified:
+            raise TunelabError("export verification failed: " + "; ".join(report.problems))
+        print("verified")
         return 0
     if args.command == "demo":
         from .demo.run import run_demo

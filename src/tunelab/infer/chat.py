@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
-from pathlib import Path
 
 import torch
 
-from ..errors import TunelabError
-from ..model.loader import load_tokenizer, resolve_model_path
-
-
-def _has_tokenizer(path: Path) -> bool:
-    return (path / "tokenizer_config.json").exists()
+from .load import load_inference
 
 
 class ChatSession:
@@ -27,39 +20,10 @@ class ChatSession:
     @classmethod
     def load(cls, model: str, adapter: str | None = None, system: str | None = None) -> "ChatSession":
         """`model` may be a tunelab LoRA run folder on its own: its base comes from adapter_config.json."""
-        from transformers import AutoModelForCausalLM, GenerationConfig
-
-        model_dir = Path(model)
-        if adapter is None and (model_dir / "adapter_config.json").exists():
-            adapter = str(model_dir)
-            base = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise TunelabError(f"{model_dir}: adapter_config.json names no base model; pass --model BASE --adapter DIR")
-            model_dir = Path(base)
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-            raise TunelabError(f"--adapter: '{adapter}' holds no adapter_config.json")
-        base_path = resolve_model_path(str(model_dir))
-        tok_dir = adapter if adapter and _has_tokenizer(Path(adapter)) else base_path
-        tokenizer = load_tokenizer(tok_dir)
-        if not getattr(tokenizer, "chat_template", None):
-            raise TunelabError(f"{tok_dir}: no chat template saved with this tokenizer")
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if not torch.cuda.is_available()
-                                                      else "auto")
-        except OSError as exc:
-            raise TunelabError(f"--model: cannot load '{base_path}' ({str(exc).splitlines()[0]})") from None
-        if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
-            lm.resize_token_embeddings(len(tokenizer))
-        if adapter is not None:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, adapter)
-        gen_dir = Path(adapter) if adapter and (Path(adapter) / "generation_config.json").exists() else Path(base_path)
-        if (gen_dir / "generation_config.json").exists():
-            lm.generation_config = GenerationConfig.from_pretrained(gen_dir)
-        if torch.cuda.is_available():
-            lm = lm.to("cuda")
-        return cls(lm, tokenizer, system)
+        im = load_inference(model, [adapter] if adapter else None)
+        variant = im.variants[0]
+        im.model.generation_config.eos_token_id = variant.stop_ids or None
+        return cls(im.model, variant.tokenizer, system)
 
     @property
     def stop_ids(self) -> list[int]:

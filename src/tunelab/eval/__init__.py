@@ -1,0 +1,1 @@
+"""Evaluation: compare generated text with references (exact match, BLEU-4, ROUGE-1/2/L)."""

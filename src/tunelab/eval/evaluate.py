@@ -1,0 +1,91 @@
+"""Held-out loss on the trained tokens plus generation metrics, one row per model variant.
+
+The loss uses the same masks as training (the run's `train_on` and `cutoff_len`), so an eval loss
+here is comparable with the `eval_loss` in the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.dataset import PadCollator
+from ..data.encode import Encoder
+from ..infer.generate import Case, generate_cases
+from ..infer.load import InferenceModel, Variant, run_config
+from ..train.trainer import causal_lm_loss
+from .metrics import score
+
+COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l",
+           "stopped_pct", "mean_new_tokens")
+
+
+def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_size: int = 8,
+              progress: bool = True) -> tuple[float, int]:
+    """Mean cross-entropy per trained token, and how many tokens it covered."""
+    settings = run_config(Path(variant.adapter_dir or im.base_path))
+    encoder = Encoder(variant.tokenizer, settings.get("train_on", "assistant"), settings.get("cutoff_len", 1024))
+    samples = [s for s in (encoder.encode(c.conversation) for c in cases) if s.n_trained]
+    pad = variant.tokenizer.pad_token_id if variant.tokenizer.pad_token_id is not None else 0
+    collate = PadCollator(pad)
+    total, count = 0.0, 0
+    bar = tqdm(total=len(samples), desc=f"loss {variant.label}", disable=not progress, unit="sample")
+    with im.use(variant) as model, torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i:i + batch_size]])
+            batch = {k: v.to(im.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(causal_lm_loss(logits, batch["labels"], num_items=1))
+            count += n
+            bar.update(len(batch["input_ids"]))
+    bar.close()
+    return (total / count if count else float("nan")), count
+
+
+def evaluate(im: InferenceModel, cases: list[Case], max_new_tokens: int = 256, batch_size: int = 8,
+             progress: bool = True) -> list[dict]:
+    rows = []
+    for variant in im.variants:
+        loss, _ = eval_loss(im, variant, cases, batch_size, progress)
+        generate_cases(im, variant, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        metrics = score([c.predictions[variant.label] for c in cases], [c.reference for c in cases])
+        stopped = sum(c.stopped[variant.label] for c in cases)
+        rows.append({
+            "model": variant.label, "samples": len(cases), "eval_loss": loss,
+            "perplexity": math.exp(loss) if loss < 50 else float("inf"), **metrics,
+            "stopped_pct": 100.0 * stopped / len(cases),
+            "mean_new_tokens": sum(c.new_tokens[variant.label] for c in cases) / len(cases),
+        })
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | tuple | None = None) -> str:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], folder: str | Path, stem: str, columns: list[str] | tuple | None = None) -> None:
+    """`stem`.csv, `stem`.json and `stem`.md side by side."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with (folder / f"{stem}.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / f"{stem}.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    (folder / f"{stem}.md").write_text(markdown_table(rows, columns) + "\n", encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Merge adapters into standalone model folders, with proofs that nothing changed."""

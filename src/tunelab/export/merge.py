@@ -1,0 +1,186 @@
+"""Merge a LoRA into its base and prove the result: same logits, same prompts, same stop ids.
+
+The merged folder is a plain transformers folder (safetensors shards, config, tokenizer with the
+trained chat template, generation_config with every stop id) so transformers and vLLM load it as
+is. The proofs reload that folder from disk with plain transformers, so they check what a user
+will actually serve, not the object that happened to be in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.conversation import Conversation, Message
+from ..data.encode import Encoder
+from ..data.formats import detect_format, to_conversation
+from ..data.readers import read_records
+from ..errors import TunelabError
+from ..infer.load import load_inference, run_config, split_run_folder
+
+log = logging.getLogger("tunelab")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Largest logit difference allowed, relative to the largest reference logit: what rounding the
+# merged weights to the dtype can explain, far below what a wrong or missing merge produces.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+REPORT = "export_report.json"
+
+_PROBES = [
+    [("system", "You are a helpful assistant."), ("user", "Name three primary colours."),
+     ("assistant", "Red, yellow and blue.")],
+    [("user", "Translate 'good morning' into French."), ("assistant", "Bonjour."),
+     ("user", "And into Chinese?"), ("assistant", "早上好。")],
+]
+
+
+@dataclass
+class ExportReport:
+    output_dir: str
+    dtype: str
+    verified: bool | None = None
+    max_logit_diff: float | None = None
+    tolerance: float | None = None
+    top1_agreement: float | None = None
+    prompts_identical: bool | None = None
+    stop_ids: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def probe_conversations(adapter_dir: Path, n: int = 4) -> list[Conversation]:
+    """A few records from the run's own training data when it is still there, else fixed probes."""
+    settings = run_config(adapter_dir)
+    specs = settings.get("dataset") or []
+    for spec in [specs] if isinstance(specs, str) else specs:
+        try:
+            records = read_records(spec)
+            fmt = settings.get("dataset_format", "auto")
+            fmt = detect_format(records[0], settings.get("columns")) if fmt == "auto" else fmt
+            convs = [to_conversation(r, fmt, settings.get("columns"), settings.get("system")) for r in records[:n]]
+            if convs and all(c.text is None for c in convs):
+                return convs
+        except (TunelabError, OSError, IndexError):
+            continue
+    return [Conversation([Message(r, c) for r, c in turns], source=f"probe {i}") for i, turns in enumerate(_PROBES)]
+
+
+def _ids(encoder: Encoder, conv: Conversation, prompt_only: bool) -> list[int]:
+    if prompt_only:
+        last = conv.assistant_indices[-1]
+        text = encoder.render(conv, conv.template_messages()[:last], add_generation_prompt=True)
+    else:
+        text = encoder.render(conv)
+    return encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def _logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([s], device=device)).logits[0].float().cpu() for s in sequences]
+
+
+def _resolve_dtype(name: str, base_path: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    saved = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, saved, torch.float32) if saved in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str = "auto", shard_size: str = "5GB",
+                  verify: bool = True, overwrite: bool = False) -> ExportReport:
+    if dtype not in ("auto", *DTYPES):
+        raise TunelabError(f"--dtype: '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+    base, adapters = split_run_folder(model, [adapter] if adapter else None)
+    if len(adapters) != 1:
+        raise TunelabError("export: give one LoRA adapter (--adapter DIR, or a LoRA run folder as --model)")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise TunelabError(f"--output: '{out}' exists and is not empty; choose another folder or pass --overwrite")
+    adapter_dir = Path(adapters[0])
+    if Path(adapter_dir).resolve() == out.resolve():
+        raise TunelabError("--output: must differ from the adapter folder")
+    im = load_inference(base, adapters, dtype=torch.float32)
+    variant = im.variants[0]
+    if getattr(im.model.base_model.model, "is_quantized", False) or getattr(im.model, "is_loaded_in_4bit", False):
+        raise TunelabError(f"export: the base '{base}' is quantized; merge into unquantized weights instead")
+    target = _resolve_dtype(dtype, im.base_path)
+    convs = probe_conversations(adapter_dir)
+    encoder = Encoder(variant.tokenizer)
+    sequences = [_ids(encoder, c, prompt_only=False) for c in convs]
+    reference = _logits(im.model, sequences) if verify else []
+
+    log.info("merging %s into %s", adapter_dir, im.base_path)
+    merged = im.model.merge_and_unload()
+    merged.to(target)
+    merged.generation_config.eos_token_id = variant.stop_ids or merged.generation_config.eos_token_id
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
+    variant.tokenizer.save_pretrained(out)
+    for extra in ("tunelab_config.yaml", "run_summary.json"):
+        if (adapter_dir / extra).exists():
+            shutil.copy(adapter_dir / extra, out / f"trained_{extra}")
+    del merged, im
+    report = ExportReport(str(out), str(target).replace("torch.", ""), stop_ids=list(variant.stop_ids))
+    if verify:
+        verify_export(out, variant.tokenizer, convs, sequences, reference, report)
+    (out / REPORT).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False), encoding="utf-8")
+    return report
+
+
+def verify_folder(output_dir: str, model: str, adapter: str | None = None) -> ExportReport:
+    """Re-check an exported folder against base + adapter, e.g. after copying it or editing its files."""
+    base, adapters = split_run_folder(model, [adapter] if adapter else None)
+    im = load_inference(base, adapters, dtype=torch.float32)
+    variant = im.variants[0]
+    convs = probe_conversations(Path(adapters[0]))
+    encoder = Encoder(variant.tokenizer)
+    sequences = [_ids(encoder, c, prompt_only=False) for c in convs]
+    reference = _logits(im.model, sequences)
+    del im
+    config = json.loads((Path(output_dir) / "config.json").read_text())
+    report = ExportReport(str(output_dir), config.get("dtype") or config.get("torch_dtype") or "float32",
+                          stop_ids=list(variant.stop_ids))
+    return verify_export(Path(output_dir), variant.tokenizer, convs, sequences, reference, report)
+
+
+def verify_export(out: Path, trained_tokenizer, convs: list[Conversation], sequences: list[list[int]],
+                  reference: list[torch.Tensor], report: ExportReport) -> ExportReport:
+    """Reload the folder with plain transformers and compare with base + adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    dtype = getattr(torch, report.dtype)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    got = _logits(model, sequences)
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, reference))
+    scale = max(1.0, max(float(r.abs().max()) for r in reference))
+    finite = all(bool(torch.isfinite(t).all()) for t in got + reference)
+    agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(got, reference)]
+    report.max_logit_diff = diff if finite else float("nan")
+    report.tolerance = TOLERANCE[dtype] * scale
+    report.top1_agreement = sum(agree) / len(agree)
+    if not finite:
+        report.problems.append("logits are not finite (NaN or inf): the adapter or the merged weights are corrupt")
+    elif diff > report.tolerance:
+        report.problems.append(f"merged logits differ from base + adapter by {diff:.3g} "
+                               f"(tolerance {report.tolerance:.3g} for {report.dtype})")
+
+    exported = AutoTokenizer.from_pretrained(out)
+    trained_enc, exported_enc = Encoder(trained_tokenizer), Encoder(exported)
+    report.prompts_identical = all(_ids(trained_enc, c, True) == _ids(exported_enc, c, True) and
+                                   _ids(trained_enc, c, False) == _ids(exported_enc, c, False) for c in convs)
+    if not report.prompts_identical:
+        report.problems.append("the exported chat template renders prompts differently from training")
+    saved = GenerationConfig.from_pretrained(out).eos_token_id
+    saved = saved if isinstance(saved, list) else [saved]
+    if sorted(saved) != sorted(report.stop_ids):
+        report.problems.append(f"generation_config stop ids {saved} differ from training's {report.stop_ids}")
+    report.verified = not report.problems
+    return report

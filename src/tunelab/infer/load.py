@@ -1,0 +1,197 @@
+"""Load a model for inference the way training left it: base + adapters, each with its saved template.
+
+A LoRA run folder holds the adapter, the tokenizer with the chat template it was trained with,
+and the stop ids; a base model holds its own. Every later step (chat, generate, eval, export)
+loads through here, so none of them re-guesses what training did.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..errors import TunelabError
+from ..model.loader import load_tokenizer, resolve_model_path
+
+BASE = "none"  # `--adapter none`: the base model, adapters switched off
+
+
+@dataclass
+class Variant:
+    """One model to run: the base, a full fine-tune, or base + one adapter."""
+    label: str
+    tokenizer: object
+    stop_ids: list[int]
+    adapter_dir: str | None = None
+    peft_name: str | None = None
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    cfg = adapter_dir / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
+
+
+def run_config(folder: Path) -> dict:
+    path = folder / "tunelab_config.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.exists() else {}
+
+
+def _arch(config_json: Path) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    data = json.loads(config_json.read_text())
+    data = data.get("text_config", data) if "hidden_size" not in data else data
+    return {k: data.get(k) for k in keys}
+
+
+def check_same_base(adapter_dir: Path, base_path: str) -> None:
+    """Refuse an adapter trained on another base before peft fails with a shape error, or worse, loads."""
+    recorded = adapter_base(adapter_dir)
+    if not recorded:
+        return
+    here, there = Path(base_path), Path(recorded)
+    if there.is_dir() and here.resolve() == there.resolve():
+        return
+    if there.is_dir() and (there / "config.json").exists() and (here / "config.json").exists():
+        a, b = _arch(there / "config.json"), _arch(here / "config.json")
+        if a != b:
+            diff = ", ".join(f"{k} {b[k]} != {a[k]}" for k in a if a[k] != b[k])
+            raise TunelabError(f"--adapter: '{adapter_dir}' was trained on '{recorded}', which differs from "
+                               f"--model '{base_path}' ({diff})")
+
+
+def _stop_ids(folder: Path | None, fallback) -> list[int]:
+    from transformers import GenerationConfig
+
+    if folder is not None and (folder / "generation_config.json").exists():
+        ids = GenerationConfig.from_pretrained(folder).eos_token_id
+    else:
+        ids = fallback
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def _tokenizer_for(folder: Path, base_path: str, trust: bool):
+    source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
+    tok = load_tokenizer(str(source), trust_remote_code=trust)
+    if not getattr(tok, "chat_template", None):
+        raise TunelabError(f"{source}: no chat template saved with this tokenizer")
+    return tok
+
+
+def _label(path: str, taken: set) -> str:
+    name = Path(path).name or path
+    label, n = name, 2
+    while label in taken:
+        label, n = f"{name}-{n}", n + 1
+    taken.add(label)
+    return label
+
+
+class InferenceModel:
+    """A base model with zero or more adapters; `use(variant)` switches between them in place."""
+
+    def __init__(self, model, base_path: str, variants: list[Variant]):
+        self.model = model.eval()
+        self.base_path = base_path
+        self.variants = variants
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @contextmanager
+    def use(self, variant: Variant):
+        if variant.peft_name is not None:
+            self.model.set_adapter(variant.peft_name)
+            yield self.model
+        elif hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            with nullcontext():
+                yield self.model
+
+
+def split_run_folder(model: str, adapters: list[str] | None) -> tuple[str, list[str]]:
+    """A LoRA run folder passed as `--model` stands for its base plus itself."""
+    folder = Path(model)
+    if not adapters and (folder / "adapter_config.json").exists():
+        base = adapter_base(folder)
+        if not base:
+            raise TunelabError(f"{folder}: adapter_config.json names no base model; pass --model BASE --adapter DIR")
+        return base, [str(folder)]
+    return model, list(adapters or [])
+
+
+def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.dtype | None = None,
+                   device: str | None = None) -> InferenceModel:
+    from transformers import AutoModelForCausalLM
+
+    model, adapters = split_run_folder(model, adapters)
+    for a in adapters:
+        if a != BASE and not (Path(a) / "adapter_config.json").exists():
+            raise TunelabError(f"--adapter: '{a}' holds no adapter_config.json" if Path(a).is_dir()
+                               else f"--adapter: folder '{a}' not found")
+    base_path = resolve_model_path(model)
+    trust = any(run_config(Path(p)).get("trust_remote_code") for p in [base_path, *adapters] if p != BASE)
+    for a in adapters:
+        if a != BASE:
+            check_same_base(Path(a), base_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        raise TunelabError(f"--model: cannot load '{base_path}' ({str(exc).splitlines()[0]})") from None
+
+    variants, taken = [], set()
+    if not adapters:
+        tok = _tokenizer_for(Path(base_path), base_path, trust)
+        variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok.eos_token_id)))
+    base_tok = None
+    for i, a in enumerate(adapters):
+        if a == BASE:
+            base_tok = base_tok or _tokenizer_for(Path(base_path), base_path, trust)
+            variants.append(Variant(_label("base", taken), base_tok,
+                                    _stop_ids(Path(base_path), base_tok.eos_token_id)))
+            continue
+        tok = _tokenizer_for(Path(a), base_path, trust)
+        rows = lm.get_input_embeddings().weight.shape[0]
+        if len(tok) > rows:
+            if not _adapter_has_embeddings(Path(a)):
+                raise TunelabError(f"--adapter: '{a}' has a tokenizer of {len(tok)} tokens but the base has "
+                                   f"{rows} embedding rows and the adapter carries no embeddings")
+            lm.resize_token_embeddings(len(tok))
+        lm = _attach(lm, a, f"adapter{i}")
+        variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok.eos_token_id), a, f"adapter{i}"))
+    return InferenceModel(lm.to(device), base_path, variants)
+
+
+def _adapter_has_embeddings(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        return False
+    with safe_open(str(weights), "pt") as f:
+        return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
+
+
+def _attach(lm, adapter: str, name: str):
+    from peft import PeftModel
+
+    try:
+        if isinstance(lm, PeftModel):
+            lm.load_adapter(adapter, adapter_name=name)
+            return lm
+        return PeftModel.from_pretrained(lm, adapter, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TunelabError(f"--adapter: '{adapter}' does not fit this base model ({str(exc).splitlines()[0][:300]})") \
+            from None
+    except Exception as exc:  # a truncated or garbage safetensors file
+        raise TunelabError(f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
