@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
 
+    w = sub.add_parser("sweep", help="train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md")
+    w.add_argument("config")
+    w.add_argument("grid", nargs="+", metavar="key=v1,v2")
+    w.add_argument("--eval-dataset", help="held-out records every run is evaluated on (default: eval_dataset)")
+    w.add_argument("--max-new-tokens", type=int, default=128)
+    w.add_argument("--batch-size", type=int, default=8)
+
     m = sub.add_parser("demo", help="build a tiny model, fine-tune it on the persona data, and chat with it")
     m.add_argument("--output-dir", default="demo_run")
     return p
@@ -172,6 +179,13 @@ def _run(args) -> int:
         if not report.verified:
             raise TunelabError("export verification failed: " + "; ".join(report.problems))
         print("verified")
+        return 0
+    if args.command == "sweep":
+        from .eval.evaluate import markdown_table
+        from .train.sweep import run_sweep
+
+        rows = run_sweep(args.config, args.grid, args.eval_dataset, args.max_new_tokens, args.batch_size)
+        print(markdown_table(rows))
         return 0
     if args.command == "demo":
         from .demo.run import run_demo

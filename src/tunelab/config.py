@@ -152,14 +152,17 @@ ALIASES = {"batch_size": "per_device_train_batch_size", "epochs": "num_train_epo
            "grad_accum": "gradient_accumulation_steps", "warmup_steps": "warmup_ratio"}
 
 
+def unknown_key(key: str) -> str:
+    close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    return f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+
+
 def _check(cfg: dict) -> list[str]:
     problems = []
     bad = set(cfg)
     for key, value in list(cfg.items()):
         if key not in FIELDS:
-            close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"unknown key '{key}'{hint}")
+            problems.append(unknown_key(key))
             cfg.pop(key)
             continue
         value, err = _coerce(key, value)

@@ -67,7 +67,7 @@ def evaluate(im: InferenceModel, cases: list[Case], max_new_tokens: int = 256, b
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+        return f"{value:.4g}"
     return str(value)
 
 
