@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,10 +11,13 @@ import torch
 
 from ..config import Config
 from ..errors import TunelabError
+from . import cache
 from .conversation import Conversation
 from .encode import IGNORE, Encoded, Encoder
 from .formats import detect_format, to_conversation
 from .readers import read_records
+
+log = logging.getLogger("tunelab")
 
 
 @dataclass
@@ -81,6 +85,13 @@ def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataS
 
 
 def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
+    """Tokenized train/eval samples; the conversations are read only when the cache cannot answer."""
+    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len)
+    key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
+    hit = cache.load(key, DataStats) if key else None
+    if hit:
+        log.info("data: tokenized samples from the cache (%s)", cache.cache_dir() / f"{key}.npz")
+        return TokenizedData(hit[0], hit[1], [], hit[2], encoder)
     stats = DataStats()
     conversations = read_conversations(cfg.datasets, cfg, stats)
     if not conversations:
@@ -91,12 +102,13 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
         train_convs, eval_convs = conversations, read_conversations(cfg.eval_datasets, cfg)
     else:
         train_convs, eval_convs = split(conversations, cfg.val_size, cfg.seed)
-    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len)
     train = encode_all(train_convs, encoder, stats)
     if not train:
         reasons = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
         raise TunelabError(f"every training sample was dropped ({reasons}); raise cutoff_len (now {cfg.cutoff_len})")
     eval_samples = encode_all(eval_convs, encoder, DataStats())
+    if key:
+        cache.save(key, train, eval_samples, stats)
     return TokenizedData(train, eval_samples, conversations, stats, encoder)
 
 

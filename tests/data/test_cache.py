@@ -1,0 +1,67 @@
+"""Re-running a config reads tokenized samples from the cache; any change to what they depend on misses."""
+
+import pytest
+
+from tunelab.config import from_dict
+from tunelab.data import cache, dataset
+from tunelab.data.dataset import build_datasets
+
+
+@pytest.fixture()
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "tokenized"
+
+
+def _cfg(chat_file, **kw):
+    return from_dict(dict(model="m", dataset=chat_file, output_dir="o", val_size=0.25, **kw))
+
+
+def _forbid_tokenizing(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(dataset, "encode_all", boom)
+
+
+def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, chat_file, tokenizer, monkeypatch):
+    first = build_datasets(_cfg(chat_file), tokenizer)
+    assert len(list(fresh_cache.glob("*.npz"))) == 1
+    _forbid_tokenizing(monkeypatch)
+    again = build_datasets(_cfg(chat_file), tokenizer)
+    assert [(s.input_ids, s.labels, s.source) for s in again.train] == \
+        [(s.input_ids, s.labels, s.source) for s in first.train]
+    assert [s.input_ids for s in again.eval] == [s.input_ids for s in first.eval]
+    assert again.stats.trained_tokens == first.stats.trained_tokens and again.stats.records == first.stats.records
+
+
+@pytest.mark.parametrize("change", ["data", "cutoff_len", "train_on", "template", "tokenizer", "seed"])
+def test_anything_the_samples_depend_on_changes_the_key(change, fresh_cache, chat_file, tokenizer, tmp_path):
+    import copy
+
+    cfg, tok = _cfg(chat_file), tokenizer
+    before = cache.cache_key(cfg, tok)
+    if change == "data":
+        path = tmp_path / "chat.jsonl"
+        path.write_text(path.read_text().replace("It is 0.", "It is zero."))
+    elif change == "tokenizer":
+        tok = copy.deepcopy(tokenizer)
+        tok.add_tokens(["<brand-new>"])
+    else:
+        value = {"cutoff_len": 64, "train_on": "all", "template": "llama3", "seed": 7}[change]
+        cfg = _cfg(chat_file, **{change: value})
+    assert cache.cache_key(cfg, tok) != before
+
+
+def test_cache_can_be_switched_off(tmp_path, chat_file, tokenizer, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", "off")
+    monkeypatch.setattr(cache, "cache_dir", lambda: tmp_path / "never")
+    build_datasets(_cfg(chat_file), tokenizer)
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_unreadable_entry_is_re_tokenized(fresh_cache, chat_file, tokenizer):
+    first = build_datasets(_cfg(chat_file), tokenizer)
+    entry = next(fresh_cache.glob("*.npz"))
+    entry.write_bytes(b"garbage")
+    again = build_datasets(_cfg(chat_file), tokenizer)
+    assert [s.input_ids for s in again.train] == [s.input_ids for s in first.train]

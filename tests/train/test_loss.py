@@ -1,0 +1,81 @@
+"""The labelled-only chunked loss equals the plain shifted loss, in value and in every gradient (fp32)."""
+
+import pytest
+import torch
+
+from tunelab.demo.build import tiny_config
+from tunelab.train.loss import labelled_loss, supports_labelled_loss
+from tunelab.train.trainer import causal_lm_loss
+
+ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
+
+
+def _model(arch, **extra):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(arch, vocab_size=300, hidden=32, **extra)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 21), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100  # prompts
+    labels[1, 15:] = -100  # a short answer
+    labels[2, :] = -100
+    labels[2, 10:13] = ids[2, 10:13]
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _both(model, batch, chunk=5):
+    model.zero_grad()
+    plain = causal_lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                           batch["labels"])
+    plain.backward()
+    g_plain = _grads(model)
+    model.zero_grad()
+    ours = labelled_loss(model, batch, chunk=chunk)
+    ours.backward()
+    return plain, ours, g_plain, _grads(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_training_loss_and_gradients_match(arch):
+    extra = {"final_logit_softcapping": 5.0} if arch == "gemma3_text" else {}
+    model = _model(arch, **extra)
+    assert supports_labelled_loss(model)
+    plain, ours, g_plain, g_ours = _both(model, _batch())
+    assert ours.item() == pytest.approx(plain.item(), abs=1e-5)
+    assert g_plain.keys() == g_ours.keys() and "lm_head.weight" in g_ours
+    for name in g_plain:
+        assert torch.allclose(g_plain[name], g_ours[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+def test_lora_gradients_match(arch):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(arch), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    plain, ours, g_plain, g_ours = _both(model, _batch(), chunk=4)
+    assert ours.item() == pytest.approx(plain.item(), abs=1e-5)
+    assert g_ours and all("lora_" in n for n in g_ours)
+    for name in g_plain:
+        assert torch.allclose(g_plain[name], g_ours[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_gradient_accumulation_normaliser_is_respected():
+    model, batch = _model("llama"), _batch()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert labelled_loss(model, batch, num_items=2 * n).item() == pytest.approx(labelled_loss(model, batch).item() / 2)
+
+
+def test_models_with_other_heads_keep_the_plain_loss():
+    model = _model("llama")
+    model.config.model_type = "some_remote_code_model"
+    assert not supports_labelled_loss(model)
