@@ -125,3 +125,14 @@ def test_train_then_chat_from_the_console_script(config, tmp_path):
     assert chat.stdout.endswith("\n")
     bad = subprocess.run([str(exe), "train", cfg], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "finished run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_estimate_prints_parameters_and_a_memory_breakdown(capsys, config):
+    code, out, _ = run(capsys, "estimate", config(), "gradient_checkpointing=true")
+    assert code == 0
+    for part in ("parameters", "weights", "gradients", "optimizer", "activations", "logits", "peak per device"):
+        assert part in out.lower(), part
+
+
+def test_estimate_of_a_missing_model_is_one_line(capsys, config, tmp_path):
+    assert one_line_error(capsys, "estimate", config(model=str(tmp_path / "nope"))).startswith("tunelab: error: model:")

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--max-new-tokens", type=int, default=128)
     w.add_argument("--batch-size", type=int, default=8)
 
+    s = sub.add_parser("estimate", help="parameters and per-GPU memory of a config, from config.json alone")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--device", choices=("cuda", "cpu"), help="estimate for this device (default: this machine's)")
+    s.add_argument("--quant-bits", type=int, choices=(4, 8), help="a bitsandbytes-quantized base (QLoRA)")
+
     m = sub.add_parser("demo", help="build a tiny model, fine-tune it on the persona data, and chat with it")
     m.add_argument("--output-dir", default="demo_run")
     return p
@@ -186,6 +192,13 @@ def _run(args) -> int:
 
         rows = run_sweep(args.config, args.grid, args.eval_dataset, args.max_new_tokens, args.batch_size)
         print(markdown_table(rows))
+        return 0
+    if args.command == "estimate":
+        from .config import load_config
+        from .model.estimate import estimate_memory, format_estimate
+
+        est = estimate_memory(load_config(args.config, args.overrides), device=args.device, quant_bits=args.quant_bits)
+        print(format_estimate(est))
         return 0
     if args.command == "demo":
         from .demo.run import run_demo

@@ -37,6 +37,17 @@ def _in_decoder_layer(name: str) -> bool:
     return any(p in _LAYER_LISTS and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts))
 
 
+def decoder_layer(name: str) -> str | None:
+    """The decoder layer a module belongs to ('model.layers.3'), or None outside the language model's layers."""
+    if not _in_language_model(name):
+        return None
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p in _LAYER_LISTS and i + 1 < len(parts) and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return None
+
+
 def _is_moe_internal(name: str) -> bool:
     parts = name.split(".")
     return parts[-1] in _ROUTERS or any(p in _EXPERTS for p in parts[:-1])

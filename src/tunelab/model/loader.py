@@ -16,22 +16,26 @@ log = logging.getLogger("tunelab")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(model: str, hub: str = "hf") -> str:
-    """A local folder as is; a hub id downloaded (or found in the cache) and returned as a folder."""
+def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False) -> str:
+    """A local folder as is; a hub id downloaded (or found in the cache) and returned as a folder.
+
+    `config_only` fetches the json and code files alone: enough to size a model before renting a GPU.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         raise TunelabError(f"model: folder '{model}' not found (and it is not a hub id like 'Qwen/Qwen2.5-7B-Instruct')")
     try:
+        patterns = ["*.json", "*.py"] if config_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
+                                                            "*.jinja", "*.tiktoken"]
         if hub == "modelscope":
             from modelscope import snapshot_download as ms_download
 
-            return ms_download(model)
+            return ms_download(model, allow_patterns=patterns)
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
-                                                        "*.jinja", "*.tiktoken"])
+        return snapshot_download(model, allow_patterns=patterns)
     except ImportError as exc:
         raise TunelabError(f"model: the {hub} hub needs an extra package ({exc.name}); "
                            f"pip install 'tunelab[{hub}]'") from None

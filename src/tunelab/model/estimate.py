@@ -1,0 +1,246 @@
+"""Peak training memory per device, from the model's config.json alone (no weights are read).
+
+The model is built on the meta device, so parameters and LoRA parameters are counted exactly, with
+the same target rule as training. Activations are what autograd keeps in tunelab's recipe, per token
+and layer, for batches padded to cutoff_len (the worst case): each norm's fp32 input (and its
+normalised output when norms train), q, k, v (kv heads repeated when sdpa gets a padding mask) and
+the attention output, the gated MLP's gate, activation and up outputs, the input of every trained
+Linear (once per shared input), per LoRA module its dropout output and mask, and with sdpa and
+padding a float copy of the batch x seq x seq mask per layer. The loss upcasts logits to fp32; its
+peak is three fp32 copies of batch x seq x vocab (log-softmax output, its gradient, the incoming
+gradient). Gradient checkpointing keeps each layer's input and recomputes one layer at a time.
+
+Peak = weights + optimizer states + the largest of: activations + logits/loss (end of forward),
+gradients + optimizer-step temporaries (step), and gradients + one layer's activations and backward
+working set (first layer, or the recomputed layer). Checked against the measured peak of real
+training runs on CPU in tests/model/test_estimate.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..errors import TunelabError
+from .adapters import decoder_layer, resolve_targets
+from .loader import attention_implementation, compute_dtype, resolve_model_path
+
+GiB, MiB = 2 ** 30, 2 ** 20
+_OUT_PROJ = ("o_proj", "out_proj", "dense", "wo", "c_proj", "o")  # its input is the saved attention output
+_DOWN_PROJ = ("down_proj", "w2", "fc2", "dense_4h_to_h")  # its input is the MLP product, not gate/up's input
+CUDA_CONTEXT = 512 * MiB  # CUDA context and kernels: outside torch's allocator, in nvidia-smi
+
+
+@dataclass
+class Estimate:
+    model: str
+    params: int  # of the model itself; LoRA adds `trainable` on top
+    trainable: int
+    dtype: str
+    device: str
+    parts: dict[str, int]  # bytes in display order; they do not add up to the peak (see notes)
+    total: int  # peak bytes per device
+    notes: list[str] = field(default_factory=list)
+
+
+def _meta_model(path: str, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (OSError, ValueError, KeyError, ImportError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TunelabError(f"model: cannot build '{path}' from its config.json ({first})") from None
+    return model, config.get_text_config()
+
+
+def _dims(tc) -> dict:
+    h, heads = tc.hidden_size, tc.num_attention_heads
+    d = getattr(tc, "head_dim", None) or h // heads
+    inter, experts = getattr(tc, "intermediate_size", None) or 4 * h, 0
+    if getattr(tc, "num_experts_per_tok", None):  # MoE: top-k experts (+ a shared one) per token; approximate
+        expert = getattr(tc, "moe_intermediate_size", None) or inter
+        inter = tc.num_experts_per_tok * expert + (getattr(tc, "shared_expert_intermediate_size", None) or 0)
+        experts = tc.num_experts_per_tok * (h + expert)  # fused experts' inputs, kept when they train
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    return dict(h=h, heads=heads, a=heads * d, kv=kv * d, i=inter, experts=experts, vocab=tc.vocab_size)
+
+
+def _dtype(cfg: Config, device: str) -> torch.dtype:
+    """What training would load the model in: compute_dtype on this machine, bf16 assumed on another's GPU."""
+    if device == "cuda" and torch.cuda.is_available() or device == "cpu" and not torch.cuda.is_available():
+        return compute_dtype(cfg.bf16, cfg.fp16)
+    if cfg.bf16 or cfg.fp16:
+        return torch.bfloat16 if cfg.bf16 else torch.float16
+    return torch.float32 if device == "cpu" or (cfg.bf16 is False and cfg.fp16 is False) else torch.bfloat16
+
+
+def _attention(cfg: Config, device: str) -> str:
+    if cfg.attn_implementation != "auto" or device == "cpu":
+        return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    if torch.cuda.is_available():
+        return attention_implementation("auto")
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: list[str], attn: str):
+    """(bytes kept for backward at the end of forward, one layer's bytes, logits/loss peak, notes)."""
+    b, s = cfg.per_device_train_batch_size, cfg.cutoff_len
+    h, a, full = dims["h"], dims["a"], cfg.finetuning_type == "full"
+    padded = b > 1 and attn != "flash_attention_2"  # padding: a mask goes to attention, kv heads are repeated
+    kv = a if attn == "eager" or padded and attn == "sdpa" else dims["kv"]  # repeat_kv before attention
+    per_layer: dict[str, float] = {}  # bytes per token
+
+    def add(layer, nbytes):
+        per_layer[layer] = per_layer.get(layer, 0.0) + nbytes
+
+    core = (2 * a + 2 * kv + 3 * dims["i"] + (dims["experts"] if full else 0)) * act + 4 * dims["heads"]
+    if attn == "eager":
+        core += dims["heads"] * s * (4 + (act if act < 4 else 0))  # fp32 softmax output (+ its cast)
+    elif padded:
+        core += s * act  # sdpa converts the boolean mask to a float copy per layer and keeps it
+    for name, m in model.named_modules():
+        layer = decoder_layer(name)
+        weight = getattr(m, "weight", None)
+        if layer == name:
+            add(layer, core)
+        elif layer and "norm" in type(m).__name__.lower() and weight is not None and weight.dim() == 1:
+            width = h if weight.numel() == h else (a if "q" in name.rsplit(".", 1)[-1] else dims["kv"])
+            add(layer, width * (4 + (act if full else 0)))  # fp32 input; normalised output when norms train
+    linears = resolve_targets(model, "all-linear") if full else []
+    own_copy = cfg.lora_dropout > 0 or act < 4  # dropout output, or peft's cast to the fp32 adapter dtype
+    mask = 0 if cfg.lora_dropout == 0 else (1 if device == "cuda" else 4)
+    lora_in = act if device == "cuda" and act < 4 else 4  # under autocast the matmul keeps a half copy
+    shared = set()
+    for name in linears + lora:
+        m = model.get_submodule(name)
+        layer, short = decoder_layer(name) or "outside", name.rsplit(".", 1)[-1]
+        if full or not own_copy:  # one saved input per group of Linears reading the same tensor
+            key = (name.rsplit(".", 1)[0], m.in_features, short in _DOWN_PROJ)
+            if short not in _OUT_PROJ and key not in shared:
+                shared.add(key)
+                add(layer, m.in_features * act)
+        else:
+            add(layer, m.in_features * (lora_in + mask))
+        if not full:  # lora_A's output, kept by lora_B; DoRA also keeps the base and LoRA outputs
+            add(layer, cfg.lora_r * lora_in + (2 * m.out_features * lora_in if cfg.use_dora else 0))
+    outside = per_layer.pop("outside", 0.0) + h * 4 + (2 * h * act if full else 0)  # final norm, lm_head input
+    tokens = b * s
+    bool_mask = b * s * s if padded else 0
+    # one layer's saved tensors plus its backward working set: the incoming gradient, MLP-sized gradients
+    one_layer = int(tokens * (max(per_layer.values(), default=0.0) + h * 4 + 2 * dims["i"] * act))
+    if cfg.gradient_checkpointing:
+        saved = tokens * (len(per_layer) * h * act + outside) + bool_mask
+    else:
+        saved = tokens * (sum(per_layer.values()) + outside) + bool_mask
+    n = b * (s - 1) * dims["vocab"]
+    forward = n * (act + (4 if act < 4 or b > 1 else 0) + 4)  # logits, fp32 or reshape copy, log-softmax
+    loss = max(forward, 12 * n)  # backward: log-softmax output, its gradient, the incoming gradient
+    notes = []
+    if padded and attn == "sdpa":
+        notes.append(f"sdpa with padded batches keeps a {b}x{s}x{s} mask copy per layer "
+                     f"({b * s * s * act * len(per_layer) / MiB:,.0f} MiB); flash_attention_2 needs none")
+    if attn == "eager":
+        notes.append("eager attention keeps batch x heads x seq x seq scores per layer")
+    return int(saved), one_layer, int(loss), notes
+
+
+def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | None = None) -> Estimate:
+    """Peak memory of training `cfg` on one device: "cuda" or "cpu" (default: what this machine trains on).
+
+    `quant_bits` (4 or 8) estimates a bitsandbytes-quantized frozen base (QLoRA): tunelab's config has no
+    key for it, so it is an argument here (a `quantization_bit` config key is used if one appears).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise TunelabError(f"device: {device!r} is not cuda or cpu")
+    dtype = _dtype(cfg, device)
+    act = torch.finfo(dtype).bits // 8
+    quant_bits = quant_bits or getattr(cfg, "quantization_bit", None)
+    full = cfg.finetuning_type == "full"
+    if quant_bits not in (None, 4, 8):
+        raise TunelabError(f"quant_bits: {quant_bits!r} is not 4 or 8")
+    if quant_bits and full:
+        raise TunelabError("quant_bits: a quantized base trains only with finetuning_type lora")
+    model, tc = _meta_model(resolve_model_path(cfg.model, cfg.model_hub, config_only=True), cfg.trust_remote_code, dtype)
+    dims = _dims(tc)
+    params = sum(p.numel() for p in model.parameters())
+    weights, notes, lora = params * act, [], []
+    embed = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    if full:  # trained in the dtype it is loaded in: gradients and AdamW states too
+        trainable, grad_bytes = params, act
+        largest = max(p.numel() for p in model.parameters())
+        head_grad = head.numel() * act if head is not None else 0
+        late_grads = trainable - (embed.numel() if head is not embed else 0)
+    else:
+        lora = resolve_targets(model, cfg.lora_target)
+        mods = [model.get_submodule(n) for n in lora]
+        sizes = [cfg.lora_r * (m.in_features + m.out_features) + (m.out_features if cfg.use_dora else 0) for m in mods]
+        trainable, grad_bytes, largest, head_grad = sum(sizes), 4, max(sizes, default=0), 0
+        late_grads = trainable
+        weights += trainable * 4
+        notes.append(f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states in fp32")
+    saved, one_layer, loss, act_notes = _activations(model, cfg, dims, act, device, lora, _attention(cfg, device))
+    if quant_bits:
+        linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and decoder_layer(n)]
+        n_q = sum(m.weight.numel() for m in linears)
+        weights -= int(n_q * (act - (0.5 + 1 / 64 + 4 / 64 / 256 if quant_bits == 4 else 1.0)))  # nf4, double quant
+        one_layer += max(m.weight.numel() for m in linears) * act  # one dequantized weight at a time
+        notes.append(f"{quant_bits}-bit base (bitsandbytes): {n_q:,} decoder Linear weights quantized; "
+                     "embeddings, lm_head and norms stay in the compute dtype")
+    gradients = trainable * grad_bytes
+    if cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
+        states, step_tmp = trainable * 2, largest * grad_bytes
+    elif cfg.optim == "sgd":
+        states, step_tmp = 0, 0
+    elif cfg.optim == "adafactor":  # factored second moments: small
+        states, step_tmp = trainable * grad_bytes // 64, 2 * largest * grad_bytes
+    else:  # torch AdamW: exp_avg, exp_avg_sq in the parameter's dtype; foreach (cuda) makes one sqrt copy of all,
+        states = 2 * trainable * grad_bytes  # the per-parameter loop (cpu) two temporaries of one parameter
+        foreach = device == "cuda" and cfg.optim == "adamw_torch"
+        step_tmp = (trainable if foreach else 0 if cfg.optim.endswith("fused") else 2 * largest) * grad_bytes
+    candidates = [saved + max(loss, loss // 3 + head_grad),  # end of forward / loss backward
+                  gradients + step_tmp,  # optimizer step
+                  late_grads * grad_bytes + one_layer]  # backward through the first layer
+    if cfg.gradient_checkpointing:
+        candidates.append(saved + one_layer + head_grad)  # recompute of the last layer
+    total = weights + states + max(candidates)
+    acts = saved + (one_layer if cfg.gradient_checkpointing else 0)
+    parts = {"weights": weights, "gradients": gradients, "optimizer states": states, "activations": acts,
+             "logits/loss": loss}
+    notes += act_notes
+    if cfg.gradient_checkpointing:
+        notes.append("gradient checkpointing: each layer's input is kept, one layer is recomputed at a time")
+    if device == "cuda":
+        parts["CUDA context"] = CUDA_CONTEXT
+        total += CUDA_CONTEXT
+        notes.append("the caching allocator can reserve 5-15% more than this (fragmentation)")
+    else:
+        notes.append("on CPU, glibc malloc keeps freed activation memory: RSS can read 1.1-3x this "
+                     "unless MALLOC_MMAP_THRESHOLD_=65536 is set")
+    notes.append("peak = weights + optimizer states + the larger of activations + logits/loss and gradients + "
+                 "optimizer step: gradients build up while backward frees activations")
+    return Estimate(cfg.model, params, trainable, str(dtype).replace("torch.", ""), device, parts, int(total), notes)
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
+
+
+def format_estimate(est: Estimate) -> str:
+    """Parameters, then each part of the memory and the peak per device, then the notes."""
+    pct = 100 * est.trainable / max(est.params, 1)
+    lines = [f"model: {est.model}", f"parameters: {est.params:,}   trainable: {est.trainable:,} ({pct:.2f}%)",
+             f"dtype: {est.dtype} on {est.device}", ""]
+    width = max(len(k) for k in est.parts) + 2
+    lines += [f"  {name:<{width}}{_size(n)}" for name, n in est.parts.items()]
+    lines += ["  " + "-" * (width + 12), f"  {'peak per device':<{width}}{_size(est.total)}", ""]
+    lines += [f"- {note}" for note in est.notes]
+    return "\n".join(lines)
