@@ -54,6 +54,10 @@ class Config:
     max_samples: Union[int, None] = None
     val_size: float = 0.0
     train_on: str = "assistant"
+    # null = on where it is exact (models whose attention masks follow position_ids), else off
+    packing: Union[bool, None] = None
+    # null = on when not packing: batches of similar lengths waste less padding
+    group_by_length: Union[bool, None] = None
     # adapters
     finetuning_type: str = "lora"
     lora_r: int = 8

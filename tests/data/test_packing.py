@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tunelab.data.encode import Encoded
-from tunelab.data.packing import PackCollator, PackedDataset, best_fit, pack_row
+from tunelab.data.packing import PackCollator, best_fit, pack_row
 from tunelab.demo.build import tiny_config
 from tunelab.train.loss import labelled_loss
 
@@ -30,6 +30,10 @@ def _samples(seed=0, lengths=(9, 5, 13)):
     return out
 
 
+def _items(samples):
+    return [{"input_ids": s.input_ids, "labels": s.labels} for s in samples]
+
+
 def _token_losses(logits, labels):
     """Per position: loss of predicting labels[t+1] (0 where masked)."""
     lp = nn.functional.cross_entropy(logits[:-1].float(), labels[1:].clamp(min=0), reduction="none")
@@ -37,7 +41,7 @@ def _token_losses(logits, labels):
 
 
 def _packed_forward(model, samples):
-    row = PackCollator(0)([pack_row(samples)])
+    row = PackCollator(0, capacity=10_000, flatten=True)(_items(samples))  # keeps their order
     logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits[0]
     return _token_losses(logits, row["labels"][0])
 
@@ -90,7 +94,8 @@ def test_packed_labelled_loss_equals_unpacked_plain_loss():
     for s in samples:
         logits = model(input_ids=torch.tensor([s.input_ids])).logits[0]
         total += float(_token_losses(logits, torch.tensor(s.labels)).sum())
-    batch = PackCollator(0)([pack_row(samples[:2]), pack_row(samples[2:])])
+    batch = PackCollator(0, capacity=20)(_items(samples))
+    assert batch["input_ids"].shape[0] == 2
     assert labelled_loss(model, batch).item() == pytest.approx(total / n, abs=1e-5)
 
 
@@ -109,10 +114,11 @@ def test_best_fit_respects_capacity_and_keeps_every_sample():
     assert len(bins) == 6  # 55 tokens: 6 bins is the minimum for capacity 10
 
 
-def test_collator_pads_with_own_block_and_can_flatten():
-    rows = [pack_row([Encoded([1, 2, 3], [1, 2, 3])]), pack_row([Encoded([4, 5], [4, 5])])]
-    batch = PackCollator(0)(rows)
-    assert batch["position_ids"][1].tolist() == [0, 1, 0] and batch["labels"][1, 2] == -100
-    flat = PackCollator(0, flatten=True)(rows)
-    assert flat["input_ids"].shape == (1, 5) and flat["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    assert len(PackedDataset(_samples(), capacity=20)) == 2
+def test_a_batch_keeps_its_samples_in_fewer_rows_and_can_flatten():
+    samples = [Encoded([1, 2, 3], [1, 2, 3]), Encoded([4, 5], [4, 5]), Encoded([6, 7, 8, 9], [6, 7, 8, 9])]
+    batch = PackCollator(0, capacity=5)(_items(samples))
+    assert batch["input_ids"].shape == (2, 5)  # [6 7 8 9] + pad, [1 2 3 4 5]
+    assert sorted(batch["input_ids"][batch["labels"] != -100].tolist()) == [2, 3, 5, 7, 8, 9]
+    assert batch["input_ids"][0, 4] == 0 and batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0]
+    flat = PackCollator(0, capacity=5, flatten=True)(_items(samples))
+    assert flat["input_ids"].shape == (1, 9) and flat["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]

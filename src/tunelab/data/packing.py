@@ -1,4 +1,4 @@
-"""Padding-free packing: several samples share a row, `position_ids` restart at each sample.
+"""Padding-free batches: a batch's samples share rows, `position_ids` restart at each sample.
 
 transformers turns restarting `position_ids` (with no attention mask and no cache) into a
 block-diagonal causal mask for sdpa/eager, and into varlen kernels for FlashAttention, so no token
@@ -34,6 +34,19 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+# Architectures whose masks transformers derives from restarting position_ids (tested in
+# tests/data/test_packing.py); remote code and multimodal models are packed only if asked.
+PACKABLE = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma", "gemma2",
+            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "glm4"}
+
+
+def packing_is_exact(model) -> bool:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    return (type(lm).__module__.startswith("transformers.") and getattr(config, "model_type", None) in PACKABLE
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager", "flash_attention_2"))
+
+
 def pack_row(samples: list[Encoded]) -> dict:
     ids, labels, positions = [], [], []
     for s in samples:
@@ -43,41 +56,33 @@ def pack_row(samples: list[Encoded]) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Rows of at most `capacity` tokens, each holding whole samples."""
-
-    def __init__(self, samples: list[Encoded], capacity: int):
-        self.rows = [[samples[i] for i in b] for b in best_fit([len(s.input_ids) for s in samples], capacity)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return pack_row(self.rows[i])
-
-
 class PackCollator:
-    """Rows padded to the widest; `flatten` puts the whole batch in one row (FlashAttention varlen).
+    """Packs each batch's samples into as few rows of `capacity` tokens as best-fit allows.
 
-    Padding at a row's end gets positions restarting at 0, so it is a block of its own that no real
-    token attends to, and -100 labels.
+    The batch keeps its samples, so steps, learning-rate schedules and the loss normaliser are
+    exactly those of an unpacked run: packing changes the layout, never the optimisation. Row tails
+    are padded with a block of their own (positions restarting at 0, labels -100) that no real token
+    attends to; `flatten` puts the whole batch in one row instead (FlashAttention varlen).
     """
 
-    def __init__(self, pad_token_id: int, flatten: bool = False):
+    def __init__(self, pad_token_id: int, capacity: int, flatten: bool = False):
         self.pad_token_id = pad_token_id
+        self.capacity = capacity
         self.flatten = flatten
 
     def __call__(self, batch: list[dict]) -> dict:
-        if self.flatten:
-            batch = [{k: sum((b[k] for b in batch), []) for k in ("input_ids", "labels", "position_ids")}]
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        positions = torch.arange(width).repeat(len(batch), 1)
-        for row, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[row, :n] = torch.tensor(b["input_ids"])
-            labels[row, :n] = torch.tensor(b["labels"])
-            positions[row, :n] = torch.tensor(b["position_ids"])
+        samples = [Encoded(b["input_ids"], b["labels"]) for b in batch]
+        lengths = [len(s.input_ids) for s in samples]
+        bins = [list(range(len(samples)))] if self.flatten else best_fit(lengths, max(self.capacity, *lengths))
+        rows = [pack_row([samples[i] for i in b]) for b in bins]
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        for row, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[row, :n] = torch.tensor(r["input_ids"])
+            labels[row, :n] = torch.tensor(r["labels"])
+            positions[row, :n] = torch.tensor(r["position_ids"])
             positions[row, n:] = torch.arange(width - n)
         return {"input_ids": ids, "labels": labels, "position_ids": positions}

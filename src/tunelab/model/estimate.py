@@ -6,9 +6,9 @@ and layer, for batches padded to cutoff_len (the worst case): each norm's fp32 i
 normalised output when norms train), q, k, v (kv heads repeated when sdpa gets a padding mask) and
 the attention output, the gated MLP's gate, activation and up outputs, the input of every trained
 Linear (once per shared input), per LoRA module its dropout output and mask, and with sdpa and
-padding a float copy of the batch x seq x seq mask per layer. The loss upcasts logits to fp32; its
-peak is three fp32 copies of batch x seq x vocab (log-softmax output, its gradient, the incoming
-gradient). Gradient checkpointing keeps each layer's input and recomputes one layer at a time.
+padding a float copy of the batch x seq x seq mask per layer. The loss is tunelab's labelled-only
+chunked loss where the model supports it (one chunk of fp32 logits at a time), else the plain
+loss's three fp32 copies of batch x seq x vocab. Gradient checkpointing keeps each layer's input and recomputes one layer at a time.
 
 Peak = weights + optimizer states + the largest of: activations + logits/loss (end of forward),
 gradients + optimizer-step temporaries (step), and gradients + one layer's activations and backward
@@ -27,6 +27,7 @@ from torch import nn
 from ..config import Config
 from ..errors import TunelabError
 from .adapters import decoder_layer, resolve_targets
+from ..train.loss import CHUNK_ROWS, supports_labelled_loss
 from .loader import attention_implementation, compute_dtype, resolve_model_path
 
 GiB, MiB = 2 ** 30, 2 ** 20
@@ -89,6 +90,20 @@ def _attention(cfg: Config, device: str) -> str:
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
+def _loss_bytes(cfg: Config, dims: dict, act: int, labelled: bool) -> int:
+    """The loss's peak: the plain loss holds fp32 copies of every position's logits; tunelab's
+    labelled-only loss holds the gathered hidden states, their gradient and one chunk's logits
+    (worst case: every position labelled), plus the head's fp32 gradient in full training."""
+    b, s, v, h = cfg.per_device_train_batch_size, cfg.cutoff_len, dims["vocab"], dims["h"]
+    n = b * (s - 1)
+    if labelled:
+        chunk = min(n, CHUNK_ROWS)
+        head_grad = v * h * 4 if cfg.finetuning_type == "full" else 0
+        return int(2 * n * h * act + chunk * v * (act + 4 + (4 if act < 4 else 0)) + head_grad)
+    forward = n * v * (act + (4 if act < 4 or b > 1 else 0) + 4)  # logits, fp32 or reshape copy, log-softmax
+    return int(max(forward, 12 * n * v))  # backward: log-softmax output, its gradient, the incoming gradient
+
+
 def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: list[str], attn: str):
     """(bytes kept for backward at the end of forward, one layer's bytes, logits/loss peak, notes)."""
     b, s = cfg.per_device_train_batch_size, cfg.cutoff_len
@@ -139,9 +154,7 @@ def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: li
         saved = tokens * (len(per_layer) * h * act + outside) + bool_mask
     else:
         saved = tokens * (sum(per_layer.values()) + outside) + bool_mask
-    n = b * (s - 1) * dims["vocab"]
-    forward = n * (act + (4 if act < 4 or b > 1 else 0) + 4)  # logits, fp32 or reshape copy, log-softmax
-    loss = max(forward, 12 * n)  # backward: log-softmax output, its gradient, the incoming gradient
+    loss = _loss_bytes(cfg, dims, act, supports_labelled_loss(model))
     notes = []
     if padded and attn == "sdpa":
         notes.append(f"sdpa with padded batches keeps a {b}x{s}x{s} mask copy per layer "

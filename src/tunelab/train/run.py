@@ -19,6 +19,7 @@ from transformers import ProgressCallback
 from .. import __version__
 from ..config import Config, dump_config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
+from ..data.packing import PackCollator, packing_is_exact
 from ..data.templates import prepare_tokenizer
 from ..errors import TunelabError
 from ..model.adapters import attach_lora
@@ -72,6 +73,9 @@ def plan_output_dir(cfg: Config) -> str | None:
 
 
 def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
     dtype = compute_dtype(cfg.bf16, cfg.fp16)
     model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code)
     notes = [n for n in [fix_input_embeddings(model)] if n]
@@ -90,7 +94,7 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     return model, dtype, notes, (trainable, total)
 
 
-def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool):
+def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False):
     from transformers import TrainingArguments
 
     report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
@@ -128,6 +132,7 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool):
         gradient_checkpointing=False,  # enabled by tunelab with the right options, see quirks
         disable_tqdm=False,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
 
 
@@ -160,12 +165,20 @@ def train(cfg: Config) -> TrainResult:
     if resume is None:
         for stale in _checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    packing = packing_is_exact(model) if cfg.packing is None else cfg.packing
+    if packing:
+        flatten = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+        collator = PackCollator(tokenizer.pad_token_id, cfg.cutoff_len, flatten=flatten)
+        log.info("packing: each batch's samples share rows of up to %d tokens, no padding", cfg.cutoff_len)
+    else:
+        collator = PadCollator(tokenizer.pad_token_id)
+    grouped = not packing if cfg.group_by_length is None else cfg.group_by_length
     trainer = TunelabTrainer(
         model=model,
-        args=training_arguments(cfg, dtype, bool(data.eval)),
+        args=training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped),
         train_dataset=SampleDataset(data.train),
         eval_dataset=SampleDataset(data.eval) if data.eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         token_counter=counter,
@@ -189,7 +202,7 @@ def train(cfg: Config) -> TrainResult:
         "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
-        "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
+        "packing": packing, "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     log.info("saved to %s (%.1fs)", out, summary["seconds"])

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .loss import labelled_loss, supports_labelled_loss
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
     """Shifted cross-entropy over labelled positions, summed, divided by the trained-token count.
@@ -39,10 +41,23 @@ class TunelabTrainer(Trainer):
     def __init__(self, *args, token_counter: TokenCounter | None = None, **kwargs):
         self.token_counter = token_counter or TokenCounter()
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
+        self.labelled_loss = supports_labelled_loss(self.model)
         # Labels are never passed to the model (remote-code forwards may choke on extra kwargs), and
         # the trained-token count must skip position 0, which a shifted loss never predicts.
         self.model_accepts_loss_kwargs = False
         self._loss_shifts_labels = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "position_ids" in inputs:  # packed rows: a cache would turn the block-diagonal mask off
+            inputs = {**inputs, "use_cache": False}
+        if return_outputs or not self.labelled_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.token_counter.trained += int((inputs["labels"][:, 1:] != -100).sum())
+        loss = labelled_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def _loss(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
