@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from .errors import TunelabError
+from .errors import Interrupted, TunelabError
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         return _run(args)
+    except Interrupted as exc:
+        print(f"tunelab: {exc}", file=sys.stderr)
+        return 130
     except TunelabError as exc:
         print(f"tunelab: error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple] = {
     "report_to": ("none", "tensorboard", "swanlab", "wandb"),
     "lr_scheduler_type": LR_SCHEDULERS,
     "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"),
+    "on_bad_loss": ("stop", "skip", "warn"),
     "optim": ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"),
 }
 
@@ -42,6 +43,8 @@ class Config:
     model: str = ""
     model_hub: str = "hf"
     trust_remote_code: bool = False
+    # pickle-based .bin/.pt weights can run code when loaded; only safetensors load unless this is set
+    allow_pickle: bool = False
     attn_implementation: str = "auto"
     # data
     dataset: Union[str, list] = ""
@@ -90,6 +93,10 @@ class Config:
     eval_steps: Union[int, None] = None
     seed: int = 42
     gradient_checkpointing: bool = False
+    # a NaN/inf loss, or one over loss_spike_factor x its running mean: stop (naming the last checkpoint),
+    # skip the step, or warn
+    on_bad_loss: str = "stop"
+    loss_spike_factor: Union[float, None] = None
     bf16: Union[bool, None] = None
     fp16: Union[bool, None] = None
 
@@ -111,7 +118,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 REQUIRED = ("model", "dataset", "output_dir")
 POSITIVE = ("cutoff_len", "lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "logging_steps", "save_steps", "max_samples", "save_total_limit",
-            "eval_steps")
+            "eval_steps", "loss_spike_factor")
 UNIT_INTERVAL = ("lora_dropout", "warmup_ratio")
 
 

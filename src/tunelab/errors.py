@@ -7,3 +7,7 @@ traceback. Messages name the file, line or record, what was found and what was e
 
 class TunelabError(Exception):
     """A problem with the user's input (config, data, model folder), reported without a traceback."""
+
+
+class Interrupted(TunelabError):
+    """The run stopped on a signal after saving a checkpoint; the CLI exits 130."""

@@ -3,8 +3,11 @@
 The trained tokens of an assistant turn are exactly its content plus the end-of-turn token(s) that
 follow it, for any Jinja chat template. The turn is located by rendering: the prompt for turn i
 (messages before it, with the generation prompt) must be a prefix of the whole rendered
-conversation, and the content follows. A template that is not prefix-stable cannot be split into
-turns, so it fails with the sample named instead of guessing.
+conversation, and the content follows where the template puts an answer. A template that is not
+prefix-stable cannot be split into turns, so it fails with the sample named instead of guessing.
+Text the tokenizer would read as a special token (`<|im_end|>` typed into a message) or cannot read
+at all (a lone surrogate from a JSON escape) is refused with the sample named: it would break the
+turn structure the mask relies on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .conversation import Conversation
 
 IGNORE = -100
 _PROBE = "tunelab-probe-answer"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Encoder:
             [tokenizer.eos_token] if tokenizer.eos_token else [])
         self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
         self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
+        specials = special_tokens(tokenizer)
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False) -> str:
         try:
@@ -91,7 +97,12 @@ class Encoder:
 
     def encode(self, conv: Conversation) -> Encoded:
         if conv.text is not None:
+            self._check_text(conv.text, conv.source, "field 'text'", specials=False)
             return self._finish(self._encode_text(conv.text), conv.source)
+        for i, message in enumerate(conv.template_messages()):
+            for key, value in message.items():
+                self._check_text(value, conv.source, f"message {i} ({message['role']}) {key}")
+        self._check_text(conv.tools, conv.source, "tools")
         full = self.render(conv)
         if self.train_on == "all":
             ids = self._tokenize(full)
@@ -105,6 +116,25 @@ class Encoder:
                 raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
         return self._finish(self._tokenize_spans(full, spans), conv.source)
 
+    def _check_text(self, value, source: str, field: str, specials: bool = True) -> None:
+        """Refuse text that cannot be tokenized as written: lone surrogates, special tokens typed as text."""
+        stack = [value]
+        while stack:  # iterative: tool calls may nest deeper than Python's recursion limit
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack += [*item.keys(), *item.values()]
+            elif isinstance(item, (list, tuple)):
+                stack += item
+            elif isinstance(item, str):
+                if (bad := _SURROGATE.search(item)) is not None:
+                    raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
+                                       "(from a JSON \\u escape?); expected valid Unicode text")
+                if specials and self._special_re is not None and (hit := self._special_re.search(item)):
+                    raise TunelabError(
+                        f"{source}: {field} holds the text {hit.group()!r}, a special token of this tokenizer; "
+                        "it would be read as that control token and break the turn structure, so remove it"
+                    )
+
     def _answer_span(self, conv: Conversation, full: str, i: int) -> tuple[int, int]:
         messages = conv.template_messages()
         prompt = self.render(conv, messages[:i], add_generation_prompt=True)
@@ -114,19 +144,24 @@ class Encoder:
                 f"message {i} is not a prefix of the whole conversation), so its answer tokens cannot be "
                 "told apart; use a built-in template (template: chatml, llama3, gemma, alpaca, dolly)"
             )
+        # Where the template puts an answer: found with a probe answer, so that text equal to the answer
+        # elsewhere (a later user message, a template's reasoning block) is never taken for it.
+        probe = [dict(m, content=_PROBE) if j == i else m for j, m in enumerate(messages)]
+        at = self.render(conv, probe).find(_PROBE, len(prompt))
         content = messages[i]["content"]
-        start = full.find(content, len(prompt))
-        if start < 0 and content.strip():
-            content = content.strip()  # templates that trim
-            start = full.find(content, len(prompt))
-        if start < 0:
-            raise TunelabError(f"{conv.source}: the template did not render the content of assistant message {i}")
-        end = start + len(content)
-        if self._eot_re is not None:
-            match = self._eot_re.match(full, end)
+        # the content as written, or as templates that trim render it
+        rendered = [c for c in dict.fromkeys((content, content.lstrip(), content.rstrip(), content.strip()))
+                    if at >= 0 and full.startswith(c, at)]
+        if not rendered:
+            raise TunelabError(f"{conv.source}: the template did not render the content of assistant message {i} "
+                               "where it puts an answer")
+        ends = [at + len(c) for c in rendered]
+        if self._eot_re is not None:  # prefer the reading that the end-of-turn token(s) follow
+            ends = [e for e in ends if self._eot_re.match(full, e)] or ends
+            match = self._eot_re.match(full, ends[0])
             if match:
-                end = match.end()
-        return start, end
+                return at, match.end()
+        return at, ends[0]
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -39,7 +39,7 @@ def detect_format(record: Record, columns: dict | None = None) -> str:
     if "text" in data:
         return "text"
     raise TunelabError(
-        f"{record.source}: cannot tell the data format from keys {sorted(data)}; expected alpaca "
+        f"{record.source}: cannot tell the data format from keys {sorted(map(str, data))}; expected alpaca "
         "(instruction, output), dolly (instruction, response), sharegpt (conversations), messages "
         "(messages) or text (text); set dataset_format and columns to map other names"
     )
@@ -109,6 +109,11 @@ def _alpaca(data: dict, src: str) -> list[Message]:
     return messages
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _content(value: Any, src: str, i: int) -> str:
     """OpenAI content may be a list of typed parts; only text parts are supported here."""
     if isinstance(value, str):
@@ -116,7 +121,9 @@ def _content(value: Any, src: str, i: int) -> str:
     if value is None:
         return ""
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        return "".join(str(p.get("text", "")) for p in value)
+        if all(isinstance(p.get("text", ""), str) for p in value):
+            return "".join(p.get("text", "") for p in value)
+        raise TunelabError(f"{src}: message {i} content: the 'text' of each text part must be a string")
     raise TunelabError(f"{src}: message {i} content must be a string or a list of text parts")
 
 
@@ -137,7 +144,7 @@ def _turns(turns: Any, fmt: str, src: str, columns: dict | None) -> list[Message
             role = raw_role if raw_role in ROLES else None
             allowed = ", ".join(ROLES)
         if role is None:
-            raise TunelabError(f"{src}: message {i} has unknown role {raw_role!r}; allowed: {allowed}")
+            raise TunelabError(f"{src}: message {i} has unknown role {_short(raw_role)}; allowed: {allowed}")
         msg = Message(role, _content(turn.get(content_key), src, i))
         for key in ("reasoning_content", "tool_call_id", "name"):
             if isinstance(turn.get(key), str):

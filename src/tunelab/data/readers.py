@@ -68,21 +68,28 @@ def _read_jsonl(path: Path) -> list[Record]:
     for lineno, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TunelabError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        obj = _loads(line, f"{path}:{lineno}")
         if not isinstance(obj, dict):
             raise TunelabError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append(Record(obj, f"{path}:{lineno}"))
     return records
 
 
-def _read_json(path: Path) -> list[Record]:
+def _loads(text: str, where: str, multiline: bool = False):
+    """json.loads, with every way it can fail (syntax, nesting, huge numbers) as one TunelabError at `where`."""
     try:
-        obj = json.loads(_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TunelabError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        line = f":{exc.lineno}" if multiline else ""
+        raise TunelabError(f"{where}{line}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise TunelabError(f"{where}: malformed JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
+        raise TunelabError(f"{where}: malformed JSON ({str(exc).split(';')[0]})") from None
+
+
+def _read_json(path: Path) -> list[Record]:
+    obj = _loads(_text(path), str(path), multiline=True)
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -99,13 +106,21 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long texts are fine (default cap: 128 KiB)
     reader = csv.DictReader(io.StringIO(_text(path), newline=""))
     records = []
-    reader.fieldnames  # reads the header, so line_num counts it
-    start = reader.line_num + 1
-    for row in reader:
-        records.append(Record(dict(row), f"{path}:{start}"))
+    start = 1
+    try:
+        reader.fieldnames  # reads the header, so line_num counts it
         start = reader.line_num + 1
+        for row in reader:
+            if None in row:  # DictReader files surplus values under the key None
+                raise TunelabError(f"{path}:{start}: row has {len(reader.fieldnames) + len(row[None])} fields "
+                                   f"but the header has {len(reader.fieldnames)}")
+            records.append(Record(dict(row), f"{path}:{start}"))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise TunelabError(f"{path}:{start}: malformed CSV ({exc})") from None
     return records
 
 

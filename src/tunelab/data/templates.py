@@ -104,7 +104,7 @@ def prepare_tokenizer(cfg):
 
     from ..model.loader import load_tokenizer, resolve_model_path
 
-    model_path = resolve_model_path(cfg.model, cfg.model_hub)
+    model_path = resolve_model_path(cfg.model, cfg.model_hub, allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     if cfg.dataset_format == "text" and not getattr(tokenizer, "chat_template", None):
         return tokenizer, model_path, "none"

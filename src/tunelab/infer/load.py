@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ..errors import TunelabError
-from ..model.loader import load_tokenizer, resolve_model_path
+from ..model.loader import check_weights_format, load_tokenizer, resolve_model_path
 
 BASE = "none"  # `--adapter none`: the base model, adapters switched off
 
@@ -137,14 +137,21 @@ def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.d
             raise TunelabError(f"--adapter: '{a}' holds no adapter_config.json" if Path(a).is_dir()
                                else f"--adapter: folder '{a}' not found")
     base_path = resolve_model_path(model)
-    trust = any(run_config(Path(p)).get("trust_remote_code") for p in [base_path, *adapters] if p != BASE)
+    settings = [run_config(Path(p)) for p in [base_path, *adapters] if p != BASE]
+    trust = any(s.get("trust_remote_code") for s in settings)
+    allow_pickle = any(s.get("allow_pickle") for s in settings)
+    check_weights_format(base_path, allow_pickle, "--model")
+    for a in adapters:
+        if a != BASE:
+            check_weights_format(a, allow_pickle, "--adapter")
     for a in adapters:
         if a != BASE:
             check_same_base(Path(a), base_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust)
+        lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust,
+                                                  use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as exc:
         raise TunelabError(f"--model: cannot load '{base_path}' ({str(exc).splitlines()[0]})") from None
 

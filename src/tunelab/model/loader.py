@@ -16,7 +16,7 @@ log = logging.getLogger("tunelab")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False) -> str:
+def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False, allow_pickle: bool = False) -> str:
     """A local folder as is; a hub id downloaded (or found in the cache) and returned as a folder.
 
     `config_only` fetches the json and code files alone: enough to size a model before renting a GPU.
@@ -28,7 +28,7 @@ def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False) -
         raise TunelabError(f"model: folder '{model}' not found (and it is not a hub id like 'Qwen/Qwen2.5-7B-Instruct')")
     try:
         patterns = ["*.json", "*.py"] if config_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
-                                                            "*.jinja", "*.tiktoken"]
+                                                            "*.jinja", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
         if hub == "modelscope":
             from modelscope import snapshot_download as ms_download
 
@@ -84,9 +84,29 @@ def attention_implementation(requested: str = "auto") -> str:
     return "sdpa"
 
 
-def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False):
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> None:
+    """Refuse pickle-only weights unless asked: unpickling runs whatever code the file holds."""
+    folder = Path(path)
+    if not folder.is_dir() or allow_pickle:
+        return
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise TunelabError(f"{what}: '{path}' has only pickle-based weights ({', '.join(pickles[:3])}); loading a "
+                           "pickle can run arbitrary code, so tunelab loads safetensors only. Convert them, or set "
+                           "allow_pickle: true if you trust their source")
+
+
+def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
+               allow_pickle: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_weights_format(path, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -95,7 +115,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
         raise TunelabError(f"model: cannot read the config of '{path}' ({exc})") from None
     except OSError as exc:
         raise TunelabError(f"model: '{path}' has no usable config.json ({str(exc).splitlines()[0]})") from None
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     impl = attention_implementation(attn)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=impl, **kwargs)

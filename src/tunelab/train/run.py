@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,14 @@ from ..config import Config, dump_config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
 from ..data.packing import PackCollator, packing_is_exact
 from ..data.templates import prepare_tokenizer
-from ..errors import TunelabError
+from ..errors import Interrupted, TunelabError
 from ..model.adapters import attach_lora
 from ..model.loader import compute_dtype, load_model
 from ..model.quirks import (count_parameters, enable_gradient_checkpointing, ensure_pad_token,
                             fix_input_embeddings, set_stop_ids)
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
+from .disk import check_disk
+from .guards import LossGuard, SignalCheckpoint, last_checkpoint
 from .trainer import TokenCounter, TunelabTrainer
 
 log = logging.getLogger("tunelab")
@@ -77,7 +80,7 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
 
     set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
     dtype = compute_dtype(cfg.bf16, cfg.fp16)
-    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle)
     notes = [n for n in [fix_input_embeddings(model)] if n]
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
@@ -158,6 +161,7 @@ def train(cfg: Config) -> TrainResult:
     log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
              data.stats.trained_tokens)
     model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path)
+    check_disk(cfg, model, len(data.train))
     callbacks = _callbacks(cfg, counter := TokenCounter())
 
     out = Path(cfg.output_dir)
@@ -182,12 +186,23 @@ def train(cfg: Config) -> TrainResult:
         processing_class=tokenizer,
         callbacks=callbacks,
         token_counter=counter,
+        loss_guard=LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarCallback())
     if resume:
         log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    signals = SignalCheckpoint()
+    trainer.add_callback(signals)
+    signals.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signals.restore()
+    if signals.received is not None:
+        raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step {trainer.state.global_step}; "
+                          f"checkpoint saved in {last_checkpoint(cfg.output_dir)}; resume with the same command "
+                          "plus resume_from_checkpoint=auto")
     if data.eval:
         trainer.evaluate()
 

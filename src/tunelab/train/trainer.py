@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .guards import LossGuard
 from .loss import labelled_loss, supports_labelled_loss
 
 
@@ -38,14 +39,40 @@ class TokenCounter:
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, token_counter: TokenCounter | None = None, **kwargs):
+    def __init__(self, *args, token_counter: TokenCounter | None = None, loss_guard: LossGuard | None = None,
+                 **kwargs):
         self.token_counter = token_counter or TokenCounter()
+        self.loss_guard = loss_guard or LossGuard()
+        self._skip_step = False
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.labelled_loss = supports_labelled_loss(self.model)
         # Labels are never passed to the model (remote-code forwards may choke on extra kwargs), and
         # the trained-token count must skip position 0, which a shifted loss never predicts.
         self.model_accepts_loss_kwargs = False
         self._loss_shifts_labels = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        verdict = self.loss_guard.check(float(loss), self.state.global_step + 1, self.args.output_dir)
+        if verdict == "skip":
+            model.zero_grad(set_to_none=True)
+            self._skip_step = True
+            return torch.zeros_like(loss)
+        return loss
+
+    def create_optimizer(self, *args, **kwargs):
+        """The optimizer's step is skipped after a bad loss under `on_bad_loss: skip` (momentum included)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        step = optimizer.step
+
+        def guarded_step(*a, **k):
+            if self._skip_step:
+                self._skip_step = False
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return step(*a, **k)
+        optimizer.step = guarded_step
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs:  # packed rows: a cache would turn the block-diagonal mask off

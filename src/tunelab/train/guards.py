@@ -1,0 +1,85 @@
+"""Guards around a long run: a bad loss stops (or skips, or warns) at once, and Ctrl-C / SIGTERM save first.
+
+A NaN noticed at the end of a run has cost the whole run; a kill signal from a scheduler or a
+Ctrl-C should cost at most the current step. Both leave the run folder resumable with
+`resume_from_checkpoint=auto`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
+
+
+class LossGuard:
+    """Judges each micro-step's loss: 'ok', or what `policy` says to do with a NaN/inf or a spike."""
+
+    def __init__(self, policy: str = "stop", spike_factor: float | None = None, warmup: int = 10):
+        self.policy = policy
+        self.spike_factor = spike_factor
+        self.warmup = warmup
+        self.mean: float | None = None
+        self.seen = 0
+
+    def check(self, loss: float, step: int, output_dir: str) -> str:
+        problem = None
+        if not math.isfinite(loss):
+            problem = f"the loss is {loss}"
+        elif self.spike_factor and self.mean is not None and self.seen >= self.warmup and \
+                loss > self.spike_factor * self.mean:
+            problem = f"the loss jumped to {loss:.4g}, over {self.spike_factor:g}x its running mean {self.mean:.4g}"
+        if problem is None:
+            self.seen += 1
+            self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
+            return "ok"
+        where = last_checkpoint(output_dir)
+        message = (f"step {step}: {problem}; last good checkpoint: {where or 'none yet'}"
+                   + (" (resume_from_checkpoint=auto continues from it)" if where else ""))
+        if self.policy == "stop":
+            raise TunelabError(message + "; on_bad_loss: skip or warn to go on")
+        log.warning("%s; %s", message, "this step is skipped" if self.policy == "skip" else "going on")
+        return self.policy
+
+
+class SignalCheckpoint(TrainerCallback):
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. A second one exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        log.warning("%s received: finishing this step and saving a checkpoint (send it again to quit at once)",
+                    signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
