@@ -22,5 +22,14 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Training throughput of the usual recipe, TRL and tunelab on 2 CPU cores; writes bench/results.json.
+.PHONY: bench
+$(VENV)/.installed-bench: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
