@@ -110,6 +110,9 @@ class Meter:
         self.lora = None
         self.hwm_reset = False
         self.eval_at: set[int] = set()
+        self.machine_begin = None
+        self.process_start = time.perf_counter()
+        self.prep_seconds = None  # process start to the call of Trainer.train
 
     def count(self, inputs: dict) -> None:
         ids, labels = inputs["input_ids"], inputs["labels"]
@@ -392,11 +395,12 @@ def _timed(fn, repeats: int = 2) -> float:
 
 
 def profile(spec: dict, meter: Meter, result: dict) -> None:
-    """Forward + backward of one step's batch per arm, split into decoder body and head + loss.
+    """Forward + backward of one step's batch of arm `profile_arm`, split into decoder body and head + loss.
 
     The batch is the first `samples_per_step` training samples: padded for a, one flat packed row for
     b (TRL's padding-free collation), tunelab's packed rows (its own collator) for c. Body = the decoder alone with a
-    random gradient on its output; head + loss = the whole step minus the body.
+    random gradient on its output; head + loss = the whole step minus the body. One arm per process:
+    an arm that runs after another inherits its heap and pays different page faults.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -450,20 +454,26 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
         "c": (packed, lambda: labelled_loss(model, packed)),
     }
     model.train()
-    out = {}
-    for arm, (batch, loss_fn) in cases.items():
-        body_s, total_s = _timed(body(batch)), _timed(whole(loss_fn))
-        labels = batch["labels"]
-        out[arm] = {"positions": batch["input_ids"].numel(), "real_tokens": int((batch["input_ids"] != pad).sum()),
-                    "trained_tokens": int((labels[:, 1:] != IGNORE).sum()), "step_seconds": total_s,
-                    "body_seconds": body_s, "head_and_loss_seconds": max(total_s - body_s, 0.0)}
+    arm = spec["profile_arm"]
+    batch, loss_fn = cases[arm]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total_s = _timed(whole(loss_fn))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    body_s = _timed(body(batch))
+    labels = batch["labels"]
+    out = {"positions": batch["input_ids"].numel(), "real_tokens": int((batch["input_ids"] != pad).sum()),
+           "trained_tokens": int((labels[:, 1:] != IGNORE).sum()), "step_seconds": total_s, "body_seconds": body_s,
+           "head_and_loss_seconds": max(total_s - body_s, 0.0),
+           # kernel time (mostly zeroing freshly mapped pages of large temporaries) per whole step
+           "sys_seconds_per_step": (after.ru_stime - usage.ru_stime) / 3,
+           "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3}
     head = lm.get_output_embeddings().weight.detach()
     mm = {}
     for n in (1024, 4096):
         h = torch.randn(n, head.shape[1])
         seconds = _timed(lambda: h @ head.t())
         mm[f"hidden[{n}] @ head.T"] = 2 * n * head.shape[0] * head.shape[1] / seconds / 1e9
-    result["profile"] = {"arms": out, "matmul_gflops": mm, "samples": len(samples),
+    result["profile"] = {"arms": {arm: out}, "matmul_gflops": mm, "samples": len(samples),
                          "packed_rows": packed["input_ids"].shape[0]}
 
 
@@ -475,8 +485,6 @@ def main() -> None:
     out = Path(sys.argv[2])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     meter = Meter(spec)
-    meter.process_start = time.perf_counter()
-    meter.prep_seconds = None
     instrument(meter, spec.get("prep_only", False))
     result = {"arm": spec["arm"], "model": spec["model_name"], "round": spec.get("round"),
               "prep_only": spec.get("prep_only", False), "threads": torch.get_num_threads(),

@@ -43,8 +43,8 @@ TARGETS = {  # key: (description, target, higher is better)
     "c_over_a_trainable_tps": ("trainable tokens/s, c / a", 3.0, True),
     "c_over_b_trainable_tps": ("trainable tokens/s, c / b", 1.5, True),
     "c_over_a_peak_mem": ("peak RSS, c / a", 0.5, False),
-    "tokenization_speedup_c_over_a": ("tokenization speed, c / a (cold)", 5.0, True),
-    "eval_loss_rel_diff_c_vs_a": ("|eval loss c - a| / a at equal trained tokens", 0.01, False),
+    "tokenization_speedup_c_over_a": ("tokenization speed, c / a (cold, all records)", 5.0, True),
+    "eval_loss_rel_diff_c_vs_a": ("held-out loss, relative difference c vs a at equal trained tokens", 0.01, False),
 }
 
 
@@ -106,39 +106,37 @@ def local_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_model(name: str, texts: list[str]) -> tuple[Path, dict]:
-    """The saved model folder of `name` ('real' or 'small'), built once and reused while its recipe holds."""
+    """The saved model folder of `name` ('real' or 'small'), built once and reused while its recipe holds.
+
+    'real': Qwen2.5's tokenizer from ../shared when present, else a byte-level BPE trained here; the
+    model's vocabulary is Qwen2.5's 151,665 rows either way. 'small': a 4,096-token BPE trained here.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.demo.build import tiny_config
 
-    real_tok = name == "real" and (QWEN_TOKENIZER / "vocab.json").is_file()
+    shared_tok = name == "real" and (QWEN_TOKENIZER / "vocab.json").is_file()
+    local_size = 8000 if name == "real" else SMALL_VOCAB
     recipe = {"name": name, "arch": "qwen2", "hidden": 256, "layers": 4, "heads": 4, "seed": 0,
               "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16],
-              "vocab": QWEN_VOCAB if name == "real" else SMALL_VOCAB,
-              "tokenizer": str(QWEN_TOKENIZER) if real_tok else f"trained locally, {'8000' if name == 'real' else SMALL_VOCAB} tokens",
+              "tokenizer": str(QWEN_TOKENIZER) if shared_tok else f"byte-level BPE of {local_size} tokens trained here",
               "template": qwen_template()}
     out = WORK / "models" / name
     stamp = out / "bench_recipe.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == recipe and (out / "model.safetensors").is_file():
-        return out, recipe
-    shutil.rmtree(out, ignore_errors=True)
-    if real_tok:
-        tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-    else:
-        tok = local_tokenizer(texts, 8000 if name == "real" else SMALL_VOCAB)
-        if name == "small":
-            recipe["vocab"] = len(tok)
-    config = tiny_config("qwen2", vocab_size=recipe["vocab"], hidden=256, layers=4, heads=4,
-                         max_position_embeddings=4096)
-    config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
-    torch.manual_seed(recipe["seed"])
-    model = AutoModelForCausalLM.from_config(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    stamp.write_text(json.dumps(recipe))
-    return out, recipe
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == recipe and (out / "model.safetensors").is_file()):
+        shutil.rmtree(out, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER) if shared_tok else local_tokenizer(texts, local_size)
+        vocab = QWEN_VOCAB if name == "real" else len(tok)
+        config = tiny_config("qwen2", vocab_size=vocab, hidden=256, layers=4, heads=4, max_position_embeddings=4096)
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+        torch.manual_seed(recipe["seed"])
+        model = AutoModelForCausalLM.from_config(config)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        stamp.write_text(json.dumps(recipe))
+    return out, {**recipe, "vocab": AutoConfig.from_pretrained(out).vocab_size}
 
 
 def encode(tokenizer, record: dict, cutoff: int) -> dict:
@@ -175,8 +173,9 @@ def wait_until_quiet(limit: float) -> float | None:
 
 
 def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> dict:
-    tag = f"{spec['model_name']}-{spec['arm']}" + ("" if spec["arm"] == "profile" else
-                                                   "-warm" if spec["prep_only"] else f"-r{spec['round']}")
+    tag = f"{spec['model_name']}-{spec['arm']}" + (f"-{spec['profile_arm']}" if spec["arm"] == "profile" else
+                                                   f"-tok-{spec['prep_label']}" if spec["prep_only"] else
+                                                   f"-r{spec['round']}")
     spec_path, out_path, log_path = log_dir / f"{tag}.spec.json", log_dir / f"{tag}.result.json", log_dir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
@@ -193,15 +192,17 @@ def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> di
     result["machine_busy_before"] = busy_before
     if "profile" in result:
         for arm, p in result["profile"]["arms"].items():
-            print(f"  {tag:<14} {arm}: {p['positions']:>5} positions, step {p['step_seconds']:.2f}s = body "
-                  f"{p['body_seconds']:.2f}s + head and loss {p['head_and_loss_seconds']:.2f}s", flush=True)
+            print(f"  {tag:<14} {p['positions']:>5} positions, step {p['step_seconds']:.2f}s = body "
+                  f"{p['body_seconds']:.2f}s + head and loss {p['head_and_loss_seconds']:.2f}s "
+                  f"(kernel {p['sys_seconds_per_step']:.2f}s)", flush=True)
     elif spec["prep_only"]:
         print(f"  {tag:<14} data prep {result['tokenize_seconds']:.2f}s  ({time.perf_counter() - started:.0f}s)",
               flush=True)
     else:
         print(f"  {tag:<14} {result['steps']:>3} steps  {result['trainable_tps']:8.1f} trainable tok/s  "
               f"pad {100 * result['padding_share']:4.1f}%  cpu {100 * result['cpu_utilization']:3.0f}%  "
-              f"others {fmt(result.get('others_cpu_share'), '.0f', 100, '%')}  peak {result['peak_rss_bytes'] / 2**30:5.2f} GiB  "
+              f"others {fmt(result.get('others_cpu_share'), '.0f', 100, '%')}  "
+              f"peak {result['peak_rss_bytes'] / 2**30:5.2f} GiB  "
               f"eval loss {result['final_eval_loss']:.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
     return result
 
@@ -222,7 +223,7 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def aggregate(runs: list[dict], warm: dict | None, target_loss: float) -> dict:
+def aggregate(runs: list[dict], target_loss: float) -> dict:
     first = runs[0]
     for r in runs:
         r["time_to_target_loss"] = time_to_loss(r["eval_curve"], target_loss)
@@ -231,8 +232,7 @@ def aggregate(runs: list[dict], warm: dict | None, target_loss: float) -> dict:
     out = {k: median([r.get(k) for r in runs]) for k in keys}
     out.update({k: first[k] for k in ("steps", "trained_tokens", "real_tokens", "positions", "rows",
                                       "trained_tokens_per_step", "first_batch", "lora")})
-    out["tokenize_seconds_cold"] = first.get("tokenize_seconds")
-    out["tokenize_seconds_warm"] = warm.get("tokenize_seconds") if warm else None
+    out["tokenize_seconds"] = first.get("tokenize_seconds")  # the first run of the arm: a cold one
     out["tokenizer"] = first.get("tokenizer")
     out["rounds"] = len(runs)
     out["trainable_tps_rounds"] = [r["trainable_tps"] for r in runs]
@@ -256,7 +256,7 @@ def table(model: dict) -> str:
     arms = model["arms"]
     target = model["target_eval_loss"]
     head = ("| arm | steps | trained tokens (per step) | trainable tok/s | total tok/s | padding | CPU busy | peak RSS "
-            f"| tokenization cold / warm | final eval loss | time to eval loss {target:.4f} |")
+            f"| tokenization (train set, cold) | final eval loss | time to eval loss {target:.4f} |")
     lines = [head, "|" + "---|" * 11]
     for arm, m in arms.items():
         lines.append(
@@ -264,7 +264,7 @@ def table(model: dict) -> str:
             f"| {fmt(m['trainable_tps'])} | {fmt(m['total_tps'])} | {fmt(m['padding_share'], '.1f', 100, '%')} "
             f"| {fmt(m['cpu_utilization'], '.0f', 100, '%')} "
             f"| {fmt(m['peak_rss_bytes'], '.2f', 2**-30, ' GiB')} "
-            f"| {fmt(m['tokenize_seconds_cold'], '.2f', 1, ' s')} / {fmt(m['tokenize_seconds_warm'], '.2f', 1, ' s')} "
+            f"| {fmt(m['tokenize_seconds'], '.2f', 1, ' s')} "
             f"| {fmt(m['final_eval_loss'], '.4f')} | {fmt(m['time_to_target_loss'], '.1f', 1, ' s')} |")
     return "\n".join(lines)
 
@@ -278,20 +278,43 @@ def ratios_table(results: dict) -> str:
         lines.append(f"| {desc} (`{key}`) | {fmt(value, '.3f' if key.startswith('eval') else '.2f')} "
                      f"| {op} {target} | {'n/a' if met is None else 'yes' if met else 'NO'} |")
     warm = results.get("tokenization_warm_c_seconds")
-    lines.append(f"| warm re-run tokenization, c (seconds) | {fmt(warm, '.3f')} | near 0 | "
-                 f"{'n/a' if warm is None else 'yes' if warm < 0.5 else 'NO'} |")
+    lines.append(f"| tokenization, warm re-run of c, seconds (`tokenization_warm_c_seconds`) | {fmt(warm, '.3f')} "
+                 f"| near 0 | {'n/a' if warm is None else 'yes' if warm < 0.5 else 'NO'} |")
+    lines.append(f"| tokenization speed, c / a (warm re-run) (`tokenization_warm_speedup_c_over_a`) "
+                 f"| {fmt(results.get('tokenization_warm_speedup_c_over_a'), '.2f')} | (info) | |")
+    return "\n".join(lines)
+
+
+TOKENIZATION_WHAT = {
+    "a": "pandas.read_json + Dataset.from_pandas + map(per-example prompt/response tokenization)",
+    "b": "Dataset.from_list + SFTTrainer._prepare_dataset (template, tokenization, labels, bfd packing)",
+    "c": "tunelab build_datasets (read, template, tokenization, label masks; tokenization cache)",
+}
+
+
+def tokenization_table(tok: dict) -> str:
+    lines = [f"{tok['records']} records of {tok['source']}, each arm in a fresh process; cold = empty caches, "
+             "warm = the same command again\n",
+             "| arm | what is timed | cold | warm re-run | speed c vs this arm, cold / warm |", "|---|---|---|---|---|"]
+    c = tok["arms"]["c"]
+    for arm, t in tok["arms"].items():
+        lines.append(f"| {arm} | {TOKENIZATION_WHAT[arm]} | {t['cold']:.2f} s | {t['warm']:.2f} s "
+                     f"| {fmt(ratio(t['cold'], c['cold']), '.1f', 1, 'x')} "
+                     f"/ {fmt(ratio(t['warm'], c['warm']), '.1f', 1, 'x')} |")
     return "\n".join(lines)
 
 
 def profile_table(profile: dict) -> str:
     lines = [f"{profile['samples']} samples (c: {profile['packed_rows']} packed rows); best of 2 after a warm-up\n",
-             "| arm | positions (real, trained) | step s | body s | head + loss s | head + loss ms per position |",
-             "|---|---|---|---|---|---|"]
+             "| arm | positions (real, trained) | step s | body s | head + loss s | head + loss ms per head row "
+             "| kernel CPU s (page faults) | page faults |", "|---|---|---|---|---|---|---|---|"]
     for arm, p in profile["arms"].items():
         head_positions = p["trained_tokens"] if arm == "c" else p["positions"]
-        lines.append(f"| {arm} | {p['positions']:,} ({p['real_tokens']:,}, {p['trained_tokens']:,}) | {p['step_seconds']:.2f} "
+        lines.append(f"| {arm} | {p['positions']:,} ({p['real_tokens']:,}, {p['trained_tokens']:,}) "
+                     f"| {p['step_seconds']:.2f} "
                      f"| {p['body_seconds']:.2f} | {p['head_and_loss_seconds']:.2f} "
-                     f"| {1000 * p['head_and_loss_seconds'] / max(head_positions, 1):.2f} |")
+                     f"| {1000 * p['head_and_loss_seconds'] / max(head_positions, 1):.2f} "
+                     f"| {p['sys_seconds_per_step']:.2f} | {p['page_faults_per_step']:,.0f} |")
     mm = ", ".join(f"{k}: {v:.0f} GFLOP/s" for k, v in profile["matmul_gflops"].items())
     lines.append(f"\nfp32 matmul on this machine: {mm}.")
     return "\n".join(lines)
@@ -302,16 +325,26 @@ def machine() -> dict:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+               platform.processor())
     versions = {}
     for pkg in ("torch", "transformers", "peft", "trl", "datasets", "tokenizers", "accelerate", "tunelab"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "tunelab_commit": git("rev-parse", "--short", "HEAD"),
+            "tunelab_src_modified": bool(git("status", "--porcelain", "--", "src"))}
 
 
 # ---------------------------------------------------------------- main
@@ -357,8 +390,9 @@ def main(argv=None) -> None:
     shutil.rmtree(log_dir, ignore_errors=True)
     for d in (data_dir, log_dir):
         d.mkdir(parents=True, exist_ok=True)
-    train_file = data_dir / "train.json"
+    train_file, all_file = data_dir / "train.json", data_dir / "all.json"
     train_file.write_text(json.dumps(train, ensure_ascii=False), encoding="utf-8")
+    all_file.write_text(json.dumps(everything, ensure_ascii=False), encoding="utf-8")
     texts = [r[k] for r in everything for k in ("instruction", "input", "output") if r[k]]  # local tokenizers
 
     env = dict(os.environ, TUNELAB_CACHE=str(WORK / "cache" / "tunelab"),
@@ -388,30 +422,41 @@ def main(argv=None) -> None:
             "seed": SEED, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "eval_fractions": fractions,
             "train_file": str(train_file)}
 
-    def spec(name, arm, round_, prep_only=False):
+    def spec(name, arm, round_, prep_label=None):
         p = plans[name]
         return {**base, "arm": arm, "model_name": name, "model": str(p["folder"]), "round": round_,
-                "prep_only": prep_only, "rows_per_step": p["rows_per_step"], "pad_id": p["pad_id"],
-                "eval_samples": p["eval_samples"],
-                "output_dir": str(WORK / "runs" / f"{name}-{arm}-{'warm' if prep_only else round_}")}
+                "prep_only": prep_label is not None, "prep_label": prep_label, "rows_per_step": p["rows_per_step"],
+                "pad_id": p["pad_id"], "eval_samples": p["eval_samples"],
+                "output_dir": str(WORK / "runs" / f"{name}-{arm}-{prep_label or round_}")}
 
     runs = {name: {arm: [] for arm in ARMS} for name in models}
-    warm = {name: {} for name in models}
     profiles = {}
+    headline = "real" if "real" in models else models[0]
+    tokenization = {"records": len(everything), "source": source, "model": headline,
+                    "arms": {arm: {} for arm in ARMS}}
     for name in models:
         print(f"[{name}] training, arms interleaved:", flush=True)
         for r in range(1, rounds[name] + 1):
             for arm in ARMS:
                 runs[name][arm].append(run_arm(spec(name, arm, r), env, log_dir, args.quiet_wait))
-        print(f"[{name}] warm re-run of data preparation:", flush=True)
-        for arm in ARMS:
-            warm[name][arm] = run_arm(spec(name, arm, None, prep_only=True), env, log_dir, args.quiet_wait)
+        if name == headline:
+            print(f"[{name}] data preparation of all {len(everything)} records, cold then warm:", flush=True)
+            for label in ("cold", "warm"):
+                for arm in ARMS:
+                    run = run_arm({**spec(name, arm, None, label), "train_file": str(all_file)}, env, log_dir,
+                                  args.quiet_wait)
+                    tokenization["arms"][arm][label] = run["tokenize_seconds"]
         if name == "real" and args.profile:
             print(f"[{name}] one step's batch per arm, body vs head + loss:", flush=True)
-            profiles[name] = run_arm({**spec(name, "profile", None), "profile_samples": plans[name]["profile_samples"]},
-                                     env, log_dir, args.quiet_wait)["profile"]
+            for arm in ARMS:
+                found = run_arm({**spec(name, "profile", None), "profile_arm": arm,
+                                 "profile_samples": plans[name]["profile_samples"]}, env, log_dir, args.quiet_wait)
+                if name in profiles:
+                    profiles[name]["arms"].update(found["profile"]["arms"])
+                else:
+                    profiles[name] = found["profile"]
 
-    results = {"command": "python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"command": " ".join(["python bench/bench.py", *(sys.argv[1:] if argv is None else argv)]),
                "machine": machine(), "data": source,
                "settings": {**{k: v for k, v in base.items() if k != "train_file"}, "train_samples": len(train),
                             "eval_samples": len(held_out), "rounds": rounds, "quick": quick,
@@ -422,12 +467,12 @@ def main(argv=None) -> None:
     for name in models:
         finals = [runs[name][arm][0]["final_eval_loss"] for arm in ARMS]
         target_loss = max(finals)
-        arms = {arm: aggregate(runs[name][arm], warm[name].get(arm), target_loss) for arm in ARMS}
+        arms = {arm: aggregate(runs[name][arm], target_loss) for arm in ARMS}
         a, b, c = arms["a"], arms["b"], arms["c"]
         results["models"][name] = {
             "recipe": plans[name]["recipe"], "rows_per_step": plans[name]["rows_per_step"],
             "packed_rows_planned": plans[name]["packed_rows"], "target_eval_loss": target_loss, "arms": arms,
-            "profile": profiles.get(name),
+            "profile": profiles.get(name), "runs": runs[name],
             "ratios": {
                 "c_over_a_trainable_tps": ratio(c["trainable_tps"], a["trainable_tps"]),
                 "c_over_b_trainable_tps": ratio(c["trainable_tps"], b["trainable_tps"]),
@@ -435,17 +480,22 @@ def main(argv=None) -> None:
                 "c_over_b_total_tps": ratio(c["total_tps"], b["total_tps"]),
                 "c_over_a_peak_mem": ratio(c["peak_rss_bytes"], a["peak_rss_bytes"]),
                 "c_over_b_peak_mem": ratio(c["peak_rss_bytes"], b["peak_rss_bytes"]),
-                "tokenization_speedup_c_over_a": ratio(a["tokenize_seconds_cold"], c["tokenize_seconds_cold"]),
-                "tokenization_speedup_c_over_b": ratio(b["tokenize_seconds_cold"], c["tokenize_seconds_cold"]),
+                "tokenization_speedup_c_over_a_train_set": ratio(a["tokenize_seconds"], c["tokenize_seconds"]),
+                "tokenization_speedup_c_over_b_train_set": ratio(b["tokenize_seconds"], c["tokenize_seconds"]),
                 "eval_loss_rel_diff_c_vs_a": abs(c["final_eval_loss"] - a["final_eval_loss"]) / a["final_eval_loss"],
                 "time_to_target_loss_a_over_c": ratio(a["time_to_target_loss"], c["time_to_target_loss"]),
                 "time_to_target_loss_b_over_c": ratio(b["time_to_target_loss"], c["time_to_target_loss"]),
             },
         }
-    results["headline_model"] = "real" if "real" in results["models"] else models[0]
-    headline = results["models"][results["headline_model"]]
-    results.update({k: headline["ratios"][k] for k in TARGETS})
-    results["tokenization_warm_c_seconds"] = headline["arms"]["c"]["tokenize_seconds_warm"]
+    results["headline_model"] = headline
+    ta, tc = tokenization["arms"]["a"], tokenization["arms"]["c"]
+    results["tokenization"] = tokenization
+    results["models"][headline]["ratios"].update({
+        "tokenization_speedup_c_over_a": ratio(ta["cold"], tc["cold"]),
+        "tokenization_warm_speedup_c_over_a": ratio(ta["warm"], tc["warm"])})
+    results.update({k: results["models"][headline]["ratios"][k] for k in TARGETS})
+    results["tokenization_warm_speedup_c_over_a"] = ratio(ta["warm"], tc["warm"])
+    results["tokenization_warm_c_seconds"] = tc["warm"]
     results["wall_seconds"] = time.perf_counter() - started
 
     report = []
@@ -453,13 +503,18 @@ def main(argv=None) -> None:
         r = model["recipe"]
         report.append(f"### {name}: Qwen2, vocab {r['vocab']:,}, hidden 256, 4 layers ({r['tokenizer']})\n")
         report.append(table(model) + "\n")
+        same_init = len({json.dumps(m["lora"], sort_keys=True) for m in model["arms"].values()}) == 1
+        report.append(f"Same LoRA modules and initial weights in every arm: {'yes' if same_init else 'NO'}; "
+                      f"b packs {model['rows_per_step']} rows of {base['cutoff_len']} tokens per step.\n")
         others = {arm: m.get("others_cpu_share") for arm, m in model["arms"].items()}
         if any(v is not None for v in others.values()):
             report.append("CPU used by other processes while the arms trained: " + ", ".join(
                 f"{arm} {fmt(v, '.0f', 100, '%')}" for arm, v in others.items()) + " of the machine.\n")
-    report.append(f"### ratios ({results['headline_model']} vocab model)\n\n" + ratios_table(results) + "\n")
+    report.append(f"### data preparation ({headline} vocab model)\n\n" + tokenization_table(tokenization) + "\n")
+    report.append(f"### ratios ({headline} vocab model)\n\n" + ratios_table(results) + "\n")
     if profiles.get("real"):
-        report.append("### one step of the real-vocab model, body vs head + loss\n\n" + profile_table(profiles["real"]) + "\n")
+        report.append("### one step of the real-vocab model, body vs head + loss\n\n"
+                      + profile_table(profiles["real"]) + "\n")
     results["report_md"] = "\n".join(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

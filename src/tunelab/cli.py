@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
@@ -17,7 +16,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("tunelab").setLevel(logging.INFO)
     for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.data.conversation import Conversation, Message
-from tunelab.data.encode import IGNORE, Encoder, end_of_turn_tokens
+from tunelab.data.encode import IGNORE, Encoder, _labels_from_offsets, end_of_turn_tokens
 from tunelab.data.templates import BUILTIN
 from tunelab.errors import TunelabError
 
@@ -163,3 +163,39 @@ def test_real_templates_that_move_text_between_turns_fail_loudly(family, tmp_pat
     tok = real_tokenizers.load(family, tmp_path)
     with pytest.raises(TunelabError, match="not a prefix"):
         Encoder(tok).encode(conversation(True))
+
+
+def mixed_conversations():
+    convs = [conversation(True), conversation(False), Conversation(text="plain pretraining text", source="t")]
+    convs += [Conversation([Message("user", f"Question {i}?" * (i % 5 + 1)), Message("assistant", f"Answer {i}." * i)],
+                           source=f"gen[record {i}]") for i in range(1, 30)]
+    return convs
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
+def test_a_batch_encodes_exactly_as_one_conversation_at_a_time(tokenizer, train_on):
+    encoder = Encoder(tokenizer, train_on=train_on, cutoff_len=40)
+    convs = mixed_conversations()
+    batch = encoder.encode_many(convs)
+    for conv, got in zip(convs, batch):
+        alone = encoder.encode(conv)
+        assert (got.input_ids, got.labels, got.truncated, got.source) == \
+            (alone.input_ids, alone.labels, alone.truncated, alone.source)
+    assert any(s.truncated for s in batch) and any(not s.truncated for s in batch)
+
+
+def test_labels_from_whole_text_offsets_equal_the_segment_by_segment_labels(tokenizer):
+    encoder = Encoder(tokenizer)
+    for conv in mixed_conversations()[:2] + mixed_conversations()[3:]:
+        text, spans, _ = encoder._plan(conv)
+        [(ids, offsets)] = encoder._tokenize_batch([text])
+        assert _labels_from_offsets(ids, offsets, spans) == encoder._tokenize_by_segment(text, spans)
+
+
+def test_a_span_edge_inside_a_token_is_reported_so_the_text_is_tokenized_by_segment():
+    ids, offsets = [5, 6, 7], [(0, 2), (2, 6), (6, 8)]
+    assert _labels_from_offsets(ids, offsets, [(2, 6)]) == (ids, [IGNORE, 6, IGNORE])
+    assert _labels_from_offsets(ids, offsets, [(2, 8)]) == (ids, [IGNORE, 6, 7])
+    assert _labels_from_offsets(ids, offsets, [(3, 8)]) is None  # starts inside token 6
+    assert _labels_from_offsets(ids, offsets, [(0, 4)]) is None  # ends inside token 6
+    assert _labels_from_offsets([5, 9, 6], [(0, 2), (2, 2), (2, 6)], [(0, 6)]) == ([5, 9, 6], [5, IGNORE, 6])

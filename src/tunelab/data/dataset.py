@@ -69,8 +69,7 @@ def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
 
 def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataStats) -> list[Encoded]:
     kept = []
-    for conv in conversations:
-        sample = encoder.encode(conv)
+    for sample in encoder.encode_many(conversations):
         if sample.n_trained == 0:
             stats.dropped["no trainable token left after cutoff_len" if sample.truncated else "no trainable token"] += 1
             continue

@@ -12,6 +12,9 @@ turn structure the mask relies on.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import gc
 import re
 from dataclasses import dataclass
 
@@ -32,7 +35,7 @@ class Encoded:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -85,6 +88,7 @@ class Encoder:
         self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
         specials = special_tokens(tokenizer)
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._special_heads = {t[:2] for t in specials}  # a cheap substring test before the regex
 
     def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False) -> str:
         try:
@@ -96,17 +100,42 @@ class Encoder:
             raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
 
     def encode(self, conv: Conversation) -> Encoded:
+        return self.encode_many([conv])[0]
+
+    def encode_many(self, convs: list[Conversation]) -> list[Encoded]:
+        """Encode a batch: templates render one by one, then a single tokenizer call covers every text.
+
+        The batched call lets a fast tokenizer spread the work over its threads; the labels come from
+        the offsets of the whole text, so they equal what `encode` gives one conversation at a time.
+        """
+        with _gc_paused():  # a few objects per token, all kept: each collection they set off walks the whole heap
+            plans = [self._plan(conv) for conv in convs]
+            tokenized = self._tokenize_batch([text for text, _, _ in plans])
+            return [self._label(conv, plan, ids, offsets) for conv, plan, (ids, offsets) in zip(convs, plans, tokenized)]
+
+    def _label(self, conv: Conversation, plan, ids: list[int], offsets) -> Encoded:
+        text, spans, raw = plan
+        if raw:
+            pair = self._wrap_text(ids)
+        elif spans is None:
+            pair = (ids, list(ids))
+        else:
+            pair = _labels_from_offsets(ids, offsets, spans) if offsets is not None else None
+            pair = pair or self._tokenize_by_segment(text, spans)
+        return self._finish(pair, conv.source)
+
+    def _plan(self, conv: Conversation) -> tuple[str, list[tuple[int, int]] | None, bool]:
+        """(rendered text, trained character spans or None for all, raw text?) for one conversation."""
         if conv.text is not None:
             self._check_text(conv.text, conv.source, "field 'text'", specials=False)
-            return self._finish(self._encode_text(conv.text), conv.source)
+            return conv.text, None, True
         for i, message in enumerate(conv.template_messages()):
             for key, value in message.items():
                 self._check_text(value, conv.source, f"message {i} ({message['role']}) {key}")
         self._check_text(conv.tools, conv.source, "tools")
         full = self.render(conv)
         if self.train_on == "all":
-            ids = self._tokenize(full)
-            return self._finish((ids, list(ids)), conv.source)
+            return full, None, False
         turns = conv.assistant_indices
         if self.train_on == "last":
             turns = turns[-1:]
@@ -114,7 +143,7 @@ class Encoder:
         for (s0, e0), (s1, _) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
-        return self._finish(self._tokenize_spans(full, spans), conv.source)
+        return full, spans, False
 
     def _check_text(self, value, source: str, field: str, specials: bool = True) -> None:
         """Refuse text that cannot be tokenized as written: lone surrogates, special tokens typed as text."""
@@ -129,7 +158,8 @@ class Encoder:
                 if (bad := _SURROGATE.search(item)) is not None:
                     raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
                                        "(from a JSON \\u escape?); expected valid Unicode text")
-                if specials and self._special_re is not None and (hit := self._special_re.search(item)):
+                if specials and self._special_re is not None and any(p in item for p in self._special_heads) \
+                        and (hit := self._special_re.search(item)):
                     raise TunelabError(
                         f"{source}: {field} holds the text {hit.group()!r}, a special token of this tokenizer; "
                         "it would be read as that control token and break the turn structure, so remove it"
@@ -163,20 +193,23 @@ class Encoder:
                 return at, match.end()
         return at, ends[0]
 
+    def _tokenize_batch(self, texts: list[str]) -> list[tuple[list[int], list | None]]:
+        """(ids, character offsets or None) per text, from one call.
+
+        A fast tokenizer's Rust backend is called directly: transformers' wrapper gives the same ids
+        but spends as long again turning them into Python lists.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is None:
+            return [(self._tokenize(t), None) for t in texts]
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _tokenize_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Tokenize the whole text when span edges fall on token edges (what inference sees); else by segment."""
+    def _tokenize_by_segment(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """For a span edge inside a token (or a slow tokenizer): tokenize the pieces between edges apart."""
         bounds = sorted({b for span in spans for b in span})
-        if getattr(self.tokenizer, "is_fast", False):
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
-            if not any(s < b < e for s, e in offsets for b in bounds):
-                ids = enc["input_ids"]
-                labels = [tid if any(a <= s and e <= b for a, b in spans) and e > s else IGNORE
-                          for tid, (s, e) in zip(ids, offsets)]
-                return ids, labels
         ids: list[int] = []
         labels: list[int] = []
         cuts = [0] + bounds + [len(text)]
@@ -189,9 +222,8 @@ class Encoder:
             labels += seg if trained else [IGNORE] * len(seg)
         return ids, labels
 
-    def _encode_text(self, text: str) -> tuple[list[int], list[int]]:
+    def _wrap_text(self, ids: list[int]) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
-        ids = self._tokenize(text)
         if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
             ids = [tok.bos_token_id] + ids
         if tok.eos_token_id is not None:
@@ -208,3 +240,29 @@ class Encoder:
     def ends_with_eot(self, sample: Encoded) -> bool:
         trained = [x for x in sample.labels if x != IGNORE]
         return bool(trained) and trained[-1] in self.eot_ids
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
+    """Labels from whole-text token offsets, or None when a span edge falls inside a token.
+
+    Whole-text tokens are what inference sees, so they are preferred. A token is trained when it has
+    width and lies inside a span; spans are sorted and disjoint, token offsets sorted by start.
+    """
+    labels = [IGNORE] * len(ids)
+    for a, b in spans:
+        i, j = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
+        if (i and offsets[i - 1][1] > a) or (j and offsets[j - 1][1] > b):
+            return None
+        labels[i:j] = [t if offsets[k][1] > offsets[k][0] else IGNORE for k, t in enumerate(ids[i:j], i)]
+    return ids, labels
