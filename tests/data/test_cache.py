@@ -65,3 +65,22 @@ def test_an_unreadable_entry_is_re_tokenized(fresh_cache, chat_file, tokenizer):
     entry.write_bytes(b"garbage")
     again = build_datasets(_cfg(chat_file), tokenizer)
     assert [s.input_ids for s in again.train] == [s.input_ids for s in first.train]
+
+
+def test_a_tokenizer_loaded_from_a_folder_is_keyed_on_its_files_and_its_changes_in_memory(tokenizer, tmp_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    one, two = AutoTokenizer.from_pretrained(tmp_path / "tok"), AutoTokenizer.from_pretrained(tmp_path / "tok")
+    before = cache._tokenizer_digest(one)
+    assert cache._tokenizer_digest(two) == before
+    two.add_tokens(["<added-in-memory>"])
+    assert cache._tokenizer_digest(two) != before
+
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]  # same vocabulary, one merge fewer
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    edited = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert cache._tokenizer_digest(edited) != before

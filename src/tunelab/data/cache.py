@@ -48,12 +48,27 @@ def _file_digest(spec: str) -> str:
     return h.hexdigest() if files else f"hub:{spec}"
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model")
+
+
 def _tokenizer_digest(tokenizer) -> str:
+    """The tokenizer's files when it came from a folder (hashing bytes is ~10x faster than
+    serialising a 150k vocabulary), else its serialised form; plus what can change in memory."""
     h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    h.update(backend.to_str().encode() if hasattr(backend, "to_str") else json.dumps(tokenizer.get_vocab(),
-                                                                                     sort_keys=True).encode())
-    h.update(json.dumps(sorted(str(t) for t in tokenizer.all_special_tokens)).encode())
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    files = [folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()] if folder.is_dir() else []
+    if any(f.name in ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model") for f in files):
+        for f in files:
+            h.update(f.name.encode() + f.read_bytes())
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        h.update(backend.to_str().encode() if hasattr(backend, "to_str") else
+                 json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    added = sorted((i, str(t), bool(getattr(t, "special", False)))
+                   for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
+    h.update(json.dumps([type(tokenizer).__name__, len(tokenizer), added,
+                         sorted(str(t) for t in tokenizer.all_special_tokens)]).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()
 

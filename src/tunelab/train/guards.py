@@ -11,18 +11,13 @@ import logging
 import math
 import os
 import signal
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 from ..errors import TunelabError
+from .checkpoints import latest_checkpoint
 
 log = logging.getLogger("tunelab")
-
-
-def last_checkpoint(output_dir: str) -> str | None:
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
 class LossGuard:
@@ -46,7 +41,7 @@ class LossGuard:
             self.seen += 1
             self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
             return "ok"
-        where = last_checkpoint(output_dir)
+        where = latest_checkpoint(output_dir)
         message = (f"step {step}: {problem}; last good checkpoint: {where or 'none yet'}"
                    + (" (resume_from_checkpoint=auto continues from it)" if where else ""))
         if self.policy == "stop":

@@ -29,7 +29,8 @@ from ..model.quirks import (count_parameters, enable_gradient_checkpointing, ens
                             fix_input_embeddings, set_stop_ids)
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
-from .guards import LossGuard, SignalCheckpoint, last_checkpoint
+from .checkpoints import complete_checkpoints, latest_checkpoint, remove_leftovers
+from .guards import LossGuard, SignalCheckpoint
 from .trainer import TokenCounter, TunelabTrainer
 
 log = logging.getLogger("tunelab")
@@ -47,13 +48,11 @@ class TrainResult:
 
 
 def _finished(out: Path) -> bool:
-    return (out / SUMMARY).exists() or (out / "adapter_model.safetensors").exists() or \
-        (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    """The summary is written last, atomically; weights without it are a finished run only when no
+    checkpoint says otherwise (a kill during the final save leaves weights and checkpoints)."""
+    weights = any((out / name).exists() for name in ("adapter_model.safetensors", "model.safetensors",
+                                                     "model.safetensors.index.json"))
+    return (out / SUMMARY).exists() or (weights and not complete_checkpoints(out))
 
 
 def plan_output_dir(cfg: Config) -> str | None:
@@ -70,8 +69,7 @@ def plan_output_dir(cfg: Config) -> str | None:
         raise TunelabError(f"output_dir: '{out}' holds a finished run; set overwrite_output_dir=true to replace "
                            "it, or choose another output_dir")
     if resume == "auto" and out.is_dir() and not cfg.overwrite_output_dir:
-        ckpts = _checkpoints(out)
-        return str(ckpts[-1]) if ckpts else None
+        return latest_checkpoint(out)
     return None
 
 
@@ -166,8 +164,10 @@ def train(cfg: Config) -> TrainResult:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in remove_leftovers(out):
+        log.info("removed %s, a checkpoint cut off while it was being saved", name)
     if resume is None:
-        for stale in _checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
+        for stale in complete_checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     packing = packing_is_exact(model) if cfg.packing is None else cfg.packing
     if packing:
@@ -201,7 +201,7 @@ def train(cfg: Config) -> TrainResult:
         signals.restore()
     if signals.received is not None:
         raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step {trainer.state.global_step}; "
-                          f"checkpoint saved in {last_checkpoint(cfg.output_dir)}; resume with the same command "
+                          f"checkpoint saved in {latest_checkpoint(cfg.output_dir)}; resume with the same command "
                           "plus resume_from_checkpoint=auto")
     if data.eval:
         trainer.evaluate()
@@ -219,7 +219,9 @@ def train(cfg: Config) -> TrainResult:
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
         "packing": packing, "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    staged = out / f".{SUMMARY}.tmp"
+    staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    os.replace(staged, out / SUMMARY)  # last, and whole: its presence marks the run finished
     log.info("saved to %s (%.1fs)", out, summary["seconds"])
     return TrainResult(out, metrics, summary, trainer.model)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import Trainer
 
+from . import checkpoints
 from .guards import LossGuard
 from .loss import labelled_loss, supports_labelled_loss
 
@@ -73,6 +77,25 @@ class TunelabTrainer(Trainer):
             return step(*a, **k)
         optimizer.step = guarded_step
         return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint, written into a staging folder and published whole, then pruned."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging = run_dir / f"{checkpoints.STAGING}{step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        limit = self.args.save_total_limit
+        self._get_output_dir = lambda trial=None: str(staging)
+        self.args.save_total_limit = None  # pruning waits until the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+            self.args.save_total_limit = limit
+        checkpoints.publish(staging / f"{checkpoints.PREFIX}{step}", run_dir / f"{checkpoints.PREFIX}{step}")
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs:  # packed rows: a cache would turn the block-diagonal mask off
