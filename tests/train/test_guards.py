@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,24 @@ def test_a_run_that_will_not_fit_on_disk_is_refused_before_writing(tmp_path, lla
     with pytest.raises(TunelabError, match=r"output_dir: .* GiB free, but this run writes about"):
         train(_cfg(tmp_path, llama_dir, chat_file, save_total_limit=2))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tmp_path, llama_dir, chat_file):
+    out = tmp_path / "run"
+    cfg = dict(model=llama_dir, dataset=chat_file, output_dir=str(out), max_steps=50, save_steps=1000,
+               per_device_train_batch_size=4, logging_steps=1)
+    pause = 6.0  # each micro-step first sleeps this long
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("child_run.py")), json.dumps(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "STEP_PAUSE": str(pause)})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # now inside step 2's pause: the first signal alone would wait it out
+    time.sleep(0.5)
+    second = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert time.time() - second < pause / 2, "the second signal waited for the step"
+    assert not list(out.glob("checkpoint-*")) and not (out / "run_summary.json").exists()

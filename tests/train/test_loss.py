@@ -79,3 +79,42 @@ def test_models_with_other_heads_keep_the_plain_loss():
     model = _model("llama")
     model.config.model_type = "some_remote_code_model"
     assert not supports_labelled_loss(model)
+
+
+class _StandInLiger(torch.nn.Module):
+    """Liger's call convention (weight, hidden, targets) computed with plain torch, to check our dispatch."""
+
+    calls = []
+
+    def __init__(self, reduction="mean", softcap=None):
+        super().__init__()
+        self.reduction, self.softcap = reduction, softcap
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        self.calls.append((tuple(lin_weight.shape), tuple(_input.shape), self.reduction, self.softcap))
+        logits = _input @ lin_weight.t()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.nn.functional.cross_entropy(logits, target, reduction=self.reduction)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+def test_on_a_gpu_liger_gets_the_gathered_rows_in_its_argument_order(arch, monkeypatch):
+    from tunelab.train import loss
+
+    model, batch = _model(arch), _batch()
+    plain, *_ = _both(model, batch)
+    monkeypatch.setattr(loss, "_liger_loss_class", lambda: _StandInLiger)
+    monkeypatch.setattr(loss, "_use_liger", lambda hidden: True)
+    _StandInLiger.calls.clear()
+    fused = labelled_loss(model, batch)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert _StandInLiger.calls == [((300, 32), (trained, 32), "sum",
+                                    getattr(model.config, "final_logit_softcapping", None) or None)]
+    assert torch.allclose(fused, plain, atol=1e-5)
+
+
+def test_liger_is_never_used_on_cpu():
+    from tunelab.train import loss
+
+    assert not loss._use_liger(torch.zeros(2, 2))

@@ -11,8 +11,8 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -22,28 +22,7 @@ from tunelab.train import checkpoints
 from tunelab.train.run import train
 
 STEPS = 12
-CHILD = textwrap.dedent("""
-    import json, os, signal, sys, time
-    from transformers import Trainer
-    from tunelab.config import from_dict
-    from tunelab.train import run, trainer
-
-    pause = float(os.environ.get("STEP_PAUSE", "0"))
-    step = trainer.TunelabTrainer.training_step
-    def slowed(self, *args, **kwargs):  # spreads the run out so that random kill times land on many steps
-        time.sleep(pause)
-        return step(self, *args, **kwargs)
-    trainer.TunelabTrainer.training_step = slowed
-
-    die_at = int(os.environ.get("KILL_DURING_SAVE_AT", "0"))
-    save_rest = Trainer._save_optimizer_and_scheduler
-    def dying(self, output_dir):  # the weights of this checkpoint are on disk, the optimizer is not
-        if self.state.global_step == die_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return save_rest(self, output_dir)
-    Trainer._save_optimizer_and_scheduler = dying
-    run.train(from_dict(json.loads(sys.argv[1])))
-""")
+CHILD = Path(__file__).with_name("child_run.py")
 
 
 def settings(model, data, out, **kw):
@@ -82,10 +61,8 @@ def reference(tmp_path_factory, llama_dir):
     return folder / "run", data, time.perf_counter() - started
 
 
-def child(tmp_path, cfg, **env):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    return subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], stdout=subprocess.DEVNULL,
+def child(cfg, **env):
+    return subprocess.Popen([sys.executable, str(CHILD), json.dumps(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
 
 
@@ -97,7 +74,7 @@ def test_sigkill_at_random_moments_then_auto_resume_equals_the_uninterrupted_run
     for trial in range(3):
         out = tmp_path / f"run{trial}"
         cfg = settings(llama_dir, str(data), out)
-        proc = child(tmp_path, cfg, STEP_PAUSE=str(pause))
+        proc = child(cfg, STEP_PAUSE=str(pause))
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -120,7 +97,7 @@ def test_sigkill_during_a_save_leaves_the_earlier_checkpoints_and_resumes_from_t
     ref_out, data, _ = reference
     out = tmp_path / "run"
     cfg = settings(llama_dir, str(data), out, save_total_limit=1)
-    proc = child(tmp_path, cfg, KILL_DURING_SAVE_AT="6")
+    proc = child(cfg, KILL_DURING_SAVE_AT="6")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-4"], \

@@ -5,10 +5,14 @@ fine-tuning step, and most positions (prompts, padding) are masked anyway. Here 
 runs as usual, the hidden states of labelled positions are gathered, and the head + softmax run on
 those in chunks whose gradients are formed on the spot, so the full logits never exist. The result
 equals the plain shifted loss (tested to 1e-5 in fp32) for models whose logits are a plain linear
-head on the last hidden state, optionally soft-capped; any other model keeps the plain loss.
+head on the last hidden state, optionally soft-capped; any other model keeps the plain loss. On a
+GPU with Liger installed, its fused linear cross-entropy (Triton) takes the gathered rows instead.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 from torch import nn
@@ -75,6 +79,35 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+@functools.lru_cache(maxsize=1)
+def _liger_loss_class():
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # an install without Triton or with a mismatched torch: keep our own
+        return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def _use_liger(hidden: torch.Tensor) -> bool:
+    return hidden.is_cuda and _liger_loss_class() is not None
+
+
+def _head_loss(hidden, weight, targets, softcap: float, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of the head over the gathered rows: Liger's kernel on a GPU, else ours."""
+    if _use_liger(hidden):
+        kwargs = {"softcap": softcap} if softcap else {}
+        try:
+            fused = _liger_loss_class()(reduction="sum", **kwargs)
+        except TypeError:  # a Liger too old for soft-capping
+            fused = None
+        if fused is not None:
+            out = fused(weight, hidden, targets)
+            return out[0] if isinstance(out, tuple) else out
+    return _ChunkedHeadCE.apply(hidden, weight, targets, float(softcap), chunk)
+
+
 def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Summed cross-entropy over labelled positions divided by `num_items` (trained tokens in the step)."""
     lm = _causal_lm(model)
@@ -86,7 +119,7 @@ def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) 
     picked = hidden[:, :-1][keep]
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None) or 0.0
-    loss = _ChunkedHeadCE.apply(picked, head.weight, targets[keep], float(softcap), chunk)
+    loss = _head_loss(picked, head.weight, targets[keep], float(softcap), chunk)
     if num_items is None:
         num_items = keep.sum()
     if not torch.is_tensor(num_items):
