@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from tunelab.config import from_dict
 from tunelab.train import checkpoints
+from tunelab.train.guards import LossGuard
 from tunelab.train.run import train
 
 STEPS = 12
@@ -44,6 +45,9 @@ def assert_same_run(out, reference):
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst <= 1e-6, f"final adapter differs from the uninterrupted run by {worst:.3g}"
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    guard = f"checkpoint-{STEPS}/{LossGuard.STATE_FILE}"
+    assert json.loads((out / guard).read_text()) == json.loads((reference / guard).read_text()), \
+        "the loss guard's running mean carries over the resume"
     for step, loss in losses(reference).items():
         assert losses(out)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), f"step {step}"
 

@@ -7,10 +7,12 @@ Ctrl-C should cost at most the current step. Both leave the run folder resumable
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -21,7 +23,13 @@ log = logging.getLogger("tunelab")
 
 
 class LossGuard:
-    """Judges each micro-step's loss: 'ok', or what `policy` says to do with a NaN/inf or a spike."""
+    """Judges each micro-step's loss: 'ok', or what `policy` says to do with a NaN/inf or a spike.
+
+    Its running mean is saved in every checkpoint (`STATE_FILE`), so a resumed run judges spikes as
+    the uninterrupted run would have.
+    """
+
+    STATE_FILE = "tunelab_loss_guard.json"
 
     def __init__(self, policy: str = "stop", spike_factor: float | None = None, warmup: int = 10):
         self.policy = policy
@@ -29,6 +37,16 @@ class LossGuard:
         self.warmup = warmup
         self.mean: float | None = None
         self.seen = 0
+
+    def save(self, checkpoint: str | os.PathLike) -> None:
+        state = {"mean": self.mean, "seen": self.seen}
+        (Path(checkpoint) / self.STATE_FILE).write_text(json.dumps(state))
+
+    def restore(self, checkpoint: str | os.PathLike) -> None:
+        path = Path(checkpoint) / self.STATE_FILE
+        if path.is_file():  # checkpoints from before this file existed start the mean afresh
+            state = json.loads(path.read_text())
+            self.mean, self.seen = state["mean"], state["seen"]
 
     def check(self, loss: float, step: int, output_dir: str) -> str:
         problem = None

@@ -186,12 +186,13 @@ def train(cfg: Config) -> TrainResult:
         processing_class=tokenizer,
         callbacks=callbacks,
         token_counter=counter,
-        loss_guard=LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor),
+        loss_guard=(guard := LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor)),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarCallback())
     if resume:
         log.info("resuming from %s", resume)
+        guard.restore(resume)
     signals = SignalCheckpoint()
     trainer.add_callback(signals)
     signals.install()

@@ -92,7 +92,10 @@ class TunelabTrainer(Trainer):
         finally:
             del self._get_output_dir
             self.args.save_total_limit = limit
-        checkpoints.publish(staging / f"{checkpoints.PREFIX}{step}", run_dir / f"{checkpoints.PREFIX}{step}")
+        staged = staging / f"{checkpoints.PREFIX}{step}"
+        if self.args.should_save:
+            self.loss_guard.save(staged)
+        checkpoints.publish(staged, run_dir / f"{checkpoints.PREFIX}{step}")
         shutil.rmtree(staging, ignore_errors=True)
         if self.args.should_save:
             checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
