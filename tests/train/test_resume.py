@@ -40,7 +40,8 @@ def losses(out):
 
 
 def assert_same_run(out, reference):
-    got, want = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    name = "adapter_model.safetensors" if (reference / "adapter_model.safetensors").exists() else "model.safetensors"
+    got, want = load_file(out / name), load_file(reference / name)
     assert got.keys() == want.keys()
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst <= 1e-6, f"final adapter differs from the uninterrupted run by {worst:.3g}"
@@ -114,6 +115,20 @@ def test_sigkill_during_a_save_leaves_the_earlier_checkpoints_and_resumes_from_t
     assert_same_run(out, ref_out)
     assert not list(out.glob(checkpoints.STAGING + "*"))
     assert [p.name for p in checkpoints.complete_checkpoints(out)] == [f"checkpoint-{STEPS}"]
+
+
+def test_full_fine_tuning_without_packing_resumes_exactly_after_a_kill_mid_save(reference, llama_dir, tmp_path):
+    """Full weights, padded batches and the length-grouped sampler: other state, same promise."""
+    _, data, _ = reference
+    cfg = settings(llama_dir, str(data), tmp_path / "run", finetuning_type="full", packing=False,
+                   learning_rate=1e-4)
+    train(from_dict({**cfg, "output_dir": str(tmp_path / "reference")}))
+    proc = child(cfg, KILL_DURING_SAVE_AT="8")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert checkpoints.latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-6")
+    train(from_dict({**cfg, "resume_from_checkpoint": "auto"}))
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
 def test_a_cut_off_checkpoint_is_never_picked_and_is_cleared(tmp_path):
