@@ -49,6 +49,24 @@ def test_resume_auto_continues_from_the_latest_checkpoint(llama_dir, chat_file, 
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
+def test_resume_under_a_changed_config_is_refused_naming_each_change(llama_dir, chat_file, tmp_path):
+    out = tmp_path / "run"
+    train(cfg(llama_dir, chat_file, out, max_steps=3, save_steps=3))
+    (out / "run_summary.json").unlink()
+    listing = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(TunelabError) as caught:
+        train(cfg(llama_dir, chat_file, out, max_steps=6, resume_from_checkpoint="auto", lora_r=16, seed=1))
+    message = str(caught.value)
+    assert message.startswith("resume_from_checkpoint:")
+    assert "lora_r was 8 in the run being resumed, now 16" in message and "seed was 42" in message
+    assert "max_steps" in message.split("only ")[1], "the message lists what may change"
+    assert sorted(p.name for p in out.rglob("*")) == listing, "a refused resume writes nothing"
+    # what only steers logging, saving and run length may change
+    result = train(cfg(llama_dir, chat_file, out, max_steps=6, resume_from_checkpoint="auto", logging_steps=1,
+                       save_total_limit=1))
+    assert result.summary["global_step"] == 6
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(llama_dir, chat_file, tmp_path):
     result = train(cfg(llama_dir, chat_file, tmp_path / "new", resume_from_checkpoint="auto"))
     assert result.summary["global_step"] == 6

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import ProgressCallback
 
 from .. import __version__
@@ -71,6 +72,41 @@ def plan_output_dir(cfg: Config) -> str | None:
     if resume == "auto" and out.is_dir() and not cfg.overwrite_output_dir:
         return latest_checkpoint(out)
     return None
+
+
+# What a resumed run may change: how long it trains and how it logs and saves, not what a step computes.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "run_name", "num_train_epochs",
+    "max_steps", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
+    "on_bad_loss", "loss_spike_factor"})
+
+
+def _comparable(key: str, value):
+    if key in ("model", "dataset", "eval_dataset"):
+        paths = value if isinstance(value, list) else [value]
+        resolved = [str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v for v in paths]
+        return resolved if isinstance(value, list) else resolved[0]
+    return value
+
+
+def check_resume_config(cfg: Config, resume: str | None) -> None:
+    """A resume under a changed config would silently mix two runs; refuse it, naming each change."""
+    saved = Path(resume).parent / CONFIG_FILE if resume else None
+    if saved is None or not saved.is_file():
+        return
+    try:
+        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return
+    now = cfg.to_dict()
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in before
+               and _comparable(k, before[k]) != _comparable(k, now[k])]
+    if changed:
+        raise TunelabError(
+            "resume_from_checkpoint: " + "; ".join(f"{k} was {before[k]!r} in the run being resumed, now {now[k]!r}"
+                                                   for k in changed)
+            + f"; a resumed run must compute the same steps (only {', '.join(sorted(RESUME_MAY_CHANGE))} may "
+            "change): set it back, or start afresh with overwrite_output_dir=true")
 
 
 def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
@@ -154,6 +190,7 @@ def train(cfg: Config) -> TrainResult:
     """Fine-tune as `cfg` says and leave a run folder that chat, export and serve read as is."""
     started = time.perf_counter()
     resume = plan_output_dir(cfg)
+    check_resume_config(cfg, resume)
     tokenizer, model_path, template = prepare_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer)
     log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
@@ -164,6 +201,7 @@ def train(cfg: Config) -> TrainResult:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / CONFIG_FILE)  # now, so that a resume can check it trains the same run
     for name in remove_leftovers(out):
         log.info("removed %s, a checkpoint cut off while it was being saved", name)
     if resume is None:
@@ -234,4 +272,4 @@ def save_run(cfg: Config, model, tokenizer, out: Path) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
-    dump_config(cfg, out / "tunelab_config.yaml")
+    dump_config(cfg, out / CONFIG_FILE)
