@@ -199,3 +199,13 @@ def test_a_span_edge_inside_a_token_is_reported_so_the_text_is_tokenized_by_segm
     assert _labels_from_offsets(ids, offsets, [(3, 8)]) is None  # starts inside token 6
     assert _labels_from_offsets(ids, offsets, [(0, 4)]) is None  # ends inside token 6
     assert _labels_from_offsets([5, 9, 6], [(0, 2), (2, 2), (2, 6)], [(0, 6)]) == ([5, 9, 6], [5, IGNORE, 6])
+
+
+def test_a_dataset_encoded_in_chunks_equals_one_batch(tokenizer, monkeypatch):
+    from tunelab.data import dataset
+
+    encoder, convs = Encoder(tokenizer, cutoff_len=40), mixed_conversations()
+    whole = [(s.input_ids, s.labels, s.truncated) for s in dataset._encoded(convs, encoder)]
+    monkeypatch.setattr(dataset, "CHUNK", 4)
+    chunked = [(s.input_ids, s.labels, s.truncated) for s in dataset._encoded(convs, encoder)]
+    assert chunked == whole and len(whole) == len(convs)

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import TunelabError
@@ -18,6 +19,7 @@ from .formats import detect_format, to_conversation
 from .readers import read_records
 
 log = logging.getLogger("tunelab")
+CHUNK = 4096  # conversations per batched encode; garbage collection is paused only within one
 
 
 @dataclass
@@ -67,9 +69,19 @@ def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def _encoded(conversations: list[Conversation], encoder: Encoder):
+    """Samples in chunks: each is one batched tokenizer call, and a bar shows progress on large data."""
+    with tqdm(total=len(conversations), desc="tokenize", unit="sample", disable=len(conversations) <= CHUNK,
+              leave=False) as bar:
+        for start in range(0, len(conversations), CHUNK):
+            chunk = conversations[start:start + CHUNK]
+            yield from encoder.encode_many(chunk)
+            bar.update(len(chunk))
+
+
 def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataStats) -> list[Encoded]:
     kept = []
-    for sample in encoder.encode_many(conversations):
+    for sample in _encoded(conversations, encoder):
         if sample.n_trained == 0:
             stats.dropped["no trainable token left after cutoff_len" if sample.truncated else "no trainable token"] += 1
             continue
