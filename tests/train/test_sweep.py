@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from tunelab.cli import main
-from tunelab.errors import TunelabError
 from tunelab.train import sweep as sweep_module
 from tunelab.train.sweep import parse_grid, run_sweep
 
