@@ -8,6 +8,10 @@ held-out samples and the shared settings. Every arm is measured by the same hook
 clock from a callback, and the held-out loss at fixed fractions of training, computed here the same
 way for every arm and kept off the clock. With `prep_only` the arm stops where training would start,
 which times a warm re-run of its data preparation.
+
+tunelab (arm c) is measured through public names only: `train(cfg)` and the keys it writes in
+`<output_dir>/run_summary.json` (`data_seconds`, `labelled_loss`, ...). A key that is missing fails
+the arm loudly rather than leaving a figure out.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE = -100
+IGNORE_INDEX = -100  # the label that losses skip: the transformers/PyTorch convention, not tunelab's
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -85,7 +89,7 @@ def heldout_loss(model, samples: list[dict]) -> float:
         ids = torch.tensor([s["ids"]])
         targets = torch.tensor(s["labels"][1:])
         hidden = lm.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        keep = targets != IGNORE
+        keep = targets != IGNORE_INDEX
         logits = head(hidden[keep]).float()
         total += torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum").item()
         count += int(keep.sum())
@@ -113,12 +117,15 @@ class Meter:
         self.machine_begin = None
         self.process_start = time.perf_counter()
         self.prep_seconds = None  # process start to the call of Trainer.train
+        # in a prep-only run, Trainer.train returns at once without training instead of raising PrepOnly,
+        # for an arm whose figures are written by its caller after training (arm c: tunelab's run summary)
+        self.prep_only_returns = False
 
     def count(self, inputs: dict) -> None:
         ids, labels = inputs["input_ids"], inputs["labels"]
         if self.first_batch is None:
             self.first_batch = {k: list(v.shape) for k, v in inputs.items() if torch.is_tensor(v)}
-        self.pending["trained"] += int((labels[:, 1:] != IGNORE).sum())
+        self.pending["trained"] += int((labels[:, 1:] != IGNORE_INDEX).sum())
         self.pending["real"] += int((ids != self.pad_id).sum())
         self.pending["positions"] += ids.numel()
         self.pending["rows"] += ids.shape[0]
@@ -196,6 +203,7 @@ class Meter:
 def instrument(meter: Meter, prep_only: bool) -> None:
     """Hook `transformers.Trainer` (every arm's trainer subclasses it): count tokens, keep the clock."""
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import TrainOutput
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -209,6 +217,8 @@ def instrument(meter: Meter, prep_only: bool) -> None:
     def train(self, *args, **kwargs):
         meter.prep_seconds = time.perf_counter() - meter.process_start
         if prep_only:
+            if meter.prep_only_returns:
+                return TrainOutput(global_step=0, training_loss=0.0, metrics={})
             raise PrepOnly()
         self.add_callback(Clock())
         return original_train(self, *args, **kwargs)
@@ -279,7 +289,7 @@ def arm_a(spec: dict, meter: Meter, result: dict) -> None:
         response = tokenizer(example["output"], add_special_tokens=False)
         input_ids = instruction["input_ids"] + response["input_ids"] + [eos]
         attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
-        labels = [IGNORE] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
+        labels = [IGNORE_INDEX] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
         return {"input_ids": input_ids[:cutoff], "attention_mask": attention_mask[:cutoff], "labels": labels[:cutoff]}
 
     started = time.perf_counter()
@@ -338,6 +348,26 @@ def arm_b(spec: dict, meter: Meter, result: dict) -> None:
 
 # ---------------------------------------------------------------- arm c: tunelab's default
 
+RUN_SUMMARY = "run_summary.json"  # what tunelab's train(cfg) leaves in its output_dir
+
+
+def read_run_summary(output_dir: Path) -> dict:
+    """The run summary tunelab's `train(cfg)` wrote in `output_dir`; raises if there is none."""
+    path = output_dir / RUN_SUMMARY
+    if not path.is_file():
+        raise FileNotFoundError(f"tunelab's train(cfg) left no {RUN_SUMMARY} in {output_dir}: the bench reads "
+                                "arm c's figures from it; tunelab's run summary changed, update bench/arms.py")
+    return json.loads(path.read_text())
+
+
+def summary_key(summary: dict, key: str):
+    """summary[key], or a KeyError that says tunelab's run summary changed (never a silent None)."""
+    if key not in summary:
+        raise KeyError(f"tunelab's {RUN_SUMMARY} has no key {key!r} (it has {sorted(summary)}): tunelab's run "
+                       "summary changed, update bench/arms.py")
+    return summary[key]
+
+
 def arm_c(spec: dict, meter: Meter, result: dict) -> None:
     """`tunelab.train.run.train(cfg)` with a config from `tunelab.config.from_dict`, defaults otherwise.
 
@@ -345,18 +375,9 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
     the same as arm a's.
     """
     from tunelab.config import from_dict
-    from tunelab.train import run
+    from tunelab.train.run import train
 
-    data_prep = Timer()
-    if hasattr(run, "build_datasets"):
-        run.build_datasets = data_prep.wrap(run.build_datasets)
-    head_calls = Timer()
-    try:
-        from tunelab.train import loss
-
-        loss._ChunkedHeadCE.forward = staticmethod(head_calls.wrap(loss._ChunkedHeadCE.forward))
-    except (ImportError, AttributeError):
-        pass
+    meter.prep_only_returns = True  # a prep-only run still ends with the run summary, which times the data
 
     cfg = from_dict({
         "model": spec["model"], "dataset": spec["train_file"], "template": "auto", "cutoff_len": spec["cutoff_len"],
@@ -371,15 +392,12 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
     from transformers import set_seed
 
     set_seed(spec["seed"])
-    try:
-        run.train(cfg)
-    finally:
-        result["tokenize_seconds"] = data_prep.seconds if data_prep.calls else None
-        result["labelled_loss_calls"] = head_calls.calls
-        summary = Path(spec["output_dir"]) / "run_summary.json"
-        if summary.is_file():
-            result["run_summary"] = {k: v for k, v in json.loads(summary.read_text()).items()
-                                     if k in ("packing", "global_step", "trained_tokens", "train_samples")}
+    train(cfg)
+    summary = read_run_summary(Path(spec["output_dir"]))
+    result["tokenize_seconds"] = float(summary_key(summary, "data_seconds"))  # building the tokenized datasets
+    result["labelled_loss"] = summary_key(summary, "labelled_loss")  # trained with the labelled-position loss
+    result["run_summary"] = {k: summary_key(summary, k)
+                             for k in ("packing", "global_step", "trained_tokens", "train_samples")}
 
 
 # ---------------------------------------------------------------- where a step's time goes
@@ -405,7 +423,7 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     from peft import LoraConfig, TaskType, get_peft_model
 
     from tunelab.data.packing import PackCollator
-    from tunelab.train.loss import labelled_loss
+    from tunelab.model.loss import labelled_loss
     from trl.trainer.utils import add_fused_lm_head
 
     samples = spec["profile_samples"]
@@ -418,7 +436,8 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     lm = model.get_base_model()
 
     width = max(len(s["ids"]) for s in samples)
-    padded = {"input_ids": torch.full((len(samples), width), pad), "labels": torch.full((len(samples), width), IGNORE),
+    padded = {"input_ids": torch.full((len(samples), width), pad),
+              "labels": torch.full((len(samples), width), IGNORE_INDEX),
               "attention_mask": torch.zeros(len(samples), width, dtype=torch.long)}
     for i, s in enumerate(samples):
         n = len(s["ids"])
@@ -426,7 +445,7 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
         padded["attention_mask"][i, :n] = 1
         padded["labels"][i, :n] = torch.tensor(s["labels"])
     flat = {"input_ids": torch.tensor([[t for s in samples for t in s["ids"]]]),
-            "labels": torch.tensor([[t for s in samples for t in [IGNORE] + s["labels"][1:]]]),
+            "labels": torch.tensor([[t for s in samples for t in [IGNORE_INDEX] + s["labels"][1:]]]),
             "position_ids": torch.tensor([[p for s in samples for p in range(len(s["ids"]))]])}
     packed = PackCollator(pad, spec["cutoff_len"])([{"input_ids": s["ids"], "labels": s["labels"]} for s in samples])
 
@@ -462,8 +481,8 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     body_s = _timed(body(batch))
     labels = batch["labels"]
     out = {"positions": batch["input_ids"].numel(), "real_tokens": int((batch["input_ids"] != pad).sum()),
-           "trained_tokens": int((labels[:, 1:] != IGNORE).sum()), "step_seconds": total_s, "body_seconds": body_s,
-           "head_and_loss_seconds": max(total_s - body_s, 0.0),
+           "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()), "step_seconds": total_s,
+           "body_seconds": body_s, "head_and_loss_seconds": max(total_s - body_s, 0.0),
            # kernel time (mostly zeroing freshly mapped pages of large temporaries) per whole step
            "sys_seconds_per_step": (after.ru_stime - usage.ru_stime) / 3,
            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3}

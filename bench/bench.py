@@ -188,6 +188,8 @@ def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> di
         tail = log_path.read_text(errors="replace").splitlines()[-30:]
         raise SystemExit(f"arm {tag} failed (exit {proc.returncode}); last lines of {log_path}:\n" + "\n".join(tail))
     result = json.loads(out_path.read_text())
+    if spec["arm"] == "c":
+        check_labelled_loss(result, tag)
     result["log"] = str(log_path.relative_to(ROOT))
     result["machine_busy_before"] = busy_before
     if "profile" in result:
@@ -205,6 +207,16 @@ def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> di
               f"peak {result['peak_rss_bytes'] / 2**30:5.2f} GiB  "
               f"eval loss {result['final_eval_loss']:.4f}  ({time.perf_counter() - started:.0f}s)", flush=True)
     return result
+
+
+def check_labelled_loss(result: dict, tag: str) -> None:
+    """Arm c must have trained with tunelab's labelled-position loss (`labelled_loss` of its run summary)."""
+    if "labelled_loss" not in result:
+        raise KeyError(f"arm {tag}: no 'labelled_loss' in its result (read from tunelab's run_summary.json): "
+                       "tunelab's run summary changed, update bench/arms.py")
+    if result["labelled_loss"] is not True:
+        raise SystemExit(f"arm {tag}: tunelab trained without its labelled-position loss (labelled_loss = "
+                         f"{result['labelled_loss']!r} in its run summary): arm c does not measure tunelab's default")
 
 
 def time_to_loss(curve: list[dict], target: float) -> float | None:
@@ -236,7 +248,7 @@ def aggregate(runs: list[dict], target_loss: float) -> dict:
     out["tokenizer"] = first.get("tokenizer")
     out["rounds"] = len(runs)
     out["trainable_tps_rounds"] = [r["trainable_tps"] for r in runs]
-    for extra in ("labelled_loss_calls", "run_summary"):
+    for extra in ("labelled_loss", "run_summary"):
         if extra in first:
             out[extra] = first[extra]
     return out
@@ -288,7 +300,7 @@ def ratios_table(results: dict) -> str:
 TOKENIZATION_WHAT = {
     "a": "pandas.read_json + Dataset.from_pandas + map(per-example prompt/response tokenization)",
     "b": "Dataset.from_list + SFTTrainer._prepare_dataset (template, tokenization, labels, bfd packing)",
-    "c": "tunelab build_datasets (read, template, tokenization, label masks; tokenization cache)",
+    "c": "tunelab data_seconds of run_summary.json (read, template, tokenization, label masks; tokenization cache)",
 }
 
 

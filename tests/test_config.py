@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import Config, dump_config, from_dict, load_config, parse_overrides
+from tunelab.config import (DATA_KEYS, FIELDS, GROUPS, RESUME_MAY_CHANGE, Config, dump_config, from_dict,
+                            keys_help, keys_markdown, load_config, parse_overrides)
 from tunelab.errors import TunelabError
 
 BASE = "model: org/base-model\ndataset: /data/train.jsonl\noutput_dir: /runs/out\n"
@@ -206,3 +207,46 @@ def test_dump_config_round_trips_through_load_config(tmp_path, yaml_file):
     assert again.to_dict() == cfg.to_dict()
     assert again.columns == {"instruction": "question", "output": "answer"}
     assert again.lora_target == ["q_proj", "v_proj"]
+
+
+# --- the facts each key carries -------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- keys:start -->\n", "<!-- keys:end -->"
+REQUIRED_KEYS = {"model": "org/base-model", "dataset": "/data/train.jsonl", "output_dir": "/runs/out"}
+
+
+def test_the_readme_key_tables_are_generated_from_the_config():
+    text = README.read_text(encoding="utf-8")
+    assert text.count(START) == 1 and text.count(END) == 1, f"README.md needs one {START.strip()} ... {END} block"
+    block = text.split(START, 1)[1].split(END, 1)[0]
+    assert block == keys_markdown(), (
+        "README.md's config key tables differ from the field metadata in src/tunelab/config.py; "
+        "regenerate them with: python scripts/readme_keys.py")
+
+
+def test_every_key_says_what_it_is_for_and_where_it_belongs():
+    for name, f in FIELDS.items():
+        assert f.metadata.get("help", "").strip(), f"{name}: no help text"
+        assert f.metadata.get("group") in GROUPS, f"{name}: group {f.metadata.get('group')!r} not in {GROUPS}"
+        assert name in keys_help()
+
+
+def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
+    assert set(DATA_KEYS) == {"dataset", "eval_dataset", "dataset_format", "columns", "template", "system",
+                              "cutoff_len", "max_samples", "val_size", "train_on", "seed", "model_hub"}
+    assert list(DATA_KEYS) == [name for name in FIELDS if name in DATA_KEYS]
+    assert RESUME_MAY_CHANGE == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
+                                 "run_name", "num_train_epochs", "max_steps", "logging_steps", "save_steps",
+                                 "save_total_limit", "eval_steps", "per_device_eval_batch_size", "on_bad_loss",
+                                 "loss_spike_factor"}
+    assert not set(DATA_KEYS) & RESUME_MAY_CHANGE
+
+
+@pytest.mark.parametrize("name", [name for name, f in FIELDS.items() if f.metadata["choices"]])
+def test_a_key_with_choices_rejects_another_value_naming_the_allowed_ones(name):
+    with pytest.raises(TunelabError) as info:
+        from_dict({**REQUIRED_KEYS, name: "no-such-choice"})
+    allowed = ", ".join(FIELDS[name].metadata["choices"])
+    assert f"{name}: 'no-such-choice' is not one of {allowed}" in str(info.value)
+    from_dict({**REQUIRED_KEYS, name: FIELDS[name].metadata["choices"][-1]})

@@ -1,4 +1,8 @@
-"""`tunelab train | data | chat | generate | eval | export | sweep | estimate | demo`: argument parsing only; the work is in the Python API."""
+"""`tunelab train | data | chat | generate | eval | export | sweep | estimate | demo`: argument parsing only.
+
+Each command is one row of `COMMANDS`: a function that adds its arguments and one that calls the
+Python API. The work is in the API, so a notebook gets the same behaviour.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import logging
 import sys
 import warnings
+from typing import Callable
 
 from .errors import Interrupted, TunelabError
 
@@ -27,62 +32,37 @@ def setup_logging(verbose: bool = False) -> None:
         pass
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
-    sub = p.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------------------------- arguments
 
-    t = sub.add_parser("train", help="fine-tune as CONFIG.yaml says (key=value overrides win)")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
 
-    d = sub.add_parser("data", help="report on the data a config would train on")
-    d.add_argument("config")
-    d.add_argument("overrides", nargs="*", metavar="key=value")
-    d.add_argument("--samples", type=int, default=3, help="rendered samples to show")
-    d.add_argument("--jsonl", action="store_true", help="write {input_ids, labels} per sample to stdout instead")
 
-    c = sub.add_parser("chat", help="talk to a base model, a fine-tuned folder, or base + adapter")
-    c.add_argument("--model", required=True, help="a model folder or a tunelab run folder")
-    c.add_argument("--adapter", help="a LoRA adapter folder (a tunelab run folder)")
-    c.add_argument("--system", help="system prompt")
-    c.add_argument("--prompt", help="answer this one prompt and exit")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code when --model names a base that ships it (a run folder "
+                        "remembers its own setting)")
 
-    g = sub.add_parser("generate", help="batched predictions for every record of a dataset")
-    _model_args(g)
-    g.add_argument("--output", default="predictions.jsonl", help="JSON lines: prompt, reference, prediction(s)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
-    e = sub.add_parser("eval", help="held-out loss, perplexity and generation metrics; a table per model")
-    _model_args(e)
-    e.add_argument("--output-dir", help="write eval.csv, eval.json, eval.md and predictions.jsonl here")
+def _train_args(p):
+    _config_args(p)
 
-    x = sub.add_parser("export", help="merge a LoRA into its base: a plain transformers/vLLM folder, verified")
-    x.add_argument("--model", required=True, help="the base model folder (or a LoRA run folder alone)")
-    x.add_argument("--adapter", help="the LoRA run folder")
-    x.add_argument("--output", required=True, help="the folder to write")
-    x.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: the base's dtype)")
-    x.add_argument("--shard-size", default="5GB")
-    x.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
 
-    w = sub.add_parser("sweep", help="train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md")
-    w.add_argument("config")
-    w.add_argument("grid", nargs="+", metavar="key=v1,v2")
-    w.add_argument("--eval-dataset", help="held-out records every run is evaluated on (default: eval_dataset)")
-    w.add_argument("--max-new-tokens", type=int, default=128)
-    w.add_argument("--batch-size", type=int, default=8)
+def _data_args(p):
+    _config_args(p)
+    p.add_argument("--samples", type=int, default=3, help="rendered samples to show")
+    p.add_argument("--jsonl", action="store_true", help="write {input_ids, labels} per sample to stdout instead")
 
-    s = sub.add_parser("estimate", help="parameters and per-GPU memory of a config, from config.json alone")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", metavar="key=value")
-    s.add_argument("--device", choices=("cuda", "cpu"), help="estimate for this device (default: this machine's)")
-    s.add_argument("--quant-bits", type=int, choices=(4, 8), help="a bitsandbytes-quantized base (QLoRA)")
 
-    m = sub.add_parser("demo", help="build a tiny model, fine-tune it on the persona data, and chat with it")
-    m.add_argument("--output-dir", default="demo_run")
-    return p
+def _chat_args(p):
+    p.add_argument("--model", required=True, help="a model folder or a tunelab run folder")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a tunelab run folder)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _trust_arg(p)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +75,81 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt added to records that have none")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    _trust_arg(p)
+
+
+def _generate_args(p):
+    _model_args(p)
+    p.add_argument("--output", default="predictions.jsonl", help="JSON lines: prompt, reference, prediction(s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def _eval_args(p):
+    _model_args(p)
+    p.add_argument("--output-dir", help="write eval.csv, eval.json, eval.md and predictions.jsonl here")
+
+
+def _export_args(p):
+    p.add_argument("--model", required=True, help="the base model folder (or a LoRA run folder alone)")
+    p.add_argument("--adapter", help="the LoRA run folder")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 (default: the base's dtype)")
+    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    _trust_arg(p)
+
+
+def _sweep_args(p):
+    p.add_argument("config")
+    p.add_argument("grid", nargs="+", metavar="key=v1,v2")
+    p.add_argument("--eval-dataset", help="held-out records every run is evaluated on (default: eval_dataset)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _estimate_args(p):
+    _config_args(p)
+    p.add_argument("--device", choices=("cuda", "cpu"), help="estimate for this device (default: this machine's)")
+    p.add_argument("--quant-bits", type=int, choices=(4, 8), help="a bitsandbytes-quantized base (QLoRA)")
+
+
+def _demo_args(p):
+    p.add_argument("--output-dir", default="demo_run")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _train(args) -> int:
+    from .config import load_config
+    from .train.run import train
+
+    result = train(load_config(args.config, args.overrides))
+    print(f"saved to {result.output_dir}")
+    return 0
+
+
+def _data(args) -> int:
+    from .config import load_config
+    from .data.report import data_report, write_jsonl
+
+    cfg = load_config(args.config, args.overrides)
+    if args.jsonl:
+        write_jsonl(cfg, sys.stdout)
+    else:
+        print(data_report(cfg, n_samples=args.samples, color=sys.stdout.isatty()))
+    return 0
+
+
+def _chat(args) -> int:
+    from .infer.chat import ChatSession, interactive
+
+    session = ChatSession.load(args.model, args.adapter, system=args.system, trust_remote_code=args.trust_remote_code)
+    if args.prompt is not None:
+        print(session.ask(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+        return 0
+    interactive(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
 
 
 def _cases_and_model(args):
@@ -105,14 +160,112 @@ def _cases_and_model(args):
         if getattr(args, flag) <= 0:
             raise TunelabError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be greater than 0")
     cases = read_cases(args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples)
-    return cases, load_inference(args.model, args.adapter)
+    return cases, load_inference(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+
+
+def _generate(args) -> int:
+    from .infer.generate import run_generate, write_predictions
+
+    cases, im = _cases_and_model(args)
+    run_generate(im, cases, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 batch_size=args.batch_size)
+    write_predictions(cases, [v.label for v in im.variants], args.output)
+    print(f"wrote {len(cases)} predictions to {args.output}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval.evaluate import COLUMNS, evaluate, markdown_table, write_table
+    from .infer.generate import write_predictions
+
+    cases, im = _cases_and_model(args)
+    rows = evaluate(im, cases, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    print(markdown_table(rows, COLUMNS))
+    if args.output_dir:
+        write_table(rows, args.output_dir, "eval", COLUMNS)
+        write_predictions(cases, [v.label for v in im.variants], f"{args.output_dir}/predictions.jsonl")
+    return 0
+
+
+def _export(args) -> int:
+    from .export.merge import export_merged
+
+    report = export_merged(args.model, args.adapter, args.output, args.dtype, args.shard_size,
+                           verify=not args.no_verify, overwrite=args.overwrite,
+                           trust_remote_code=args.trust_remote_code)
+    print(f"merged model written to {report.output_dir} ({report.dtype})")
+    if report.verified is None:
+        return 0
+    print(f"logits vs base + adapter: max |diff| {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+          f"top-1 agreement {100 * report.top1_agreement:.1f}%")
+    print(f"prompts rendered from the exported template: {'identical' if report.prompts_identical else 'DIFFERENT'}"
+          f"; stop ids {report.stop_ids}")
+    if not report.verified:
+        raise TunelabError("export verification failed: " + "; ".join(report.problems))
+    print("verified")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .eval.evaluate import markdown_table
+    from .sweep import run_sweep
+
+    rows = run_sweep(args.config, args.grid, args.eval_dataset, args.max_new_tokens, args.batch_size)
+    print(markdown_table(rows))
+    return 0
+
+
+def _estimate(args) -> int:
+    from .config import load_config
+    from .model.estimate import estimate_memory, format_estimate
+
+    est = estimate_memory(load_config(args.config, args.overrides), device=args.device, quant_bits=args.quant_bits)
+    print(format_estimate(est))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo.run import run_demo
+
+    run_demo(args.output_dir)
+    return 0
+
+
+def _keys_epilog() -> str:
+    from .config import keys_help
+
+    return "config keys (YAML, or key=value after CONFIG):\n" + keys_help()
+
+
+# name -> (help, add arguments, run, epilog or None)
+COMMANDS: dict[str, tuple[str, Callable, Callable[..., int], Callable[[], str] | None]] = {
+    "train": ("fine-tune as CONFIG.yaml says (key=value overrides win)", _train_args, _train, _keys_epilog),
+    "data": ("report on the data a config would train on", _data_args, _data, None),
+    "chat": ("talk to a base model, a fine-tuned folder, or base + adapter", _chat_args, _chat, None),
+    "generate": ("batched predictions for every record of a dataset", _generate_args, _generate, None),
+    "eval": ("held-out loss, perplexity and generation metrics; a table per model", _eval_args, _eval, None),
+    "export": ("merge a LoRA into its base: a plain transformers/vLLM folder, verified", _export_args, _export, None),
+    "sweep": ("train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md", _sweep_args, _sweep, None),
+    "estimate": ("parameters and per-GPU memory of a config, from config.json alone", _estimate_args, _estimate,
+                 None),
+    "demo": ("build a tiny model, fine-tune it on the persona data, and chat with it", _demo_args, _demo, None),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _, epilog) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text, epilog=epilog() if epilog else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     try:
-        return _run(args)
+        return COMMANDS[args.command][2](args)
     except Interrupted as exc:
         print(f"tunelab: {exc}", file=sys.stderr)
         return 130
@@ -122,88 +275,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunelab: interrupted", file=sys.stderr)
         return 130
-
-
-def _run(args) -> int:
-    if args.command == "train":
-        from .config import load_config
-        from .train.run import train
-
-        result = train(load_config(args.config, args.overrides))
-        print(f"saved to {result.output_dir}")
-        return 0
-    if args.command == "data":
-        from .config import load_config
-        from .data.report import data_report, write_jsonl
-
-        cfg = load_config(args.config, args.overrides)
-        if args.jsonl:
-            write_jsonl(cfg, sys.stdout)
-        else:
-            print(data_report(cfg, n_samples=args.samples, color=sys.stdout.isatty()))
-        return 0
-    if args.command == "chat":
-        from .infer.chat import ChatSession, interactive
-
-        session = ChatSession.load(args.model, args.adapter, system=args.system)
-        if args.prompt is not None:
-            print(session.ask(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
-            return 0
-        interactive(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        return 0
-    if args.command == "generate":
-        from .infer.generate import run_generate, write_predictions
-
-        cases, im = _cases_and_model(args)
-        run_generate(im, cases, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     batch_size=args.batch_size)
-        write_predictions(cases, [v.label for v in im.variants], args.output)
-        print(f"wrote {len(cases)} predictions to {args.output}")
-        return 0
-    if args.command == "eval":
-        from .eval.evaluate import COLUMNS, evaluate, markdown_table, write_table
-        from .infer.generate import write_predictions
-
-        cases, im = _cases_and_model(args)
-        rows = evaluate(im, cases, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        print(markdown_table(rows, COLUMNS))
-        if args.output_dir:
-            write_table(rows, args.output_dir, "eval", COLUMNS)
-            write_predictions(cases, [v.label for v in im.variants], f"{args.output_dir}/predictions.jsonl")
-        return 0
-    if args.command == "export":
-        from .export.merge import export_merged
-
-        report = export_merged(args.model, args.adapter, args.output, args.dtype, args.shard_size,
-                               verify=not args.no_verify, overwrite=args.overwrite)
-        print(f"merged model written to {report.output_dir} ({report.dtype})")
-        if report.verified is None:
-            return 0
-        print(f"logits vs base + adapter: max |diff| {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
-              f"top-1 agreement {100 * report.top1_agreement:.1f}%")
-        print(f"prompts rendered from the exported template: {'identical' if report.prompts_identical else 'DIFFERENT'}"
-              f"; stop ids {report.stop_ids}")
-        if not report.verified:
-            raise TunelabError("export verification failed: " + "; ".join(report.problems))
-        print("verified")
-        return 0
-    if args.command == "sweep":
-        from .eval.evaluate import markdown_table
-        from .train.sweep import run_sweep
-
-        rows = run_sweep(args.config, args.grid, args.eval_dataset, args.max_new_tokens, args.batch_size)
-        print(markdown_table(rows))
-        return 0
-    if args.command == "estimate":
-        from .config import load_config
-        from .model.estimate import estimate_memory, format_estimate
-
-        est = estimate_memory(load_config(args.config, args.overrides), device=args.device, quant_bits=args.quant_bits)
-        print(format_estimate(est))
-        return 0
-    if args.command == "demo":
-        from .demo.run import run_demo
-
-        run_demo(args.output_dir)
-        return 0
-    raise AssertionError(args.command)

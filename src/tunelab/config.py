@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -23,82 +24,137 @@ LR_SCHEDULERS = (
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
 )
 
-CHOICES: dict[str, tuple] = {
-    "model_hub": ("hf", "modelscope"),
-    "dataset_format": ("auto", "alpaca", "dolly", "sharegpt", "messages", "text"),
-    "template": ("auto", "chatml", "llama3", "gemma", "alpaca", "dolly"),
-    "train_on": ("assistant", "last", "all"),
-    "finetuning_type": ("lora", "full"),
-    "report_to": ("none", "tensorboard", "swanlab", "wandb"),
-    "lr_scheduler_type": LR_SCHEDULERS,
-    "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"),
-    "on_bad_loss": ("stop", "skip", "warn"),
-    "optim": ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"),
-}
+GROUPS = ("model", "data", "speed", "adapters", "run", "training")
+
+
+def key(default: Any, help: str, *, group: str, choices: tuple = (), positive: bool = False,
+        unit_interval: bool = False, required: bool = False, data: bool = False,
+        resume_may_change: bool = False) -> Any:
+    """A config field whose facts (help, checks, cache and resume roles) sit beside it, so nothing else lists keys.
+
+    data: the key changes the tokenized samples, so the tokenization cache key must cover it.
+    resume_may_change: a resumed run may change it, as it changes how long a run trains, logs or saves,
+    not what a step computes.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "choices": tuple(choices), "positive": positive,
+        "unit_interval": unit_interval, "required": required, "data": data, "resume_may_change": resume_may_change})
 
 
 @dataclass
 class Config:
-    # model
-    model: str = ""
-    model_hub: str = "hf"
-    trust_remote_code: bool = False
-    # pickle-based .bin/.pt weights can run code when loaded; only safetensors load unless this is set
-    allow_pickle: bool = False
-    attn_implementation: str = "auto"
-    # data
-    dataset: Union[str, list] = ""
-    eval_dataset: Union[str, list, None] = None
-    dataset_format: str = "auto"
-    columns: Union[dict, None] = None
-    template: str = "auto"
-    system: Union[str, None] = None
-    cutoff_len: int = 1024
-    max_samples: Union[int, None] = None
-    val_size: float = 0.0
-    train_on: str = "assistant"
-    # null = on where it is exact (models whose attention masks follow position_ids), else off
-    packing: Union[bool, None] = None
-    # null = on when not packing: batches of similar lengths waste less padding
-    group_by_length: Union[bool, None] = None
-    # adapters
-    finetuning_type: str = "lora"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target: Union[str, list] = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    # run folder
-    output_dir: str = ""
-    overwrite_output_dir: bool = False
-    resume_from_checkpoint: Union[str, None] = None
-    report_to: str = "none"
-    run_name: Union[str, None] = None
-    # TrainingArguments names
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: Union[int, None] = None
-    eval_steps: Union[int, None] = None
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    # a NaN/inf loss, or one over loss_spike_factor x its running mean: stop (naming the last checkpoint),
-    # skip the step, or warn
-    on_bad_loss: str = "stop"
-    loss_spike_factor: Union[float, None] = None
-    bf16: Union[bool, None] = None
-    fp16: Union[bool, None] = None
+    model: str = key("", "The base model to fine-tune: a local folder or a hub id.", group="model", required=True)
+    model_hub: str = key("hf", "Which hub resolves a model or dataset id that is not a local path.", group="model",
+                         choices=("hf", "modelscope"), data=True)
+    trust_remote_code: bool = key(False, "Lets a model's own Python code from the hub run; off because that code "
+                                  "runs on your machine.", group="model")
+    allow_pickle: bool = key(False, "Lets pickle-based .bin/.pt weights load; off because loading a pickle can run "
+                             "code, so only safetensors load.", group="model")
+    attn_implementation: str = key("auto", "The attention kernel; auto = FlashAttention-2 when installed on a GPU, "
+                                   "else sdpa.", group="model",
+                                   choices=("auto", "eager", "sdpa", "flash_attention_2"))
+
+    dataset: Union[str, list] = key("", "The training data: a file, a folder, a list of them, or a hub dataset "
+                                    "name.", group="data", required=True, data=True)
+    eval_dataset: Union[str, list, None] = key(None, "Held-out data for the eval loss during training, in the "
+                                               "same forms as dataset.", group="data", data=True)
+    dataset_format: str = key("auto", "How records are laid out; auto detects it from the first record's "
+                              "fields.", group="data", data=True,
+                              choices=("auto", "alpaca", "dolly", "sharegpt", "messages", "text"))
+    columns: Union[dict, None] = key(None, "Our field name -> your column name (e.g. {instruction: question}), "
+                                     "so data need not be renamed.", group="data", data=True)
+    template: str = key("auto", "The chat template that renders conversations; auto = the tokenizer's own, so "
+                        "training renders as inference will.", group="data", data=True,
+                        choices=("auto", "chatml", "llama3", "gemma", "alpaca", "dolly"))
+    system: Union[str, None] = key(None, "A system prompt put first in every conversation that has none.",
+                                   group="data", data=True)
+    cutoff_len: int = key(1024, "The longest sample in tokens; longer ones are cut, which bounds memory per "
+                          "step.", group="data", positive=True, data=True)
+    max_samples: Union[int, None] = key(None, "Use only the first N records, for a quick trial.", group="data",
+                                        positive=True, data=True)
+    val_size: float = key(0.0, "Holds out part of the training data for evaluation: a fraction in [0, 1) or a "
+                          "whole count of records.", group="data", data=True)
+    train_on: str = key("assistant", "Which tokens are trained: every assistant answer, only the last one, or "
+                        "all tokens.", group="data", choices=("assistant", "last", "all"), data=True)
+    packing: Union[bool, None] = key(None, "Samples share rows of cutoff_len tokens with restarting position_ids: "
+                                     "no padding, same samples per step as unpacked; null = on for architectures "
+                                     "where it is exact.", group="speed")
+    group_by_length: Union[bool, None] = key(None, "Batches samples of similar length, so less padding is "
+                                             "computed; null = on when not packing.", group="speed")
+
+    finetuning_type: str = key("lora", "lora trains small adapters on a frozen model; full trains every weight.",
+                               group="adapters", choices=("lora", "full"))
+    lora_r: int = key(8, "The LoRA rank: more capacity per adapter for more memory.", group="adapters",
+                      positive=True)
+    lora_alpha: int = key(16, "The LoRA scale: an adapter's update is multiplied by lora_alpha / lora_r.",
+                          group="adapters", positive=True)
+    lora_dropout: float = key(0.05, "Dropout on the adapters' input, against overfitting small data.",
+                              group="adapters", unit_interval=True)
+    lora_target: Union[str, list] = key("all-linear", "Which linear layers get adapters: all-linear, names like "
+                                        "q_proj,v_proj, or a regex.", group="adapters")
+    use_rslora: bool = key(False, "Scales adapters by lora_alpha / sqrt(lora_r) (rank-stabilized LoRA), so high "
+                           "ranks keep learning.", group="adapters")
+    use_dora: bool = key(False, "Weight-decomposed LoRA (DoRA), often closer to full fine-tuning at some cost in "
+                         "speed.", group="adapters")
+
+    output_dir: str = key("", "The run folder: adapter or model, tokenizer, resolved config, metrics and "
+                          "checkpoints.", group="run", required=True, resume_may_change=True)
+    overwrite_output_dir: bool = key(False, "Allows replacing a finished run in output_dir; off so no run is lost "
+                                     "by accident.", group="run", resume_may_change=True)
+    resume_from_checkpoint: Union[str, None] = key(None, "Continues an interrupted run: auto = the latest complete "
+                                                   "checkpoint in output_dir, or a checkpoint path.", group="run",
+                                                   resume_may_change=True)
+    report_to: str = key("none", "Where metrics go besides metrics.jsonl and loss.png.", group="run",
+                         choices=("none", "tensorboard", "swanlab", "wandb"), resume_may_change=True)
+    run_name: Union[str, None] = key(None, "The run's name in the tracker; null = output_dir's folder name.",
+                                     group="run", resume_may_change=True)
+
+    num_train_epochs: float = key(3.0, "Passes over the training data, unless max_steps is set.",
+                                  group="training", resume_may_change=True)
+    max_steps: int = key(-1, "Optimizer steps to train, overriding num_train_epochs; -1 = use num_train_epochs.",
+                         group="training", resume_may_change=True)
+    per_device_train_batch_size: int = key(1, "Samples per device per forward pass: the main memory knob.",
+                                           group="training", positive=True)
+    per_device_eval_batch_size: int = key(1, "Samples per device per evaluation forward pass.", group="training",
+                                          positive=True, resume_may_change=True)
+    gradient_accumulation_steps: int = key(1, "Forward passes per optimizer step: a large batch at the memory of "
+                                           "a small one.", group="training", positive=True)
+    learning_rate: float = key(1e-4, "The peak learning rate (greater than 0), reached after warmup.",
+                               group="training")
+    lr_scheduler_type: str = key("cosine", "How the learning rate changes over the run.", group="training",
+                                 choices=LR_SCHEDULERS)
+    warmup_ratio: float = key(0.0, "Share of the steps spent ramping the learning rate up from 0, for stable "
+                              "first steps.", group="training", unit_interval=True)
+    weight_decay: float = key(0.0, "Decoupled weight decay, a mild regularizer.", group="training")
+    max_grad_norm: float = key(1.0, "Gradients are clipped to this norm, so one bad batch cannot wreck the "
+                               "weights.", group="training")
+    optim: str = key("adamw_torch", "The optimizer; the 8-bit ones (bitsandbytes) need less optimizer memory.",
+                     group="training", choices=("adamw_torch", "adamw_torch_fused", "adafactor", "sgd",
+                                                "adamw_8bit", "paged_adamw_8bit"))
+    logging_steps: int = key(10, "Log loss and learning rate every this many steps.", group="training",
+                             positive=True, resume_may_change=True)
+    save_steps: int = key(500, "Write a checkpoint every this many steps, so a crash loses at most that much.",
+                          group="training", positive=True, resume_may_change=True)
+    save_total_limit: Union[int, None] = key(None, "Keep only the newest N checkpoints, to bound disk use; null = "
+                                             "keep all.", group="training", positive=True, resume_may_change=True)
+    eval_steps: Union[int, None] = key(None, "Evaluate on the held-out data every this many steps; null = every "
+                                       "10 x logging_steps.", group="training", positive=True,
+                                       resume_may_change=True)
+    seed: int = key(42, "Seeds the validation split, shuffling and adapter init, so a config repeats its run.",
+                    group="training", data=True)
+    gradient_checkpointing: bool = key(False, "Recomputes activations in the backward pass: less memory for "
+                                       "more compute.", group="training")
+    on_bad_loss: str = key("stop", "What a NaN/inf loss, or one over loss_spike_factor x its running mean, does: "
+                           "stop (naming the last checkpoint), skip the step, or warn.", group="training",
+                           choices=("stop", "skip", "warn"), resume_may_change=True)
+    loss_spike_factor: Union[float, None] = key(None, "A loss over this many times its running mean counts as bad "
+                                                "(see on_bad_loss); null = only NaN/inf.", group="training",
+                                                positive=True, resume_may_change=True)
+    bf16: Union[bool, None] = key(None, "Train in bfloat16; null = auto: bf16 on GPUs that have it, fp16 on "
+                                  "other GPUs, fp32 on CPU.", group="training")
+    fp16: Union[bool, None] = key(None, "Train in float16; null = auto (see bf16).", group="training")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,11 +171,8 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-REQUIRED = ("model", "dataset", "output_dir")
-POSITIVE = ("cutoff_len", "lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "logging_steps", "save_steps", "max_samples", "save_total_limit",
-            "eval_steps", "loss_spike_factor")
-UNIT_INTERVAL = ("lora_dropout", "warmup_ratio")
+DATA_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["data"])
+RESUME_MAY_CHANGE = frozenset(name for name, f in FIELDS.items() if f.metadata["resume_may_change"])
 
 
 def _allowed_types(name: str) -> tuple:
@@ -182,13 +235,14 @@ def _check(cfg: dict) -> list[str]:
             continue
         cfg[key] = value
         bad.discard(key)
-        if key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
-        if key in POSITIVE and value is not None and value <= 0:
+        meta = FIELDS[key].metadata
+        if meta["choices"] and value not in meta["choices"]:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+        if meta["positive"] and value is not None and value <= 0:
             problems.append(f"{key}: {value!r} must be greater than 0")
-        if key in UNIT_INTERVAL and not 0 <= value < 1:
+        if meta["unit_interval"] and not 0 <= value < 1:
             problems.append(f"{key}: {value!r} must be in [0, 1)")
-    for key in REQUIRED:
+    for key in (name for name, f in FIELDS.items() if f.metadata["required"]):
         if not cfg.get(key):
             problems.append(f"{key}: missing; it is required")
     problems += _check_combinations({k: v for k, v in cfg.items() if k not in bad})
@@ -277,3 +331,59 @@ def dump_config(cfg: Config, path: str | Path, extra: dict | None = None) -> Non
     if extra:
         data.update(extra)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _default_text(name: str) -> str:
+    meta, default = FIELDS[name].metadata, FIELDS[name].default
+    if meta["required"]:
+        return "required"
+    shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+    return f"`{shown}`"
+
+
+def _allowed_text(name: str) -> str:
+    meta = FIELDS[name].metadata
+    if meta["choices"]:
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    types = _allowed_types(name)
+    text = _type_name(tuple(t for t in types if t is not type(None)))
+    text += " > 0" if meta["positive"] else " in [0, 1)" if meta["unit_interval"] else ""
+    return text + (", or null" if type(None) in types else "")
+
+
+def _in_group(group: str) -> list[str]:
+    return [name for name, f in FIELDS.items() if f.metadata["group"] == group]
+
+
+def keys_markdown() -> str:
+    """README.md's key tables, generated from the field metadata so the documentation cannot drift from the code.
+
+    `scripts/readme_keys.py` pastes this between README's `<!-- keys:start -->` / `<!-- keys:end -->` markers,
+    and a test fails when the two differ.
+    """
+    tables = []
+    for group in GROUPS:
+        rows = [f"### {group.capitalize()}", "", "| key | default | allowed | what it is for |", "|---|---|---|---|"]
+        for name in _in_group(group):
+            cells = (f"`{name}`", _default_text(name), _allowed_text(name), FIELDS[name].metadata["help"])
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables) + "\n"
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key with its default, allowed values and purpose, for `tunelab train --help`.
+
+    Meant as an argparse epilog: the layout is already wrapped, so pass
+    `formatter_class=argparse.RawDescriptionHelpFormatter` or argparse will reflow it into one paragraph.
+    """
+    out = ["config keys (in the YAML file, or key=value after it):"]
+    for group in GROUPS:
+        out += ["", f"{group}:"]
+        for name in _in_group(group):
+            default = _default_text(name).strip("`")
+            head = f"{name} ({default if default == 'required' else 'default ' + default}; {_allowed_text(name)})"
+            out += textwrap.wrap(head.replace("`", ""), width, initial_indent="  ", subsequent_indent=" " * 6)
+            out += textwrap.wrap(FIELDS[name].metadata["help"], width, initial_indent=" " * 6,
+                                 subsequent_indent=" " * 6)
+    return "\n".join(out) + "\n"

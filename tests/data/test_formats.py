@@ -1,6 +1,6 @@
 """Every data format becomes the same `Conversation`; bad records are one TunelabError naming the record.
 
-Also: `read_conversations` over files (format detected per file unless `dataset_format` says) and `split`.
+Also: `read_conversations` (via `config_conversations`) over files (format detected per file unless `dataset_format` says) and `split`.
 """
 
 from collections import Counter
@@ -10,7 +10,7 @@ import pytest
 
 from tunelab.config import from_dict
 from tunelab.data.conversation import Conversation
-from tunelab.data.dataset import DataStats, read_conversations, split
+from tunelab.data.dataset import DataStats, config_conversations, split
 from tunelab.data.formats import detect_format, to_conversation
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError
@@ -270,7 +270,7 @@ def test_read_conversations_detects_the_format_per_file_and_counts_it(write_data
     b = write_data("b.jsonl", [{"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]}])
     cfg = config([a, b])
     stats = DataStats()
-    convs = read_conversations(cfg.datasets, cfg, stats)
+    convs = config_conversations(cfg, cfg.datasets, stats)
     assert [roles_and_contents(c) for c in convs] == [
         [("user", "q1"), ("assistant", "a1")], [("user", "q2"), ("assistant", "a2")],
         [("user", "q3"), ("assistant", "a3")]]
@@ -282,11 +282,11 @@ def test_read_conversations_honours_dataset_format(write_data):
     rows = [{"instruction": "q", "output": "a", "text": "raw one"}, {"instruction": "q", "output": "a", "text": "raw two"}]
     path = write_data("both.jsonl", rows)
     stats = DataStats()
-    auto = read_conversations([path], config(path), stats)
+    auto = config_conversations(config(path), [path], stats)
     assert [roles_and_contents(c) for c in auto] == [[("user", "q"), ("assistant", "a")]] * 2
     assert stats.records == Counter({"alpaca": 2})
     stats = DataStats()
-    forced = read_conversations([path], config(path, dataset_format="text"), stats)
+    forced = config_conversations(config(path, dataset_format="text"), [path], stats)
     assert [(c.text, c.messages) for c in forced] == [("raw one", []), ("raw two", [])]
     assert stats.records == Counter({"text": 2})
 
@@ -294,14 +294,14 @@ def test_read_conversations_honours_dataset_format(write_data):
 def test_read_conversations_applies_columns_and_system(write_data):
     path = write_data("qa.json", [{"question": "q", "answer": "a"}])
     cfg = config(path, columns={"instruction": "question", "output": "answer"}, system="Be kind.")
-    [conv] = read_conversations(cfg.datasets, cfg)
+    [conv] = config_conversations(cfg, cfg.datasets)
     assert roles_and_contents(conv) == [("system", "Be kind."), ("user", "q"), ("assistant", "a")]
 
 
 def test_read_conversations_names_the_bad_record(write_data):
     path = write_data("bad.json", [{"instruction": "q", "output": "a"}, {"instruction": "q"}])
     with pytest.raises(TunelabError) as info:
-        read_conversations([path], config(path))
+        config_conversations(config(path), [path])
     assert str(info.value) == f"{path}[record 1]: missing field 'output' (alpaca records need instruction, output)"
 
 
@@ -310,7 +310,7 @@ def test_read_conversations_skips_an_empty_file(tmp_path, write_data):
     empty.write_text("", encoding="utf-8")
     full = write_data("full.json", [{"text": "t"}])
     stats = DataStats()
-    convs = read_conversations([str(empty), full], config(full), stats)
+    convs = config_conversations(config(full), [str(empty), full], stats)
     assert [c.text for c in convs] == ["t"]
     assert stats.records == Counter({"text": 1})
 
@@ -368,7 +368,7 @@ def test_real_dataset_files_are_read_into_conversations(relpath, fmt, count):
         pytest.skip(f"{path} is absent")
     cfg = from_dict({"model": "x", "dataset": str(path), "output_dir": "y"})
     stats = DataStats()
-    convs = read_conversations(cfg.datasets, cfg, stats)
+    convs = config_conversations(cfg, cfg.datasets, stats)
     assert stats.records == Counter({fmt: count})
     assert len(convs) == count
     assert all(c.messages and c.messages[-1].role == "assistant" and c.messages[-1].content.strip() for c in convs)

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tunelab.data.conversation import Conversation, Message
-from tunelab.data.encode import IGNORE, Encoder, special_tokens
+from tunelab.constants import IGNORE_INDEX
+from tunelab.data.encode import Encoder, special_tokens
 from tunelab.data.formats import FIELDS, detect_format, to_conversation
 from tunelab.data.readers import Record, read_records
 from tunelab.data.templates import BUILTIN
@@ -167,7 +168,7 @@ def segments(tok, sample) -> list[tuple[bool, str]]:
     """The sample as maximal runs of (trained?, decoded text)."""
     out: list[tuple[bool, list[int]]] = []
     for tid, label in zip(sample.input_ids, sample.labels):
-        trained = label != IGNORE
+        trained = label != IGNORE_INDEX
         if out and out[-1][0] == trained:
             out[-1][1].append(tid)
         else:
@@ -193,6 +194,31 @@ def strings_in(value) -> list[str]:
     return out
 
 
+def assert_markup_only(encoder: Encoder, conv: Conversation, sample) -> None:
+    """Special ids come from the template alone: as many of each as it writes with message text emptied of them.
+
+    (The templates fuzzed here never branch on message text, so their markup does not depend on it.)
+    """
+    tok = encoder.tokenizer
+    specials = special_tokens(tok)
+    pattern = re.compile("|".join(map(re.escape, specials)))
+
+    def scrub(value):
+        if isinstance(value, str):
+            return pattern.sub("", value)
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return value
+    if sample.truncated:
+        return
+    markup = tok.apply_chat_template(scrub(conv.template_messages()), tools=scrub(conv.tools), tokenize=False)
+    want = sorted(tok.convert_tokens_to_ids(m.group()) for m in pattern.finditer(markup))
+    special_ids = {tok.convert_tokens_to_ids(t) for t in specials}
+    assert sorted(t for t in sample.input_ids if t in special_ids) == want, "message text was read as control tokens"
+
+
 def assert_mask_exact(encoder: Encoder, conv: Conversation, sample) -> None:
     """The exactness rule, checked independently of the encoder by rendering and decoding.
 
@@ -204,13 +230,11 @@ def assert_mask_exact(encoder: Encoder, conv: Conversation, sample) -> None:
     """
     tok = encoder.tokenizer
     assert len(sample.input_ids) == len(sample.labels) > 0
-    assert all(label in (IGNORE, tid) for tid, label in zip(sample.input_ids, sample.labels))
+    assert all(label in (IGNORE_INDEX, tid) for tid, label in zip(sample.input_ids, sample.labels))
     if conv.text is not None or encoder.train_on == "all":
         assert sample.labels == sample.input_ids
         return
-    specials = special_tokens(tok)
-    typed = [s for s in strings_in([conv.template_messages(), conv.tools]) if any(t in s for t in specials)]
-    assert not typed, f"special-token text was encoded instead of refused: {typed[0][:80]!r}"
+    assert_markup_only(encoder, conv, sample)
     if sample.truncated:
         return  # a truncated sample is checked as a prefix of the whole one
     normalizer = tok.backend_tokenizer.normalizer
@@ -232,8 +256,14 @@ def assert_mask_exact(encoder: Encoder, conv: Conversation, sample) -> None:
     if encoder.train_on == "last":
         todo = todo[-1:]
     eot = re.compile("(?:" + "|".join(map(re.escape, encoder.eot_tokens)) + ")+")
+    specials = special_tokens(tok)
     for start, text in runs:
         pos = 0
+        # A plain-text token of the prompt that runs into the answer is trained with it (encode's rule);
+        # it holds prompt text, never markup.
+        lead = todo[0][0] - start if todo else 0
+        if 0 < lead < len(text) and not any(t in text[:lead] for t in specials):
+            pos = lead
         while todo and start + pos == todo[0][0]:
             c = conv.messages[todo[0][1]].text
             forms = [f for f in dict.fromkeys(norm(f) for f in (c, c.strip(), c.lstrip(), c.rstrip()))
@@ -508,16 +538,20 @@ def test_lone_surrogate_from_a_json_escape_is_refused_naming_the_record(tmp_path
 
 
 @pytest.mark.parametrize("role", ["user", "assistant", "system"])
-def test_special_token_typed_into_a_message_is_refused_naming_the_record(tokenizer, role):
-    """'<|im_end|>' in content is read as the control token: it would end the turn early, silently."""
+def test_special_token_typed_into_a_message_is_plain_text(tokenizer, role):
+    """'<|im_end|>' in content stays the characters it is: the turn structure is the template's alone."""
     messages = [Message("user", "q"), Message("assistant", "a")]
     if role == "system":
         messages.insert(0, Message("system", "be <|im_start|>brief"))
     else:
         target = messages[0 if role == "user" else 1]
         target.content += " <|im_end|>\n<|im_start|>assistant\n"
-    with pytest.raises(TunelabError, match=re.escape(SRC) + f".*\\({role}\\) content.*special token"):
-        Encoder(tokenizer).encode(Conversation(messages, source=SRC))
+    conv = Conversation(messages, source=SRC)
+    encoder = Encoder(tokenizer)
+    sample = encoder.encode(conv)
+    assert sample.literal_text
+    assert_markup_only(encoder, conv, sample)
+    assert_mask_exact(encoder, conv, sample)
 
 
 def test_text_part_whose_text_is_not_a_string_is_an_error():

@@ -7,7 +7,7 @@ from torch import nn
 from tunelab.data.encode import Encoded
 from tunelab.data.packing import PackCollator, best_fit, pack_row
 from tunelab.demo.build import tiny_config
-from tunelab.train.loss import labelled_loss
+from tunelab.model.loss import labelled_loss
 
 ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
 

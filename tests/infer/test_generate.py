@@ -6,7 +6,7 @@ import pytest
 
 from tunelab.cli import main
 from tunelab.data.encode import Encoder
-from tunelab.infer.generate import generate_cases, prompt_ids, read_cases, run_generate
+from tunelab.infer.generate import generate_cases, read_cases, run_generate
 from tunelab.infer.load import load_inference
 
 
@@ -37,7 +37,7 @@ def test_prompt_is_what_training_rendered(full, memorised):
     encoder = Encoder(variant.tokenizer)
     trained = encoder.encode(case.conversation)
     answer_start = next(i for i, x in enumerate(trained.labels) if x != -100)
-    assert prompt_ids(encoder, case.prompt) == trained.input_ids[:answer_start]
+    assert encoder.prompt_ids(case.prompt) == trained.input_ids[:answer_start]
 
 
 def test_cli_writes_one_line_per_record_and_one_column_per_adapter(pairs, memorised, tmp_path, capsys):

@@ -193,7 +193,7 @@ def _driver() -> None:
 
     from tunelab.config import from_dict
     from tunelab.data.dataset import PadCollator, SampleDataset, build_datasets
-    from tunelab.data.templates import prepare_tokenizer
+    from tunelab.data.tokenizer import prepare_tokenizer
     from tunelab.train.run import prepare_model, training_arguments
     from tunelab.train.trainer import TunelabTrainer
 

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .encode import Encoded
+from ..config import DATA_KEYS
+from .encode import ENCODING_VERSION, Encoded
 
 log = logging.getLogger("tunelab")
-
-DATA_KEYS = ("dataset", "eval_dataset", "dataset_format", "columns", "template", "system", "cutoff_len",
-             "max_samples", "val_size", "train_on", "seed", "model_hub")
 
 
 def enabled() -> bool:
@@ -79,7 +77,7 @@ def cache_key(cfg, tokenizer) -> str | None:
     if any(d.startswith("hub:") for d in digests):
         return None
     options = {k: getattr(cfg, k) for k in DATA_KEYS}
-    blob = json.dumps({"v": __version__, "files": digests, "tok": _tokenizer_digest(tokenizer), "opts": options},
+    blob = json.dumps({"v": __version__, "encoding": ENCODING_VERSION, "files": digests, "tok": _tokenizer_digest(tokenizer), "opts": options},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

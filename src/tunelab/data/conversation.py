@@ -30,6 +30,12 @@ class Message:
         """The content as a template without an input section renders it."""
         return f"{self.content}\n\n{self.input}" if self.input else self.content
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Message":
+        """An OpenAI-style message dict (what chat history and serving hold) as a Message."""
+        known = {k: data[k] for k in ("reasoning_content", "tool_calls", "tool_call_id", "name") if data.get(k) is not None}
+        return cls(data["role"], data.get("content") or "", **known)
+
     def to_template(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.input:

@@ -14,7 +14,8 @@ from ..config import Config
 from ..errors import TunelabError
 from . import cache
 from .conversation import Conversation
-from .encode import IGNORE, Encoded, Encoder
+from ..constants import IGNORE_INDEX
+from .encode import Encoded, Encoder
 from .formats import detect_format, to_conversation
 from .readers import read_records
 
@@ -31,6 +32,7 @@ class DataStats:
     trained_tokens: int = 0
     total_tokens: int = 0
     ends_with_eot: int = 0
+    literal_text: int = 0  # records whose messages hold special-token text, kept as plain text
     kept: int = 0
 
 
@@ -43,18 +45,31 @@ class TokenizedData:
     encoder: Encoder
 
 
-def read_conversations(specs: list[str], cfg: Config, stats: DataStats | None = None) -> list[Conversation]:
+def read_conversations(specs: str | list[str], dataset_format: str = "auto", columns: dict | None = None,
+                       system: str | None = None, hub: str = "hf", max_samples: int | None = None,
+                       stats: DataStats | None = None) -> list[Conversation]:
+    """Files (or hub datasets) -> conversations: the one read path of training, generate, eval and export.
+
+    Each file's format is detected from its first record unless `dataset_format` names it.
+    """
     conversations = []
-    for spec in specs:
-        records = read_records(spec, cfg.model_hub)
+    for spec in [specs] if isinstance(specs, str) else specs:
+        records = read_records(spec, hub)
+        if max_samples is not None:
+            records = records[: max(0, max_samples - len(conversations))]
         if not records:
             continue
-        fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0], cfg.columns)
+        fmt = dataset_format if dataset_format != "auto" else detect_format(records[0], columns)
         for rec in records:
-            conversations.append(to_conversation(rec, fmt, cfg.columns, cfg.system))
+            conversations.append(to_conversation(rec, fmt, columns, system))
         if stats is not None:
             stats.records[fmt] += len(records)
     return conversations
+
+
+def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None = None,
+                         max_samples: int | None = None) -> list[Conversation]:
+    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, max_samples, stats)
 
 
 def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -90,6 +105,7 @@ def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataS
         stats.trained_tokens += sample.n_trained
         stats.total_tokens += len(sample.input_ids)
         stats.ends_with_eot += encoder.ends_with_eot(sample)
+        stats.literal_text += sample.literal_text
         kept.append(sample)
     stats.kept += len(kept)
     return kept
@@ -104,13 +120,13 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
         log.info("data: tokenized samples from the cache (%s)", cache.cache_dir() / f"{key}.npz")
         return TokenizedData(hit[0], hit[1], [], hit[2], encoder)
     stats = DataStats()
-    conversations = read_conversations(cfg.datasets, cfg, stats)
+    conversations = config_conversations(cfg, cfg.datasets, stats)
     if not conversations:
         raise TunelabError(f"{', '.join(cfg.datasets)}: the dataset is empty")
     if cfg.max_samples:
         conversations = conversations[: cfg.max_samples]
     if cfg.eval_datasets:
-        train_convs, eval_convs = conversations, read_conversations(cfg.eval_datasets, cfg)
+        train_convs, eval_convs = conversations, config_conversations(cfg, cfg.eval_datasets)
     else:
         train_convs, eval_convs = split(conversations, cfg.val_size, cfg.seed)
     train = encode_all(train_convs, encoder, stats)
@@ -147,7 +163,7 @@ class PadCollator:
         if self.multiple:
             width = -(-width // self.multiple) * self.multiple
         ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, b in enumerate(batch):
             n = len(b["input_ids"])

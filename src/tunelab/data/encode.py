@@ -1,13 +1,21 @@
 """Conversation -> (input_ids, labels): the one place that decides which tokens are trained.
 
-The trained tokens of an assistant turn are exactly its content plus the end-of-turn token(s) that
-follow it, for any Jinja chat template. The turn is located by rendering: the prompt for turn i
-(messages before it, with the generation prompt) must be a prefix of the whole rendered
-conversation, and the content follows where the template puts an answer. A template that is not
-prefix-stable cannot be split into turns, so it fails with the sample named instead of guessing.
-Text the tokenizer would read as a special token (`<|im_end|>` typed into a message) or cannot read
-at all (a lone surrogate from a JSON escape) is refused with the sample named: it would break the
-turn structure the mask relies on.
+Training ids are inference ids: the whole conversation is rendered with the chat template and
+tokenized in one piece, as `apply_chat_template` followed by the tokenizer would, and the labels are
+laid on those tokens by their character offsets. The one departure is that text inside messages is
+plain text (see `literal`): a `<|im_end|>` typed into a message is the tokens of its characters.
+
+The trained characters of an assistant turn are its content plus the end-of-turn token(s) after it,
+for any Jinja chat template. The turn is located by rendering: the prompt for turn i (messages
+before it, with the generation prompt) must be a prefix of the whole rendered conversation, and the
+content follows where the template puts an answer. A template that is not prefix-stable cannot be
+split into turns, so it fails with the sample named instead of guessing.
+
+A token is trained when it starts inside an answer span. Where a boundary falls inside a token, the
+token goes to the side it starts on, with one exception: a plain-text token that starts in the
+prompt and runs into the answer (a template whose prompt ends in text that merges with the answer's
+first characters, like `A: ` + `Seven` -> ` Seven`) is trained, since it carries the answer's text.
+A control token (`<|assistant|>\\n` swallowing the answer's leading whitespace) never is.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ import gc
 import re
 from dataclasses import dataclass
 
+from ..constants import IGNORE_INDEX
 from ..errors import TunelabError
 from .conversation import Conversation
+from .literal import PlainTextEncoder, Shield
 
-IGNORE = -100
+# Part of the tokenization cache key: bump it whenever the same inputs would encode differently.
+ENCODING_VERSION = 2
 _PROBE = "tunelab-probe-answer"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -32,10 +43,19 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
     source: str = ""
+    literal_text: bool = False  # the record's text held special-token text, encoded as plain text
 
     @property
     def n_trained(self) -> int:
-        return len(self.labels) - self.labels.count(IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
+
+
+@dataclass
+class _Plan:
+    text: str
+    spans: list[tuple[int, int]] | None  # trained character spans; None = every token
+    raw: bool = False  # plain text for continued pre-training: no template, eos appended
+    protected: list[tuple[int, int]] | None = None  # characters that came from messages holding special text
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -76,7 +96,11 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
 
 
 class Encoder:
-    """Renders and tokenizes conversations for one tokenizer (whose chat_template is already set)."""
+    """Renders and tokenizes conversations for one tokenizer (whose chat_template is already set).
+
+    Training, eval, chat, generate and the export proofs all encode through here, so a prompt served
+    later is token for token the prompt that was trained.
+    """
 
     def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None):
         self.tokenizer = tokenizer
@@ -86,18 +110,35 @@ class Encoder:
             [tokenizer.eos_token] if tokenizer.eos_token else [])
         self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
         self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
-        specials = special_tokens(tokenizer)
-        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self._special_heads = {t[:2] for t in specials}  # a cheap substring test before the regex
+        self._specials = special_tokens(tokenizer)
+        self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+        self._plain: PlainTextEncoder | None = None
+        self._markup_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
 
-    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False) -> str:
+    # ------------------------------------------------------------------ rendering
+
+    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False, tools=None) -> str:
+        """The template's text for `conv` (or `messages`), exactly as `apply_chat_template` renders it."""
         try:
             return self.tokenizer.apply_chat_template(
                 conv.template_messages() if messages is None else messages,
-                tools=conv.tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=conv.tools if tools is None else tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as exc:  # jinja raise_exception() and template bugs alike
             raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """The ids inference feeds the model for `conv` (which ends before the answer to generate)."""
+        self._check_text([conv.template_messages(), conv.tools], conv.source)
+        shield = Shield(self._specials)
+        messages, tools = shield.wrap(conv.template_messages()), shield.wrap(conv.tools)
+        text = self.render(conv, messages, add_generation_prompt=True, tools=tools)
+        text, _, protected = shield.unwrap(text, None, conv.source)
+        ids, _ = self._tokenize([_Plan(text, None, protected=protected)])[0]
+        return ids
+
+    # ------------------------------------------------------------------ encoding
 
     def encode(self, conv: Conversation) -> Encoded:
         return self.encode_many([conv])[0]
@@ -105,48 +146,38 @@ class Encoder:
     def encode_many(self, convs: list[Conversation]) -> list[Encoded]:
         """Encode a batch: templates render one by one, then a single tokenizer call covers every text.
 
-        The batched call lets a fast tokenizer spread the work over its threads; the labels come from
-        the offsets of the whole text, so they equal what `encode` gives one conversation at a time.
+        The batched call lets a fast tokenizer spread the work over its threads; each conversation's
+        tokens are those of its whole text, so the batch equals encoding one at a time.
         """
         with _gc_paused():  # a few objects per token, all kept: each collection they set off walks the whole heap
             plans = [self._plan(conv) for conv in convs]
-            tokenized = self._tokenize_batch([text for text, _, _ in plans])
-            return [self._label(conv, plan, ids, offsets) for conv, plan, (ids, offsets) in zip(convs, plans, tokenized)]
+            tokenized = self._tokenize(plans)
+            return [self._finish(conv, plan, ids, offsets) for conv, plan, (ids, offsets) in zip(convs, plans, tokenized)]
 
-    def _label(self, conv: Conversation, plan, ids: list[int], offsets) -> Encoded:
-        text, spans, raw = plan
-        if raw:
-            pair = self._wrap_text(ids)
-        elif spans is None:
-            pair = (ids, list(ids))
-        else:
-            pair = _labels_from_offsets(ids, offsets, spans) if offsets is not None else None
-            pair = pair or self._tokenize_by_segment(text, spans)
-        return self._finish(pair, conv.source)
-
-    def _plan(self, conv: Conversation) -> tuple[str, list[tuple[int, int]] | None, bool]:
-        """(rendered text, trained character spans or None for all, raw text?) for one conversation."""
+    def _plan(self, conv: Conversation) -> _Plan:
         if conv.text is not None:
-            self._check_text(conv.text, conv.source, "field 'text'", specials=False)
-            return conv.text, None, True
-        for i, message in enumerate(conv.template_messages()):
-            for key, value in message.items():
-                self._check_text(value, conv.source, f"message {i} ({message['role']}) {key}")
-        self._check_text(conv.tools, conv.source, "tools")
-        full = self.render(conv)
+            self._check_text(conv.text, conv.source)
+            # pre-training text is data through and through: any special-token text in it is plain text
+            return _Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))])
+        self._check_text([conv.template_messages(), conv.tools], conv.source)
+        shield = Shield(self._specials)
+        messages, tools = shield.wrap(conv.template_messages()), shield.wrap(conv.tools)
+        full = self.render(conv, messages, tools=tools)
         if self.train_on == "all":
-            return full, None, False
+            text, _, protected = shield.unwrap(full, None, conv.source)
+            return _Plan(text, None, protected=protected)
         turns = conv.assistant_indices
         if self.train_on == "last":
             turns = turns[-1:]
-        spans = [self._answer_span(conv, full, i) for i in turns]
-        for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        spans = [self._answer_span(conv, messages, tools, full, i) for i in turns]
+        for (_, e0), (s1, _) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
-        return full, spans, False
+        text, spans, protected = shield.unwrap(full, spans, conv.source)
+        return _Plan(text, spans, protected=protected)
 
-    def _check_text(self, value, source: str, field: str, specials: bool = True) -> None:
-        """Refuse text that cannot be tokenized as written: lone surrogates, special tokens typed as text."""
+    def _check_text(self, value, source: str) -> None:
+        """Refuse text that no tokenizer can read as written: a lone surrogate from a JSON escape."""
         stack = [value]
         while stack:  # iterative: tool calls may nest deeper than Python's recursion limit
             item = stack.pop()
@@ -154,20 +185,12 @@ class Encoder:
                 stack += [*item.keys(), *item.values()]
             elif isinstance(item, (list, tuple)):
                 stack += item
-            elif isinstance(item, str):
-                if (bad := _SURROGATE.search(item)) is not None:
-                    raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
-                                       "(from a JSON \\u escape?); expected valid Unicode text")
-                if specials and self._special_re is not None and any(p in item for p in self._special_heads) \
-                        and (hit := self._special_re.search(item)):
-                    raise TunelabError(
-                        f"{source}: {field} holds the text {hit.group()!r}, a special token of this tokenizer; "
-                        "it would be read as that control token and break the turn structure, so remove it"
-                    )
+            elif isinstance(item, str) and (bad := _SURROGATE.search(item)) is not None:
+                raise TunelabError(f"{source}: a message holds a lone surrogate U+{ord(bad.group()):04X} "
+                                   "(from a JSON \\u escape?); expected valid Unicode text")
 
-    def _answer_span(self, conv: Conversation, full: str, i: int) -> tuple[int, int]:
-        messages = conv.template_messages()
-        prompt = self.render(conv, messages[:i], add_generation_prompt=True)
+    def _answer_span(self, conv: Conversation, messages: list[dict], tools, full: str, i: int) -> tuple[int, int]:
+        prompt = self.render(conv, messages[:i], add_generation_prompt=True, tools=tools)
         if not full.startswith(prompt):
             raise TunelabError(
                 f"{conv.source}: the chat template does not render turn by turn (the prompt of assistant "
@@ -177,7 +200,7 @@ class Encoder:
         # Where the template puts an answer: found with a probe answer, so that text equal to the answer
         # elsewhere (a later user message, a template's reasoning block) is never taken for it.
         probe = [dict(m, content=_PROBE) if j == i else m for j, m in enumerate(messages)]
-        at = self.render(conv, probe).find(_PROBE, len(prompt))
+        at = self.render(conv, probe, tools=tools).find(_PROBE, len(prompt))
         content = messages[i]["content"]
         # the content as written, or as templates that trim render it
         rendered = [c for c in dict.fromkeys((content, content.lstrip(), content.rstrip(), content.strip()))
@@ -193,52 +216,75 @@ class Encoder:
                 return at, match.end()
         return at, ends[0]
 
-    def _tokenize_batch(self, texts: list[str]) -> list[tuple[list[int], list | None]]:
-        """(ids, character offsets or None) per text, from one call.
+    def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list | None]]:
+        """(ids, character offsets) per plan, from one call to the fast tokenizer's backend.
 
-        A fast tokenizer's Rust backend is called directly: transformers' wrapper gives the same ids
-        but spends as long again turning them into Python lists.
+        The backend is called directly: transformers' wrapper gives the same ids but spends as long
+        again turning them into Python lists. A tokenizer without a backend (a slow, pure-Python one)
+        has no offsets; its texts are tokenized between span edges instead (see `_by_segment`).
         """
-        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
-        if backend is None:
-            return [(self._tokenize(t), None) for t in texts]
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+        if not plans:
+            return []
+        if self._backend is None:
+            return [(None, None)] * len(plans)
+        out = [(e.ids, e.offsets) for e in self._backend.encode_batch([p.text for p in plans], add_special_tokens=False)]
+        for k, plan in enumerate(plans):
+            if plan.protected:
+                self._plain = self._plain or PlainTextEncoder(self.tokenizer)
+                out[k] = self._plain.fix(plan.text, *out[k], plan.protected)
+        return out
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _tokenize_by_segment(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """For a span edge inside a token (or a slow tokenizer): tokenize the pieces between edges apart."""
-        bounds = sorted({b for span in spans for b in span})
-        ids: list[int] = []
-        labels: list[int] = []
-        cuts = [0] + bounds + [len(text)]
-        for a, b in zip(cuts, cuts[1:]):
-            if a == b:
-                continue
-            seg = self._tokenize(text[a:b])
-            trained = any(s <= a and b <= e for s, e in spans)
-            ids += seg
-            labels += seg if trained else [IGNORE] * len(seg)
-        return ids, labels
-
-    def _wrap_text(self, ids: list[int]) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-            ids = [tok.bos_token_id] + ids
-        if tok.eos_token_id is not None:
-            ids = ids + [tok.eos_token_id]
-        return ids, list(ids)
-
-    def _finish(self, pair: tuple[list[int], list[int]], source: str) -> Encoded:
-        ids, labels = pair
+    def _finish(self, conv: Conversation, plan: _Plan, ids, offsets) -> Encoded:
+        if ids is None:
+            ids, labels = self._by_segment(plan)
+        elif plan.spans is None:
+            labels = list(ids)
+        else:
+            labels = self._labels(ids, offsets, plan.spans)
+        if plan.raw:
+            ids, labels = self._wrap_text(ids, labels)
         truncated = self.cutoff_len is not None and len(ids) > self.cutoff_len
         if truncated:
             ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
-        return Encoded(ids, labels, truncated, source)
+        literal = bool(plan.protected) and not plan.raw
+        return Encoded(ids, labels, truncated, conv.source, literal)
+
+    def _labels(self, ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+        """A token is trained when it starts inside a span, or is plain text running into one (module doc)."""
+        labels = [IGNORE_INDEX] * len(ids)
+        starts = [a for a, _ in offsets]
+        for a, b in spans:
+            i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
+            if i and offsets[i - 1][1] > a and ids[i - 1] not in self._markup_ids:
+                i -= 1
+            labels[i:j] = ids[i:j]
+        return labels
+
+    def _by_segment(self, plan: _Plan) -> tuple[list[int], list[int]]:
+        """Without offsets: the pieces between span edges are tokenized apart (slow tokenizers only)."""
+        spans = plan.spans or []
+        cuts = [0] + sorted({b for span in spans for b in span}) + [len(plan.text)]
+        ids: list[int] = []
+        labels: list[int] = []
+        for a, b in zip(cuts, cuts[1:]):
+            if a == b:
+                continue
+            seg = self.tokenizer(plan.text[a:b], add_special_tokens=False)["input_ids"]
+            trained = plan.spans is None or any(s <= a and b <= e for s, e in spans)
+            ids += seg
+            labels += seg if trained else [IGNORE_INDEX] * len(seg)
+        return ids, labels
+
+    def _wrap_text(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+            ids, labels = [tok.bos_token_id] + ids, [tok.bos_token_id] + labels
+        if tok.eos_token_id is not None:
+            ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+        return ids, labels
 
     def ends_with_eot(self, sample: Encoded) -> bool:
-        trained = [x for x in sample.labels if x != IGNORE]
+        trained = [x for x in sample.labels if x != IGNORE_INDEX]
         return bool(trained) and trained[-1] in self.eot_ids
 
 
@@ -251,18 +297,3 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
-    """Labels from whole-text token offsets, or None when a span edge falls inside a token.
-
-    Whole-text tokens are what inference sees, so they are preferred. A token is trained when it has
-    width and lies inside a span; spans are sorted and disjoint, token offsets sorted by start.
-    """
-    labels = [IGNORE] * len(ids)
-    for a, b in spans:
-        i, j = bisect.bisect_left(offsets, (a,)), bisect.bisect_left(offsets, (b,))
-        if (i and offsets[i - 1][1] > a) or (j and offsets[j - 1][1] > b):
-            return None
-        labels[i:j] = [t if offsets[k][1] > offsets[k][0] else IGNORE for k, t in enumerate(ids[i:j], i)]
-    return ids, labels

@@ -12,7 +12,8 @@ import bisect
 
 import torch
 
-from .encode import IGNORE, Encoded
+from ..constants import IGNORE_INDEX
+from .encode import Encoded
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -51,7 +52,7 @@ def pack_row(samples: list[Encoded]) -> dict:
     ids, labels, positions = [], [], []
     for s in samples:
         ids += s.input_ids
-        labels += [IGNORE] + s.labels[1:]
+        labels += [IGNORE_INDEX] + s.labels[1:]
         positions += range(len(s.input_ids))
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
@@ -77,7 +78,7 @@ class PackCollator:
         rows = [pack_row([samples[i] for i in b]) for b in bins]
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.arange(width).repeat(len(rows), 1)
         for row, r in enumerate(rows):
             n = len(r["input_ids"])

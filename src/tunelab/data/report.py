@@ -12,8 +12,9 @@ from typing import TextIO
 
 from ..config import Config
 from .dataset import TokenizedData, build_datasets
-from .encode import IGNORE, Encoded
-from .templates import prepare_tokenizer
+from ..constants import IGNORE_INDEX
+from .encode import Encoded
+from .tokenizer import prepare_tokenizer
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
 
@@ -28,7 +29,7 @@ def highlight(tokenizer, sample: Encoded, color: bool = True) -> str:
     on, off = (_ON, _OFF) if color else ("[[", "]]")
     parts, run, trained = [], [], None
     for tid, label in zip(sample.input_ids, sample.labels):
-        is_trained = label != IGNORE
+        is_trained = label != IGNORE_INDEX
         if trained is not None and is_trained != trained:
             parts.append((trained, tokenizer.decode(run)))
             run = []
@@ -62,6 +63,7 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     lines.append(f"trained tokens: {s.trained_tokens} of {s.total_tokens} ({share:.1%})")
     ok = "yes" if s.ends_with_eot == s.kept else f"NO ({s.kept - s.ends_with_eot} samples do not)"
     lines.append(f"labels end in an end-of-turn token {data.encoder.eot_tokens}: {ok}")
+    lines.append(f"records whose messages hold special-token text (encoded as plain text): {s.literal_text}")
     lines.append(f"template: {template}   train_on: {cfg.train_on}")
     for i, sample in enumerate(data.train[:n_samples]):
         lines.append(f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---")

@@ -18,7 +18,7 @@ from ..data.dataset import PadCollator
 from ..data.encode import Encoder
 from ..infer.generate import Case, generate_cases
 from ..infer.load import InferenceModel, Variant, run_config
-from ..train.trainer import causal_lm_loss
+from ..model.loss import causal_lm_loss, trained_positions
 from .metrics import score
 
 COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l",
@@ -40,7 +40,7 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
             batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i:i + batch_size]])
             batch = {k: v.to(im.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = trained_positions(batch["labels"])
             total += float(causal_lm_loss(logits, batch["labels"], num_items=1))
             count += n
             bar.update(len(batch["input_ids"]))

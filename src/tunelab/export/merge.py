@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from ..data.conversation import Conversation, Message
+from ..data.dataset import read_conversations
 from ..data.encode import Encoder
-from ..data.formats import detect_format, to_conversation
-from ..data.readers import read_records
 from ..errors import TunelabError
 from ..infer.load import load_inference, run_config, split_run_folder
 
@@ -58,24 +57,21 @@ def probe_conversations(adapter_dir: Path, n: int = 4) -> list[Conversation]:
     specs = settings.get("dataset") or []
     for spec in [specs] if isinstance(specs, str) else specs:
         try:
-            records = read_records(spec)
-            fmt = settings.get("dataset_format", "auto")
-            fmt = detect_format(records[0], settings.get("columns")) if fmt == "auto" else fmt
-            convs = [to_conversation(r, fmt, settings.get("columns"), settings.get("system")) for r in records[:n]]
-            if convs and all(c.text is None for c in convs):
-                return convs
-        except (TunelabError, OSError, IndexError):
+            convs = read_conversations(spec, settings.get("dataset_format", "auto"), settings.get("columns"),
+                                       settings.get("system"), max_samples=n)
+        except (TunelabError, OSError):
             continue
+        if convs and all(c.text is None for c in convs):
+            return convs
     return [Conversation([Message(r, c) for r, c in turns], source=f"probe {i}") for i, turns in enumerate(_PROBES)]
 
 
 def _ids(encoder: Encoder, conv: Conversation, prompt_only: bool) -> list[int]:
+    """The ids training saw for `conv`, or those inference feeds the model before its last answer."""
     if prompt_only:
         last = conv.assistant_indices[-1]
-        text = encoder.render(conv, conv.template_messages()[:last], add_generation_prompt=True)
-    else:
-        text = encoder.render(conv)
-    return encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encoder.prompt_ids(Conversation(conv.messages[:last], tools=conv.tools, source=conv.source))
+    return encoder.encode(conv).input_ids
 
 
 @torch.no_grad()
@@ -93,7 +89,7 @@ def _resolve_dtype(name: str, base_path: str) -> torch.dtype:
 
 
 def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str = "auto", shard_size: str = "5GB",
-                  verify: bool = True, overwrite: bool = False) -> ExportReport:
+                  verify: bool = True, overwrite: bool = False, trust_remote_code: bool = False) -> ExportReport:
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype: '{dtype}' is not one of auto, {', '.join(DTYPES)}")
     base, adapters = split_run_folder(model, [adapter] if adapter else None)
@@ -105,7 +101,8 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
     adapter_dir = Path(adapters[0])
     if Path(adapter_dir).resolve() == out.resolve():
         raise TunelabError("--output: must differ from the adapter folder")
-    im = load_inference(base, adapters, dtype=torch.float32)
+    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    trust = im.trust_remote_code
     variant = im.variants[0]
     if getattr(im.model.base_model.model, "is_quantized", False) or getattr(im.model, "is_loaded_in_4bit", False):
         raise TunelabError(f"export: the base '{base}' is quantized; merge into unquantized weights instead")
@@ -130,15 +127,18 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
     del merged, im
     report = ExportReport(str(out), str(target).replace("torch.", ""), stop_ids=list(variant.stop_ids))
     if verify:
-        verify_export(out, variant.tokenizer, convs, sequences, reference, report)
+        verify_export(out, variant.tokenizer, convs, sequences, reference, report, trust)
     (out / REPORT).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False), encoding="utf-8")
     return report
 
 
-def verify_folder(output_dir: str, model: str, adapter: str | None = None) -> ExportReport:
+def verify_folder(output_dir: str, model: str, adapter: str | None = None,
+                  trust_remote_code: bool = False) -> ExportReport:
     """Re-check an exported folder against base + adapter, e.g. after copying it or editing its files."""
-    base, adapters = split_run_folder(model, [adapter] if adapter else None)
-    im = load_inference(base, adapters, dtype=torch.float32)
+    _, adapters = split_run_folder(model, [adapter] if adapter else None)
+    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32,
+                        trust_remote_code=trust_remote_code)
+    trust = im.trust_remote_code
     variant = im.variants[0]
     convs = probe_conversations(Path(adapters[0]))
     encoder = Encoder(variant.tokenizer)
@@ -148,16 +148,16 @@ def verify_folder(output_dir: str, model: str, adapter: str | None = None) -> Ex
     config = json.loads((Path(output_dir) / "config.json").read_text())
     report = ExportReport(str(output_dir), config.get("dtype") or config.get("torch_dtype") or "float32",
                           stop_ids=list(variant.stop_ids))
-    return verify_export(Path(output_dir), variant.tokenizer, convs, sequences, reference, report)
+    return verify_export(Path(output_dir), variant.tokenizer, convs, sequences, reference, report, trust)
 
 
 def verify_export(out: Path, trained_tokenizer, convs: list[Conversation], sequences: list[list[int]],
-                  reference: list[torch.Tensor], report: ExportReport) -> ExportReport:
+                  reference: list[torch.Tensor], report: ExportReport, trust_remote_code: bool = False) -> ExportReport:
     """Reload the folder with plain transformers and compare with base + adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     dtype = getattr(torch, report.dtype)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     got = _logits(model, sequences)
     diff = max(float((a - b).abs().max()) for a, b in zip(got, reference))
     scale = max(1.0, max(float(r.abs().max()) for r in reference))
@@ -172,7 +172,7 @@ def verify_export(out: Path, trained_tokenizer, convs: list[Conversation], seque
         report.problems.append(f"merged logits differ from base + adapter by {diff:.3g} "
                                f"(tolerance {report.tolerance:.3g} for {report.dtype})")
 
-    exported = AutoTokenizer.from_pretrained(out)
+    exported = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
     trained_enc, exported_enc = Encoder(trained_tokenizer), Encoder(exported)
     report.prompts_identical = all(_ids(trained_enc, c, True) == _ids(exported_enc, c, True) and
                                    _ids(trained_enc, c, False) == _ids(exported_enc, c, False) for c in convs)

@@ -7,20 +7,27 @@ import threading
 
 import torch
 
+from ..data.conversation import Conversation, Message
+from ..data.encode import Encoder
 from .load import load_inference
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, system: str | None = None):
+    """A conversation with one model, rendered by the same `Encoder` training used (tools included)."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.encoder = Encoder(tokenizer)
         self.system = system
+        self.tools = tools
         self.history: list[dict] = []
 
     @classmethod
-    def load(cls, model: str, adapter: str | None = None, system: str | None = None) -> "ChatSession":
+    def load(cls, model: str, adapter: str | None = None, system: str | None = None,
+             trust_remote_code: bool = False) -> "ChatSession":
         """`model` may be a tunelab LoRA run folder on its own: its base comes from adapter_config.json."""
-        im = load_inference(model, [adapter] if adapter else None)
+        im = load_inference(model, [adapter] if adapter else None, trust_remote_code=trust_remote_code)
         variant = im.variants[0]
         im.model.generation_config.eos_token_id = variant.stop_ids or None
         return cls(im.model, variant.tokenizer, system)
@@ -31,8 +38,8 @@ class ChatSession:
         return [] if ids is None else ids if isinstance(ids, list) else [ids]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        conv = Conversation([Message.from_dict(m) for m in messages], tools=self.tools, source="chat")
+        return self.encoder.prompt_ids(conv)
 
     def generate(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
                  streamer=None) -> str:

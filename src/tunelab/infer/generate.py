@@ -14,9 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.conversation import Conversation
+from ..data.dataset import read_conversations
 from ..data.encode import Encoder
-from ..data.formats import detect_format, to_conversation
-from ..data.readers import read_records
 from ..errors import TunelabError
 from .load import InferenceModel, Variant
 
@@ -35,24 +34,17 @@ class Case:
 
 def read_cases(path: str, dataset_format: str = "auto", columns: dict | None = None, system: str | None = None,
                max_samples: int | None = None) -> list[Case]:
-    records = read_records(path)
-    if not records:
+    conversations = read_conversations(path, dataset_format, columns, system, max_samples=max_samples)
+    if not conversations:
         raise TunelabError(f"{path}: the dataset is empty")
-    fmt = dataset_format if dataset_format != "auto" else detect_format(records[0], columns)
-    if fmt == "text":
+    if any(conv.text is not None for conv in conversations):
         raise TunelabError(f"{path}: plain text records have no prompt and reference; use a chat or instruction format")
     cases = []
-    for rec in records[:max_samples]:
-        conv = to_conversation(rec, fmt, columns, system)
+    for conv in conversations:
         last = conv.assistant_indices[-1]
         prompt = Conversation(conv.messages[:last], tools=conv.tools, source=conv.source)
         cases.append(Case(conv, prompt, conv.messages[last].content, conv.source))
     return cases
-
-
-def prompt_ids(encoder: Encoder, conv: Conversation) -> list[int]:
-    text = encoder.render(conv, add_generation_prompt=True)
-    return encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _batches(order: list[int], size: int):
@@ -65,7 +57,7 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
     """Fill `case.predictions[variant.label]`; prompts are left-padded and batched by length."""
     tok = variant.tokenizer
     encoder = Encoder(tok)
-    prompts = [prompt_ids(encoder, c.prompt) for c in cases]
+    prompts = [encoder.prompt_ids(c.prompt) for c in cases]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (variant.stop_ids or [0])[0]
     stops = set(variant.stop_ids)
     order = sorted(range(len(cases)), key=lambda i: -len(prompts[i]))

@@ -1,8 +1,13 @@
 """Load a model for inference the way training left it: base + adapters, each with its saved template.
 
 A LoRA run folder holds the adapter, the tokenizer with the chat template it was trained with,
-and the stop ids; a base model holds its own. Every later step (chat, generate, eval, export)
-loads through here, so none of them re-guesses what training did.
+and the stop ids; a base model holds its own. Every later step (chat, generate, eval, export,
+sweep) loads through here, and the base itself through the model loader training uses, so none
+of them re-guesses what training did or misses a repair it made.
+
+Remote code runs only when asked: a run folder named as `--model` remembers its `trust_remote_code`
+(it vouches for the base it recorded); a base named explicitly needs `trust_remote_code=True`
+(`--trust-remote-code`), as everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ import torch
 import yaml
 
 from ..errors import TunelabError
-from ..model.loader import check_weights_format, load_tokenizer, resolve_model_path
+from ..data.encode import Encoder
+from ..data.tokenizer import load_tokenizer
+from ..hub import resolve_model_path
+from ..model.adapters import load_adapter
+from ..model.loader import check_weights_format, load_model
 
 BASE = "none"  # `--adapter none`: the base model, adapters switched off
 
@@ -64,14 +73,15 @@ def check_same_base(adapter_dir: Path, base_path: str) -> None:
                                f"--model '{base_path}' ({diff})")
 
 
-def _stop_ids(folder: Path | None, fallback) -> list[int]:
+def _stop_ids(folder: Path, tokenizer) -> list[int]:
+    """The saved stop ids, plus every end-of-turn id of the template (a base model's config often lacks them)."""
     from transformers import GenerationConfig
 
-    if folder is not None and (folder / "generation_config.json").exists():
+    ids = tokenizer.eos_token_id
+    if (folder / "generation_config.json").exists():
         ids = GenerationConfig.from_pretrained(folder).eos_token_id
-    else:
-        ids = fallback
-    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    saved = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return list(dict.fromkeys([*saved, *Encoder(tokenizer).eot_ids]))
 
 
 def _tokenizer_for(folder: Path, base_path: str, trust: bool):
@@ -94,10 +104,13 @@ def _label(path: str, taken: set) -> str:
 class InferenceModel:
     """A base model with zero or more adapters; `use(variant)` switches between them in place."""
 
-    def __init__(self, model, base_path: str, variants: list[Variant]):
+    def __init__(self, model, base_path: str, variants: list[Variant], trust_remote_code: bool = False,
+                 notes: list[str] | None = None):
         self.model = model.eval()
         self.base_path = base_path
         self.variants = variants
+        self.trust_remote_code = trust_remote_code
+        self.notes = notes or []
 
     @property
     def device(self):
@@ -128,9 +141,8 @@ def split_run_folder(model: str, adapters: list[str] | None) -> tuple[str, list[
 
 
 def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.dtype | None = None,
-                   device: str | None = None) -> InferenceModel:
-    from transformers import AutoModelForCausalLM
-
+                   device: str | None = None, trust_remote_code: bool = False) -> InferenceModel:
+    named = Path(model)
     model, adapters = split_run_folder(model, adapters)
     for a in adapters:
         if a != BASE and not (Path(a) / "adapter_config.json").exists():
@@ -138,67 +150,29 @@ def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.d
                                else f"--adapter: folder '{a}' not found")
     base_path = resolve_model_path(model)
     settings = [run_config(Path(p)) for p in [base_path, *adapters] if p != BASE]
-    trust = any(s.get("trust_remote_code") for s in settings)
+    trust = trust_remote_code or bool(named.is_dir() and run_config(named).get("trust_remote_code"))
     allow_pickle = any(s.get("allow_pickle") for s in settings)
     check_weights_format(base_path, allow_pickle, "--model")
     for a in adapters:
         if a != BASE:
             check_weights_format(a, allow_pickle, "--adapter")
-    for a in adapters:
-        if a != BASE:
             check_same_base(Path(a), base_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust,
-                                                  use_safetensors=None if allow_pickle else True)
-    except (OSError, ValueError) as exc:
-        raise TunelabError(f"--model: cannot load '{base_path}' ({str(exc).splitlines()[0]})") from None
+    notes: list[str] = []
+    lm = load_model(base_path, dtype, "auto", trust, allow_pickle, notes=notes)
 
     variants, taken = [], set()
     if not adapters:
         tok = _tokenizer_for(Path(base_path), base_path, trust)
-        variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok.eos_token_id)))
+        variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok)))
     base_tok = None
     for i, a in enumerate(adapters):
         if a == BASE:
             base_tok = base_tok or _tokenizer_for(Path(base_path), base_path, trust)
-            variants.append(Variant(_label("base", taken), base_tok,
-                                    _stop_ids(Path(base_path), base_tok.eos_token_id)))
+            variants.append(Variant(_label("base", taken), base_tok, _stop_ids(Path(base_path), base_tok)))
             continue
         tok = _tokenizer_for(Path(a), base_path, trust)
-        rows = lm.get_input_embeddings().weight.shape[0]
-        if len(tok) > rows:
-            if not _adapter_has_embeddings(Path(a)):
-                raise TunelabError(f"--adapter: '{a}' has a tokenizer of {len(tok)} tokens but the base has "
-                                   f"{rows} embedding rows and the adapter carries no embeddings")
-            lm.resize_token_embeddings(len(tok))
-        lm = _attach(lm, a, f"adapter{i}")
-        variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok.eos_token_id), a, f"adapter{i}"))
-    return InferenceModel(lm.to(device), base_path, variants)
-
-
-def _adapter_has_embeddings(folder: Path) -> bool:
-    from safetensors import safe_open
-
-    weights = folder / "adapter_model.safetensors"
-    if not weights.exists():
-        return False
-    with safe_open(str(weights), "pt") as f:
-        return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
-
-
-def _attach(lm, adapter: str, name: str):
-    from peft import PeftModel
-
-    try:
-        if isinstance(lm, PeftModel):
-            lm.load_adapter(adapter, adapter_name=name)
-            return lm
-        return PeftModel.from_pretrained(lm, adapter, adapter_name=name)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise TunelabError(f"--adapter: '{adapter}' does not fit this base model ({str(exc).splitlines()[0][:300]})") \
-            from None
-    except Exception as exc:  # a truncated or garbage safetensors file
-        raise TunelabError(f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        lm = load_adapter(lm, a, f"adapter{i}", len(tok))
+        variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok), a, f"adapter{i}"))
+    return InferenceModel(lm.to(device), base_path, variants, trust, notes)

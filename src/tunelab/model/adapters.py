@@ -7,8 +7,11 @@ by construction). Fused `qkv_proj` / `gate_up_proj` are ordinary Linears and are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import warnings
+from pathlib import Path
 
 from torch import nn
 
@@ -20,6 +23,15 @@ _NOT_LANGUAGE = ("vision", "visual", "multi_modal_projector", "mm_projector", "a
 _LAYER_LISTS = ("layers", "h", "blocks", "block", "decoder_layers")
 _ROUTERS = ("gate", "router", "shared_expert_gate", "gating", "w_gate")
 _EXPERTS = ("experts",)
+
+
+@contextlib.contextmanager
+def quiet_deprecations():
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecated: a warning on every
+    run that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def linear_modules(model: nn.Module) -> list[str]:
@@ -116,7 +128,46 @@ def attach_lora(model: nn.Module, cfg) -> nn.Module:
         task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none",
     )
-    model = get_peft_model(model, lora)
+    with quiet_deprecations():
+        model = get_peft_model(model, lora)
     log.info("LoRA r=%d alpha=%d on %d modules (%s)", cfg.lora_r, cfg.lora_alpha, len(chosen),
              targets if isinstance(targets, str) else ", ".join(targets))
     return model
+
+
+def adapter_has_embeddings(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        return False
+    with safe_open(str(weights), "pt") as f:
+        return any("embed_tokens" in k or "lm_head" in k for k in f.keys())
+
+
+def load_adapter(lm: nn.Module, adapter: str, name: str, tokenizer_size: int) -> nn.Module:
+    """`lm` with the adapter in folder `adapter` loaded as `name` (a PeftModel; later adapters join it).
+
+    A tokenizer larger than the base's embeddings (tokens added in training) needs embeddings the
+    adapter carries; without them the new rows would be random, so that is refused.
+    """
+    from peft import PeftModel
+
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if tokenizer_size > rows:
+        if not adapter_has_embeddings(Path(adapter)):
+            raise TunelabError(f"--adapter: '{adapter}' has a tokenizer of {tokenizer_size} tokens but the base has "
+                               f"{rows} embedding rows and the adapter carries no embeddings")
+        lm.resize_token_embeddings(tokenizer_size)
+    try:
+        if isinstance(lm, PeftModel):
+            lm.load_adapter(adapter, adapter_name=name)
+            return lm
+        with quiet_deprecations():
+            return PeftModel.from_pretrained(lm, adapter, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TunelabError(f"--adapter: '{adapter}' does not fit this base model ({str(exc).splitlines()[0][:300]})") \
+            from None
+    except Exception as exc:  # a truncated or garbage safetensors file
+        raise TunelabError(f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None

@@ -27,8 +27,9 @@ from torch import nn
 from ..config import Config
 from ..errors import TunelabError
 from .adapters import decoder_layer, resolve_targets
-from ..train.loss import CHUNK_ROWS, supports_labelled_loss
-from .loader import attention_implementation, compute_dtype, resolve_model_path
+from .loss import CHUNK_ROWS, supports_labelled_loss
+from ..hub import resolve_model_path
+from .loader import attention_implementation, compute_dtype
 
 GiB, MiB = 2 ** 30, 2 ** 20
 _OUT_PROJ = ("o_proj", "out_proj", "dense", "wo", "c_proj", "o")  # its input is the saved attention output

@@ -1,68 +1,23 @@
-"""Find and load a model and its tokenizer: a local folder, the HF hub, or ModelScope."""
+"""Load a model's weights for any command, with every known repair applied once.
+
+Training, chat, generate, eval, export and sweep all load a base model through `load_model`, so a
+repair made for training (a remote-code `get_input_embeddings` that raises, which peft calls when
+it attaches or loads an adapter) holds on every path, and each is reported once, in the log and in
+the returned notes.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from ..errors import TunelabError
+from ..hub import remote_code_error
 
 log = logging.getLogger("tunelab")
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False, allow_pickle: bool = False) -> str:
-    """A local folder as is; a hub id downloaded (or found in the cache) and returned as a folder.
-
-    `config_only` fetches the json and code files alone: enough to size a model before renting a GPU.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path)
-    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise TunelabError(f"model: folder '{model}' not found (and it is not a hub id like 'Qwen/Qwen2.5-7B-Instruct')")
-    try:
-        patterns = ["*.json", "*.py"] if config_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
-                                                            "*.jinja", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
-        if hub == "modelscope":
-            from modelscope import snapshot_download as ms_download
-
-            return ms_download(model, allow_patterns=patterns)
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, allow_patterns=patterns)
-    except ImportError as exc:
-        raise TunelabError(f"model: the {hub} hub needs an extra package ({exc.name}); "
-                           f"pip install 'tunelab[{hub}]'") from None
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise TunelabError(f"model: '{model}' is not a local folder and could not be fetched from the {hub} hub "
-                           f"({type(exc).__name__}: {first})") from None
-
-
-def _remote_code_error(model: str, exc: Exception) -> TunelabError:
-    return TunelabError(
-        f"model: '{model}' ships its own Python code; set trust_remote_code: true only if you trust its "
-        f"author, since that code runs on this machine ({str(exc).splitlines()[0]})"
-    )
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise _remote_code_error(path, exc) from None
-        raise TunelabError(f"model: cannot load the tokenizer of '{path}' ({exc})") from None
-    except OSError as exc:
-        raise TunelabError(f"model: cannot load the tokenizer of '{path}' ({str(exc).splitlines()[0]})") from None
 
 
 def compute_dtype(bf16: bool | None, fp16: bool | None) -> torch.dtype:
@@ -103,7 +58,26 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, notes: list[str] | None = None):
+    """The base model of `path`, repaired; each repair's one-line note is appended to `notes`."""
+    from .quirks import fix_input_embeddings
+
+    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle)
+    found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
+    if notes is not None:
+        notes += found
+    return model
+
+
+def _remote_code_note(model, path: str) -> str | None:
+    if type(model).__module__.startswith("transformers."):
+        return None
+    msg = f"'{path}' runs its own model code ({type(model).__name__}, trust_remote_code)"
+    log.info(msg)
+    return msg
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -111,20 +85,23 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise _remote_code_error(path, exc) from None
+            raise remote_code_error(path, exc) from None
         raise TunelabError(f"model: cannot read the config of '{path}' ({exc})") from None
     except OSError as exc:
         raise TunelabError(f"model: '{path}' has no usable config.json ({str(exc).splitlines()[0]})") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     impl = attention_implementation(attn)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=impl, **kwargs)
-    except (ValueError, ImportError) as exc:
-        if impl == "sdpa" or attn != "auto":
-            raise TunelabError(f"model: cannot load '{path}' ({str(exc).splitlines()[0]})") from None
-        log.info("attention %s unavailable for this model (%s); using sdpa", impl, str(exc).splitlines()[0])
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation="sdpa", **kwargs)
-    except OSError as exc:
-        raise TunelabError(f"model: cannot load weights from '{path}' ({str(exc).splitlines()[0]})") from None
+    # auto: FlashAttention-2 or sdpa, then whatever the model supports (remote code may know only eager)
+    tries = [impl] + (["sdpa", None] if attn == "auto" else [])
+    for choice in dict.fromkeys(tries):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=choice, **kwargs)
+            break
+        except (ValueError, ImportError) as exc:
+            if choice is None or attn != "auto":
+                raise TunelabError(f"model: cannot load '{path}' ({str(exc).splitlines()[0]})") from None
+            log.info("attention %s unavailable for this model (%s)", choice, str(exc).splitlines()[0])
+        except OSError as exc:
+            raise TunelabError(f"model: cannot load weights from '{path}' ({str(exc).splitlines()[0]})") from None
     return model
 

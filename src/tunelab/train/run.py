@@ -5,6 +5,7 @@ Everything that can fail on user input is checked before anything is written to 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -19,15 +20,14 @@ import yaml
 from transformers import ProgressCallback
 
 from .. import __version__
-from ..config import Config, dump_config
+from ..config import RESUME_MAY_CHANGE, Config, dump_config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
 from ..data.packing import PackCollator, packing_is_exact
-from ..data.templates import prepare_tokenizer
+from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
 from ..model.adapters import attach_lora
 from ..model.loader import compute_dtype, load_model
-from ..model.quirks import (count_parameters, enable_gradient_checkpointing, ensure_pad_token,
-                            fix_input_embeddings, set_stop_ids)
+from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
 from .checkpoints import complete_checkpoints, latest_checkpoint, remove_leftovers
@@ -74,13 +74,6 @@ def plan_output_dir(cfg: Config) -> str | None:
     return None
 
 
-# What a resumed run may change: how long it trains and how it logs and saves, not what a step computes.
-RESUME_MAY_CHANGE = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "run_name", "num_train_epochs",
-    "max_steps", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "per_device_eval_batch_size",
-    "on_bad_loss", "loss_spike_factor"})
-
-
 def _comparable(key: str, value):
     if key in ("model", "dataset", "eval_dataset"):
         paths = value if isinstance(value, list) else [value]
@@ -114,8 +107,8 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
 
     set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
     dtype = compute_dtype(cfg.bf16, cfg.fp16)
-    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle)
-    notes = [n for n in [fix_input_embeddings(model)] if n]
+    notes: list[str] = []
+    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
@@ -166,7 +159,6 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         report_to=report,
         run_name=cfg.run_name or Path(cfg.output_dir).name,
         remove_unused_columns=False,
-        gradient_checkpointing=False,  # enabled by tunelab with the right options, see quirks
         disable_tqdm=False,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
@@ -181,8 +173,9 @@ def _callbacks(cfg: Config, counter: TokenCounter) -> list:
         except ImportError:
             raise TunelabError("report_to: 'swanlab' needs the swanlab package; pip install 'tunelab[swanlab]'") from None
         mode = os.environ.get("SWANLAB_MODE", "offline")
+        folder = "log_dir" if "log_dir" in inspect.signature(SwanLabCallback.__init__).parameters else "logdir"
         callbacks.append(SwanLabCallback(project="tunelab", experiment_name=cfg.run_name or Path(cfg.output_dir).name,
-                                         mode=mode, logdir=str(Path(cfg.output_dir) / "swanlog")))
+                                         mode=mode, **{folder: str(Path(cfg.output_dir) / "swanlog")}))
     return callbacks
 
 
@@ -192,7 +185,9 @@ def train(cfg: Config) -> TrainResult:
     resume = plan_output_dir(cfg)
     check_resume_config(cfg, resume)
     tokenizer, model_path, template = prepare_tokenizer(cfg)
+    data_started = time.perf_counter()
     data = build_datasets(cfg, tokenizer)
+    data_seconds = time.perf_counter() - data_started
     log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
              data.stats.trained_tokens)
     model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path)
@@ -256,7 +251,8 @@ def train(cfg: Config) -> TrainResult:
         "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
-        "packing": packing, "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
+        "packing": packing, "labelled_loss": trainer.labelled_loss, "data_seconds": round(data_seconds, 4),
+        "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
     }
     staged = out / f".{SUMMARY}.tmp"
     staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))

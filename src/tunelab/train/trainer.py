@@ -6,29 +6,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import Trainer
 
 from . import checkpoints
 from .guards import LossGuard
-from .loss import labelled_loss, supports_labelled_loss
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
-    """Shifted cross-entropy over labelled positions, summed, divided by the trained-token count.
-
-    Computed here rather than by the model, so a model whose forward ignores `labels` still trains,
-    and so gradient accumulation weighs every trained token equally.
-    """
-    logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(logits.device)
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-    if num_items is None:
-        num_items = (targets != -100).sum()
-    if not torch.is_tensor(num_items):
-        num_items = torch.tensor(num_items)
-    return loss / num_items.to(loss.device).clamp(min=1)
+from ..model.loss import causal_lm_loss, labelled_loss, supports_labelled_loss, trained_positions
 
 
 class TokenCounter:
@@ -106,7 +88,7 @@ class TunelabTrainer(Trainer):
         if return_outputs or not self.labelled_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            self.token_counter.trained += int((inputs["labels"][:, 1:] != -100).sum())
+            self.token_counter.trained += trained_positions(inputs["labels"])
         loss = labelled_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -115,5 +97,5 @@ class TunelabTrainer(Trainer):
     def _loss(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         if self.model.training:
-            self.token_counter.trained += int((labels[:, 1:] != -100).sum())
+            self.token_counter.trained += trained_positions(labels)
         return causal_lm_loss(logits, labels, num_items_in_batch)

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from tunelab.cli import main
-from tunelab.train import sweep as sweep_module
-from tunelab.train.sweep import parse_grid, run_sweep
+from tunelab import sweep as sweep_module
+from tunelab.sweep import parse_grid, run_sweep
 
 
 @pytest.fixture()

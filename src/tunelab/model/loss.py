@@ -17,7 +17,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..data.encode import IGNORE
+from ..constants import IGNORE_INDEX
 
 # Causal LMs whose logits are lm_head(final hidden state) [* soft cap]; anything else uses the plain loss.
 PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma",
@@ -108,6 +108,33 @@ def _head_loss(hidden, weight, targets, softcap: float, chunk: int) -> torch.Ten
     return _ChunkedHeadCE.apply(hidden, weight, targets, float(softcap), chunk)
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -> torch.Tensor:
+    """Shifted cross-entropy over labelled positions, summed, divided by `num_items` (default: their count).
+
+    Computed here rather than by the model, so a model whose forward ignores `labels` still trains,
+    and so gradient accumulation weighs every trained token equally. Eval calls it too, so an eval
+    loss is the training loss on other data.
+    """
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / _normaliser(num_items, targets != IGNORE_INDEX, loss.device)
+
+
+def _normaliser(num_items, keep: torch.Tensor, device) -> torch.Tensor:
+    if num_items is None:
+        num_items = keep.sum()
+    if not torch.is_tensor(num_items):
+        num_items = torch.tensor(num_items)
+    return num_items.to(device).clamp(min=1)
+
+
+def trained_positions(labels: torch.Tensor) -> int:
+    """Tokens a shifted loss predicts: labelled positions after the first."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) -> torch.Tensor:
     """Summed cross-entropy over labelled positions divided by `num_items` (trained tokens in the step)."""
     lm = _causal_lm(model)
@@ -115,13 +142,9 @@ def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) 
     body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = lm.model(**body_inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:].to(hidden.device)
-    keep = targets != IGNORE
+    keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None) or 0.0
     loss = _head_loss(picked, head.weight, targets[keep], float(softcap), chunk)
-    if num_items is None:
-        num_items = keep.sum()
-    if not torch.is_tensor(num_items):
-        num_items = torch.tensor(num_items)
-    return loss / num_items.to(loss.device).clamp(min=1)
+    return loss / _normaliser(num_items, keep, loss.device)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tunelab.demo.build import tiny_config
-from tunelab.train.loss import labelled_loss, supports_labelled_loss
-from tunelab.train.trainer import causal_lm_loss
+from tunelab.model.loss import labelled_loss, supports_labelled_loss
+from tunelab.model.loss import causal_lm_loss
 
 ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
 
@@ -100,7 +100,7 @@ class _StandInLiger(torch.nn.Module):
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
 def test_on_a_gpu_liger_gets_the_gathered_rows_in_its_argument_order(arch, monkeypatch):
-    from tunelab.train import loss
+    from tunelab.model import loss
 
     model, batch = _model(arch), _batch()
     plain, *_ = _both(model, batch)
@@ -115,6 +115,6 @@ def test_on_a_gpu_liger_gets_the_gathered_rows_in_its_argument_order(arch, monke
 
 
 def test_liger_is_never_used_on_cpu():
-    from tunelab.train import loss
+    from tunelab.model import loss
 
     assert not loss._use_liger(torch.zeros(2, 2))

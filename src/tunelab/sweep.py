@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import FIELDS, Config, load_config, unknown_key
-from ..errors import TunelabError
-from .callbacks import read_metrics
-from .run import SUMMARY, train
+from .config import FIELDS, Config, load_config, unknown_key
+from .errors import TunelabError
+from .train.callbacks import read_metrics
+from .train.run import SUMMARY, train
 
 log = logging.getLogger("tunelab")
 
@@ -108,9 +108,9 @@ def plan_sweep(config_path: str, pairs: list[str]) -> tuple[list[SweepPoint], Pa
 
 
 def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch_size: int) -> dict:
-    from ..eval.evaluate import evaluate
-    from ..infer.generate import read_cases
-    from ..infer.load import load_inference
+    from .eval.evaluate import evaluate
+    from .infer.generate import read_cases
+    from .infer.load import load_inference
 
     cache = point.output_dir / EVAL_CACHE
     key = {"dataset": str(Path(eval_dataset).resolve()), "max_new_tokens": max_new_tokens}
@@ -169,7 +169,7 @@ def run_sweep(config_path: str, pairs: list[str], eval_dataset: str | None = Non
 
 
 def write_sweep(rows: list[dict], points: list[SweepPoint], root: Path) -> None:
-    from ..eval.evaluate import markdown_table, write_table
+    from .eval.evaluate import markdown_table, write_table
 
     columns = list(rows[0])
     write_table(rows, root, "sweep", columns)
