@@ -69,3 +69,17 @@ def load(family: str, workdir: Path):
             setattr(tok, key, value)
     tok.chat_template = template
     return tok
+
+
+def builtin_styled(tokenizer, name: str):
+    """A copy of a test tokenizer with tunelab's built-in template `name` and the special tokens it writes."""
+    import copy
+
+    from tunelab.data.templates import BUILTIN, REQUIRED_TOKENS
+
+    tok = copy.deepcopy(tokenizer)
+    if REQUIRED_TOKENS[name]:
+        tok.add_special_tokens({"additional_special_tokens": list(REQUIRED_TOKENS[name])},
+                               replace_extra_special_tokens=False)
+    tok.chat_template = BUILTIN[name]
+    return tok

@@ -13,7 +13,6 @@ import pytest
 from tunelab.data.conversation import Conversation, Message
 from tunelab.constants import IGNORE_INDEX
 from tunelab.data.encode import Encoder, end_of_turn_tokens
-from tunelab.data.templates import BUILTIN
 from tunelab.errors import TunelabError
 
 _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
@@ -48,15 +47,7 @@ def trained_spans(tok, sample):
 @pytest.fixture()
 def styled(tokenizer):
     """The test tokenizer with a chosen built-in template and that template's special tokens."""
-    def make(name):
-        tok = copy.deepcopy(tokenizer)
-        extra = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                 "gemma": ["<start_of_turn>", "<end_of_turn>"]}.get(name, [])
-        if extra:
-            tok.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
-        tok.chat_template = BUILTIN[name]
-        return tok
-    return make
+    return lambda name: real_tokenizers.builtin_styled(tokenizer, name)
 
 
 @pytest.mark.parametrize("style", ["chatml", "gemma", "llama3", "alpaca", "dolly"])

@@ -9,7 +9,6 @@ place tunelab departs from that reference, on purpose: those characters stay tex
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -50,13 +49,7 @@ def reference_ids(tok, messages, generation_prompt=False) -> list[int]:
 
 def tokenizer_for(family, tmp_path, test_tokenizer):
     if family in BUILTIN:
-        tok = copy.deepcopy(test_tokenizer)
-        extra = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                 "gemma": ["<start_of_turn>", "<end_of_turn>"]}.get(family, [])
-        if extra:
-            tok.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
-        tok.chat_template = BUILTIN[family]
-        return tok
+        return real_tokenizers.builtin_styled(test_tokenizer, family)
     if not real_tokenizers.available(family):
         pytest.skip(f"../shared/tokenizers/{family} not present")
     return real_tokenizers.load(family, tmp_path)
