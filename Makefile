@@ -33,3 +33,8 @@ bench: $(VENV)/.installed-bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# Realistic bugs put into a scratch copy of src/, one at a time; fails if the tests let one through.
+.PHONY: mutation
+mutation: venv
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)

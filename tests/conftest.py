@@ -61,6 +61,32 @@ def chat_file(tmp_path):
     return str(path)
 
 
+RUN_DEFAULTS = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, save_steps=1000)
+
+
+@pytest.fixture()
+def run_config(request, tmp_path, chat_file):
+    """run_config(**keys) -> a validated Config: a short LoRA run of the tiny llama on `chat_file`
+    into tmp_path/'run'; keys given override (model, dataset, output_dir too; paths may be Path objects).
+
+    Defaults are RUN_DEFAULTS, else Config's own: a test passes every value it relies on.
+    run_config.data(**keys) is the same mapping unvalidated, e.g. to write a YAML config.
+    The tiny llama is built only when `model` is not given."""
+    from tunelab.config import from_dict
+
+    def data(**keys) -> dict:
+        keys = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in keys.items()}
+        base = dict(dataset=chat_file, output_dir=str(tmp_path / "run"), **RUN_DEFAULTS)
+        if "model" not in keys:
+            base["model"] = request.getfixturevalue("llama_dir")
+        return {**base, **keys}
+
+    def make(**keys):
+        return from_dict(data(**keys))
+    make.data = data
+    return make
+
+
 @pytest.fixture()
 def write_data(tmp_path):
     """write_data(name, rows) -> path: JSONL for .jsonl names, a JSON array for .json."""

@@ -12,13 +12,11 @@ from tunelab.cli import main
 
 
 @pytest.fixture()
-def config(tmp_path, llama_dir, chat_file):
+def config(tmp_path, run_config):
+    """config(**keys) -> the path of a YAML file holding run_config's keys, into tmp_path/'out'."""
     def write(**kw):
-        data = dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / "out"), max_steps=2,
-                    per_device_train_batch_size=4, logging_steps=1)
-        data.update(kw)
         path = tmp_path / "run.yaml"
-        path.write_text(yaml.safe_dump(data))
+        path.write_text(yaml.safe_dump(run_config.data(**{"output_dir": tmp_path / "out", **kw})))
         return str(path)
     return write
 
@@ -136,3 +134,24 @@ def test_estimate_prints_parameters_and_a_memory_breakdown(capsys, config):
 
 def test_estimate_of_a_missing_model_is_one_line(capsys, config, tmp_path):
     assert one_line_error(capsys, "estimate", config(model=str(tmp_path / "nope"))).startswith("tunelab: error: model:")
+
+
+def test_train_help_lists_every_config_key_with_its_help(capsys):
+    from tunelab.config import FIELDS
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for name, field in FIELDS.items():
+        assert f"\n  {name}" in out or f"\n{name}" in out, name
+        assert field.metadata["help"].split()[0] in out, name
+
+
+def test_data_report_counts_records_holding_control_token_text(capsys, config, write_data):
+    rows = [{"messages": [{"role": "user", "content": f"What does <|im_end|> do? ({i})"},
+                          {"role": "assistant", "content": "It ends a turn: <|im_end|>."}]} for i in range(2)]
+    rows += [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    code, out, _ = run(capsys, "data", config(dataset=write_data("lit.jsonl", rows)), "--samples", "0")
+    assert code == 0
+    assert "records whose messages hold special-token text (encoded as plain text): 2" in out

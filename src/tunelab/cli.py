@@ -22,7 +22,6 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         from transformers.utils import logging as hf_logging
 

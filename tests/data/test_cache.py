@@ -2,7 +2,6 @@
 
 import pytest
 
-from tunelab.config import from_dict
 from tunelab.data import cache, dataset
 from tunelab.data.dataset import build_datasets
 
@@ -13,21 +12,17 @@ def fresh_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "tokenized"
 
 
-def _cfg(chat_file, **kw):
-    return from_dict(dict(model="m", dataset=chat_file, output_dir="o", val_size=0.25, **kw))
-
-
 def _forbid_tokenizing(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("tokenized again")
     monkeypatch.setattr(dataset, "encode_all", boom)
 
 
-def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, chat_file, tokenizer, monkeypatch):
-    first = build_datasets(_cfg(chat_file), tokenizer)
+def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, run_config, tokenizer, monkeypatch):
+    first = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert len(list(fresh_cache.glob("*.npz"))) == 1
     _forbid_tokenizing(monkeypatch)
-    again = build_datasets(_cfg(chat_file), tokenizer)
+    again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert [(s.input_ids, s.labels, s.source) for s in again.train] == \
         [(s.input_ids, s.labels, s.source) for s in first.train]
     assert [s.input_ids for s in again.eval] == [s.input_ids for s in first.eval]
@@ -35,10 +30,10 @@ def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, chat_
 
 
 @pytest.mark.parametrize("change", ["data", "cutoff_len", "train_on", "template", "tokenizer", "seed"])
-def test_anything_the_samples_depend_on_changes_the_key(change, fresh_cache, chat_file, tokenizer, tmp_path):
+def test_anything_the_samples_depend_on_changes_the_key(change, fresh_cache, run_config, tokenizer, tmp_path):
     import copy
 
-    cfg, tok = _cfg(chat_file), tokenizer
+    cfg, tok = run_config(model="m", output_dir="o", val_size=0.25), tokenizer
     before = cache.cache_key(cfg, tok)
     if change == "data":
         path = tmp_path / "chat.jsonl"
@@ -48,22 +43,22 @@ def test_anything_the_samples_depend_on_changes_the_key(change, fresh_cache, cha
         tok.add_tokens(["<brand-new>"])
     else:
         value = {"cutoff_len": 64, "train_on": "all", "template": "llama3", "seed": 7}[change]
-        cfg = _cfg(chat_file, **{change: value})
+        cfg = run_config(model="m", output_dir="o", val_size=0.25, **{change: value})
     assert cache.cache_key(cfg, tok) != before
 
 
-def test_cache_can_be_switched_off(tmp_path, chat_file, tokenizer, monkeypatch):
+def test_cache_can_be_switched_off(tmp_path, run_config, tokenizer, monkeypatch):
     monkeypatch.setenv("TUNELAB_CACHE", "off")
     monkeypatch.setattr(cache, "cache_dir", lambda: tmp_path / "never")
-    build_datasets(_cfg(chat_file), tokenizer)
+    build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert not (tmp_path / "never").exists()
 
 
-def test_an_unreadable_entry_is_re_tokenized(fresh_cache, chat_file, tokenizer):
-    first = build_datasets(_cfg(chat_file), tokenizer)
+def test_an_unreadable_entry_is_re_tokenized(fresh_cache, run_config, tokenizer):
+    first = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     entry = next(fresh_cache.glob("*.npz"))
     entry.write_bytes(b"garbage")
-    again = build_datasets(_cfg(chat_file), tokenizer)
+    again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert [s.input_ids for s in again.train] == [s.input_ids for s in first.train]
 
 

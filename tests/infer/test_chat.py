@@ -31,3 +31,34 @@ def test_interactive_session_streams_and_remembers(memorised, monkeypatch, capsy
     interactive(session, max_new_tokens=20)
     assert "assistant> Four." in capsys.readouterr().out
     assert session.history[-1] == {"role": "assistant", "content": "Four."}
+
+
+def test_chat_renders_through_the_training_encoder_keeping_tools(tmp_path):
+    """Chat's prompt is `Encoder.prompt_ids`: the template sees `tools`, and control-token text stays text."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    from tunelab.data.conversation import Conversation, Message
+    from tunelab.data.encode import Encoder
+
+    spec = importlib.util.spec_from_file_location(
+        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py")
+    real_tokenizers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_tokenizers)
+    if not real_tokenizers.available("qwen2.5-instruct"):
+        pytest.skip("../shared/tokenizers/qwen2.5-instruct not present")
+    tok = real_tokenizers.load("qwen2.5-instruct", tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    session = ChatSession(torch.nn.Linear(1, 1), tok, system="Be brief.", tools=tools)
+    question = "What does <|im_end|> mean, and is it sunny?"
+    ids = session.prompt_ids(session._messages(question, []))
+    expected = Encoder(tok).prompt_ids(Conversation([Message("system", "Be brief."), Message("user", question)],
+                                                    tools=tools, source="chat"))
+    assert ids == expected
+    assert "get_weather" in tok.decode(ids)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids.count(im_end) == 2, "the system and user turns close; the typed <|im_end|> is text"

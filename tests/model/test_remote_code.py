@@ -8,7 +8,6 @@ import yaml
 
 from tunelab.cli import main
 
-from tunelab.config import from_dict
 from tunelab.errors import TunelabError
 from tunelab.train.run import train
 
@@ -46,19 +45,17 @@ def remote_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
-def _cfg(model, data, out, **kw):
-    return from_dict(dict(model=model, dataset=data, output_dir=str(out), max_steps=12, learning_rate=1e-2,
-                          per_device_train_batch_size=8, logging_steps=3, lr_scheduler_type="constant", **kw))
-
-
-def test_remote_code_needs_explicit_trust(remote_dir, chat_file, tmp_path):
+def test_remote_code_needs_explicit_trust(remote_dir, run_config, tmp_path):
     with pytest.raises(TunelabError, match="trust_remote_code"):
-        train(_cfg(remote_dir, chat_file, tmp_path / "no"))
+        train(run_config(model=remote_dir, output_dir=tmp_path / "no", max_steps=12, learning_rate=1e-2,
+                         per_device_train_batch_size=8, logging_steps=3, lr_scheduler_type="constant"))
     assert not (tmp_path / "no").exists(), "a refused run writes nothing"
 
 
-def test_remote_code_model_without_loss_trains_with_lora(remote_dir, chat_file, tmp_path):
-    result = train(_cfg(remote_dir, chat_file, tmp_path / "yes", trust_remote_code=True, gradient_checkpointing=True))
+def test_remote_code_model_without_loss_trains_with_lora(remote_dir, run_config, tmp_path):
+    result = train(run_config(model=remote_dir, output_dir=tmp_path / "yes", max_steps=12, learning_rate=1e-2,
+                              per_device_train_batch_size=8, logging_steps=3, lr_scheduler_type="constant",
+                              trust_remote_code=True, gradient_checkpointing=True))
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses[-1] < losses[0] - 0.3, losses
     assert any("get_input_embeddings" in q for q in result.summary["quirks"])

@@ -6,7 +6,6 @@ import socket
 import pytest
 import torch
 
-from tunelab.config import from_dict
 from tunelab.errors import TunelabError
 from tunelab.train.run import train
 
@@ -24,18 +23,14 @@ def pickle_only(tmp_path, llama_dir):
     return str(folder)
 
 
-def _cfg(tmp_path, model, chat_file, **kw):
-    return from_dict(dict(model=model, dataset=chat_file, output_dir=str(tmp_path / "out"), max_steps=1,
-                          per_device_train_batch_size=2, **kw))
-
-
-def test_pickle_weights_are_refused_by_default(tmp_path, pickle_only, chat_file):
+def test_pickle_weights_are_refused_by_default(pickle_only, run_config):
     with pytest.raises(TunelabError, match=r"only pickle-based weights \(pytorch_model.bin\).*allow_pickle: true"):
-        train(_cfg(tmp_path, pickle_only, chat_file))
+        train(run_config(model=pickle_only, max_steps=1, per_device_train_batch_size=2))
 
 
-def test_pickle_weights_load_when_allowed(tmp_path, pickle_only, chat_file):
-    assert train(_cfg(tmp_path, pickle_only, chat_file, allow_pickle=True)).summary["global_step"] == 1
+def test_pickle_weights_load_when_allowed(pickle_only, run_config):
+    cfg = run_config(model=pickle_only, max_steps=1, per_device_train_batch_size=2, allow_pickle=True)
+    assert train(cfg).summary["global_step"] == 1
 
 
 @pytest.fixture()
@@ -49,14 +44,14 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_a_local_folder_never_touches_the_network(tmp_path, llama_dir, chat_file, no_network, monkeypatch):
+def test_a_local_folder_never_touches_the_network(llama_dir, run_config, no_network, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert train(_cfg(tmp_path, llama_dir, chat_file)).summary["global_step"] == 1
+    assert train(run_config(model=llama_dir, max_steps=1, per_device_train_batch_size=2)).summary["global_step"] == 1
     assert no_network == []
 
 
-def test_offline_hub_id_fails_in_one_line_without_trying_the_network(tmp_path, chat_file, no_network, monkeypatch):
+def test_offline_hub_id_fails_in_one_line_without_trying_the_network(run_config, no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TunelabError, match=r"model: 'some-org/some-model' is not a local folder"):
-        train(_cfg(tmp_path, "some-org/some-model", chat_file))
+        train(run_config(model="some-org/some-model", max_steps=1, per_device_train_batch_size=2))
     assert no_network == []

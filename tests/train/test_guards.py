@@ -12,16 +12,9 @@ import pytest
 import torch
 import yaml
 
-from tunelab.config import from_dict
 from tunelab.errors import TunelabError
 from tunelab.train import trainer as trainer_module
 from tunelab.train.run import train
-
-
-def _cfg(tmp_path, llama_dir, chat_file, **kw):
-    base = dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / "run"), max_steps=6,
-                per_device_train_batch_size=4, logging_steps=1, save_steps=2, learning_rate=1e-3)
-    return from_dict({**base, **kw})
 
 
 @pytest.fixture()
@@ -40,16 +33,15 @@ def poison(monkeypatch):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint(value, poison, tmp_path, llama_dir,
-                                                                        chat_file):
+def test_non_finite_loss_stops_naming_the_step_and_the_last_checkpoint(value, poison, run_config):
     poison(5, value)
     with pytest.raises(TunelabError) as err:
-        train(_cfg(tmp_path, llama_dir, chat_file))
+        train(run_config(max_steps=6, save_steps=2, learning_rate=1e-3))
     message = str(err.value)
     assert message.startswith("step 5:") and "checkpoint-4" in message and "resume_from_checkpoint=auto" in message
 
 
-def test_skip_leaves_the_weights_untouched_by_the_bad_step(poison, tmp_path, llama_dir, chat_file, monkeypatch):
+def test_skip_leaves_the_weights_untouched_by_the_bad_step(poison, run_config, monkeypatch):
     snapshots = {}
     real_step = trainer_module.TunelabTrainer.training_step
 
@@ -59,7 +51,7 @@ def test_skip_leaves_the_weights_untouched_by_the_bad_step(poison, tmp_path, lla
         return real_step(self, model, inputs, num_items_in_batch)
     monkeypatch.setattr(trainer_module.TunelabTrainer, "training_step", spy)
     poison(3, float("nan"))
-    result = train(_cfg(tmp_path, llama_dir, chat_file, on_bad_loss="skip"))
+    result = train(run_config(max_steps=6, save_steps=2, learning_rate=1e-3, on_bad_loss="skip"))
     assert result.summary["global_step"] == 6
     for name, before in snapshots[2].items():  # step 3 ran from the weights after step 2 ...
         assert torch.equal(before, snapshots[3][name]), name  # ... and left them as they were
@@ -67,17 +59,17 @@ def test_skip_leaves_the_weights_untouched_by_the_bad_step(poison, tmp_path, lla
     assert all(torch.isfinite(p).all() for p in snapshots[5].values())
 
 
-def test_warn_goes_on(poison, tmp_path, llama_dir, chat_file, caplog):
+def test_warn_goes_on(poison, run_config, caplog):
     poison(2, float("nan"))
-    result = train(_cfg(tmp_path, llama_dir, chat_file, on_bad_loss="warn"))
+    result = train(run_config(max_steps=6, save_steps=2, learning_rate=1e-3, on_bad_loss="warn"))
     assert result.summary["global_step"] == 6
     assert any("step 2: the loss is nan" in r.getMessage() for r in caplog.records)
 
 
-def test_a_spike_beyond_the_factor_stops(poison, tmp_path, llama_dir, chat_file):
+def test_a_spike_beyond_the_factor_stops(poison, run_config):
     poison(14, 1000.0)
     with pytest.raises(TunelabError, match=r"step 14: the loss jumped to 1000"):
-        train(_cfg(tmp_path, llama_dir, chat_file, max_steps=16, save_steps=100, loss_spike_factor=3.0))
+        train(run_config(max_steps=16, save_steps=100, learning_rate=1e-3, loss_spike_factor=3.0))
 
 
 def test_first_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, llama_dir, chat_file):
@@ -108,14 +100,15 @@ def test_first_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, llama_dir
     assert summary["global_step"] == stopped_at + 2
 
 
-def test_a_run_that_will_not_fit_on_disk_is_refused_before_writing(tmp_path, llama_dir, chat_file, monkeypatch):
+def test_a_run_that_will_not_fit_on_disk_is_refused_before_writing(tmp_path, run_config, monkeypatch):
     import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
     with pytest.raises(TunelabError, match=r"output_dir: .* GiB free, but this run writes about"):
-        train(_cfg(tmp_path, llama_dir, chat_file, save_total_limit=2))
+        train(run_config(output_dir=tmp_path / "run", max_steps=6, save_steps=2, learning_rate=1e-3,
+                         save_total_limit=2))
     assert not (tmp_path / "run").exists()
 
 

@@ -1,25 +1,24 @@
 """End to end on a tiny Llama: LoRA and full training lower the loss and leave a usable run folder."""
 
 import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tunelab.config import from_dict
 from tunelab.train.run import train
 
 
-def _cfg(model, data, out, **kw):
-    base = dict(model=model, dataset=data, output_dir=str(out), learning_rate=5e-3, max_steps=30,
-                per_device_train_batch_size=8, logging_steps=5, save_steps=1000, lr_scheduler_type="constant")
-    base.update(kw)
-    return from_dict(base)
-
-
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_training_lowers_loss_and_saves_everything(llama_dir, chat_file, tmp_path, kind):
-    result = train(_cfg(llama_dir, chat_file, tmp_path / kind, finetuning_type=kind,
-                        learning_rate=5e-3 if kind == "lora" else 1e-3))
+def test_training_lowers_loss_and_saves_everything(run_config, tmp_path, kind):
+    result = train(run_config(output_dir=tmp_path / kind, finetuning_type=kind, max_steps=30,
+                              learning_rate=5e-3 if kind == "lora" else 1e-3, lr_scheduler_type="constant",
+                              per_device_train_batch_size=8, logging_steps=5))
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses[-1] < losses[0] - 0.5, losses
     out = result.output_dir
@@ -33,11 +32,12 @@ def test_training_lowers_loss_and_saves_everything(llama_dir, chat_file, tmp_pat
     assert all("trained_tokens_per_s" in m for m in result.metrics if "loss" in m)
 
 
-def test_lora_reloads_with_peft_and_gives_the_same_logits_as_in_memory(llama_dir, chat_file, tmp_path):
+def test_lora_reloads_with_peft_and_gives_the_same_logits_as_in_memory(llama_dir, run_config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = train(_cfg(llama_dir, chat_file, tmp_path / "run", max_steps=10))
+    result = train(run_config(model=llama_dir, max_steps=10, learning_rate=5e-3, lr_scheduler_type="constant",
+                              per_device_train_batch_size=8, logging_steps=5))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(result.output_dir))
     with torch.no_grad():
@@ -48,12 +48,40 @@ def test_lora_reloads_with_peft_and_gives_the_same_logits_as_in_memory(llama_dir
     assert not torch.allclose(plain, again, atol=1e-4), "the adapter changed nothing"
 
 
-def test_builtin_template_is_saved_with_the_tokenizer(llama_dir, write_data, tmp_path):
+def test_builtin_template_is_saved_with_the_tokenizer(run_config, write_data):
     from transformers import AutoTokenizer
 
     from tunelab.data.templates import DOLLY
 
     data = write_data("d.jsonl", [{"instruction": f"Say {i}.", "context": "", "response": f"{i}."}
                                   for i in range(8)])
-    result = train(_cfg(llama_dir, data, tmp_path / "run", template="dolly", max_steps=2))
+    result = train(run_config(dataset=data, template="dolly", max_steps=2, learning_rate=5e-3,
+                              lr_scheduler_type="constant", per_device_train_batch_size=8, logging_steps=5))
     assert AutoTokenizer.from_pretrained(result.output_dir).chat_template == DOLLY
+
+
+DEPRECATION_MARKS = ("deprecated", "Deprecat", "FutureWarning", "activation_checkpointing")
+
+
+def test_a_plain_run_from_the_console_script_prints_no_deprecation_warnings(run_config, tmp_path):
+    """The installed `tunelab` command with PYTHONWARNINGS unset: no deprecation text reaches the user.
+    (cli.setup_logging ignores FutureWarning and UserWarning, so those show up here only without that filter;
+    the in-process test below sees them.)"""
+    exe = Path(sys.executable).with_name("tunelab")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config.data(finetuning_type="lora", max_steps=2,
+                                                     gradient_checkpointing=True)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run([str(exe), "train", str(config)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nags = [line for line in done.stderr.splitlines() if any(mark in line for mark in DEPRECATION_MARKS)]
+    assert not nags, "\n".join(nags)
+
+
+def test_train_in_process_raises_no_deprecation_warnings(run_config):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(run_config(finetuning_type="lora", max_steps=2, gradient_checkpointing=True))
+    nags = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+            if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "deprecat" in str(w.message).lower()]
+    assert not nags, "\n".join(nags)

@@ -1,0 +1,187 @@
+"""`make mutation`: put realistic bugs into a scratch copy of src/, one at a time, and run the tests that guard each.
+
+Every mutation must make at least one of its tests fail; one that survives means a defect that the
+suite would let through, so the run fails and names it. The list starts with the mutations that once
+escaped the suite and one per module that matters; every new feature adds the mutations of what it
+builds. A mutation whose text is no longer in its file fails too, so the list cannot rot silently.
+
+    python scripts/mutation.py [--only NAME ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # under src/tunelab/
+    find: str  # must occur exactly once
+    replace: str
+    tests: tuple[str, ...]  # pytest paths or node ids that must catch it
+
+
+MUTATIONS = [
+    # --- once escaped the suite -----------------------------------------------------------------------------
+    Mutation("adapter never applied at inference", "infer/load.py",
+             "            self.model.set_adapter(variant.peft_name)\n            yield self.model",
+             "            with self.model.disable_adapter():\n                yield self.model",
+             ("tests/infer/test_adapter_applied.py",)),
+    Mutation("accumulation normalised per micro-batch", "train/trainer.py",
+             "loss = labelled_loss(model, inputs, num_items_in_batch)",
+             "loss = labelled_loss(model, inputs, None)",
+             ("tests/train/test_accumulation.py",)),
+    Mutation("bf16/fp16 export proof that cannot fail", "export/merge.py",
+             "TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}",
+             "TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e9, torch.bfloat16: 1e9}",
+             ("tests/export/test_export_tolerance.py",)),
+    Mutation("cache key without system", "config.py",
+             "system prompt put first in every conversation that has none.\",\n                                   group=\"data\", data=True)",
+             "system prompt put first in every conversation that has none.\",\n                                   group=\"data\")",
+             ("tests/data/test_cache_keys.py", "tests/data/test_cache.py")),
+    Mutation("checkpoint files fsynced after the rename", "train/checkpoints.py",
+             "    os.replace(staged, final)\n    _fsync(final.parent)\n",
+             "    os.replace(staged, final)\n    for root, _, files in os.walk(final):\n        for name in files:\n"
+             "            _fsync(Path(root) / name)\n    _fsync(final.parent)\n",
+             ("tests/train/test_checkpoint_order.py",)),
+    # --- one per module ------------------------------------------------------------------------------------
+    Mutation("mask: one token past the answer trained", "data/encode.py",
+             "i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)",
+             "i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b) + 1",
+             ("tests/data/test_encode.py",)),
+    Mutation("mask: control token straddling an answer trained", "data/encode.py",
+             "if i and offsets[i - 1][1] > a and ids[i - 1] not in self._markup_ids:",
+             "if i and offsets[i - 1][1] > a:",
+             ("tests/data/test_encode.py",)),
+    Mutation("control-token text in messages read as control tokens", "data/literal.py",
+             "return self._re.sub(self._swap, value) if self.holds_special(value) else value",
+             "return value",
+             ("tests/data/test_token_stream.py",)),
+    Mutation("packing: positions do not restart per sample", "data/packing.py",
+             "        positions += range(len(s.input_ids))",
+             "        positions += range(len(positions), len(positions) + len(s.input_ids))",
+             ("tests/data/test_packing.py",)),
+    Mutation("packing: first label of a sample kept", "data/packing.py",
+             "        labels += [IGNORE_INDEX] + s.labels[1:]",
+             "        labels += s.labels",
+             ("tests/data/test_packing.py",)),
+    Mutation("loss: head gradient off by the target term", "model/loss.py",
+             "grad[torch.arange(len(y), device=y.device), y] -= 1",
+             "grad[torch.arange(len(y), device=y.device), y] -= 0.5",
+             ("tests/model/test_loss.py",)),
+    Mutation("resume: a cut-off checkpoint is picked", "train/checkpoints.py",
+             "and (p / LAST_WRITTEN).is_file()]",
+             "]",
+             ("tests/train/test_resume.py::test_a_cut_off_checkpoint_is_never_picked_and_is_cleared",)),
+    Mutation("quirks: end-of-turn ids not made stop ids", "model/quirks.py",
+             "ids = list(dict.fromkeys([*eot_ids, *current]))",
+             "ids = list(dict.fromkeys(current))",
+             ("tests/model/test_quirks.py",)),
+    Mutation("loader: get_input_embeddings repair skipped", "model/loader.py",
+             "found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]",
+             "found = [n for n in [_remote_code_note(model, path)] if n]",
+             ("tests/model/test_remote_code.py",)),
+    Mutation("config: allowed values not checked", "config.py",
+             "if meta[\"choices\"] and value not in meta[\"choices\"]:",
+             "if False:",
+             ("tests/test_config.py",)),
+    Mutation("export: prompt proof ignored", "export/merge.py",
+             "    if not report.prompts_identical:\n",
+             "    if False:\n",
+             ("tests/export/test_merge.py",)),
+    Mutation("metrics: BLEU without brevity penalty", "eval/metrics.py",
+             "brevity = 1.0 if c > r else math.exp(1 - r / c)",
+             "brevity = 1.0",
+             ("tests/eval/test_metrics.py",)),
+    Mutation("readers: JSONL line numbers off by one", "data/readers.py",
+             "for lineno, line in enumerate(_text(path).split(\"\\n\"), 1):",
+             "for lineno, line in enumerate(_text(path).split(\"\\n\")):",
+             ("tests/data/test_readers.py",)),
+]
+
+
+def scratch_copy() -> Path:
+    """The repo's code and tests in a temporary folder, with ../shared beside it as in a checkout."""
+    top = Path(tempfile.mkdtemp(prefix="tunelab-mutation-"))
+    work = top / "main"
+    work.mkdir()
+    for name in ("src", "tests", "examples", "pyproject.toml", "README.md", "scripts"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif source.exists():
+            shutil.copy2(source, work / name)
+    shared = ROOT.parent / "shared"
+    if shared.exists():
+        (top / "shared").symlink_to(shared.resolve())
+    return work
+
+
+def run_tests(work: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, float]:
+    """'caught', 'SURVIVED' or 'error'; the scratch src/ comes first on the path, before the installed one."""
+    env = {**os.environ, "PYTHONPATH": str(work / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", *tests], cwd=work,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "error (timeout)", time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if done.returncode == 1:
+        return "caught", seconds
+    if done.returncode == 0:
+        return "SURVIVED", seconds
+    return f"error (pytest exit {done.returncode}: {done.stdout.strip().splitlines()[-1:]})", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="run only mutations whose name contains one of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per mutation")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(w in m.name for w in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: src/tunelab/{m.file} -> {', '.join(m.tests)}")
+        return 0
+    work = scratch_copy()
+    print(f"scratch copy: {work}", flush=True)
+    rows, failed = [], 0
+    try:
+        for m in chosen:
+            path = work / "src" / "tunelab" / m.file
+            original = path.read_text(encoding="utf-8")
+            if original.count(m.find) != 1:
+                verdict, seconds = f"STALE (text found {original.count(m.find)} times)", 0.0
+            else:
+                path.write_text(original.replace(m.find, m.replace), encoding="utf-8")
+                try:
+                    verdict, seconds = run_tests(work, m.tests, args.timeout)
+                finally:
+                    path.write_text(original, encoding="utf-8")
+            failed += verdict != "caught"
+            rows.append((m, verdict, seconds))
+            print(f"{verdict:>10}  {m.name}  ({seconds:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
+    print("\n| mutation | file | caught by | verdict | seconds |\n|---|---|---|---|---|")
+    for m, verdict, seconds in rows:
+        print(f"| {m.name} | src/tunelab/{m.file} | {', '.join(m.tests)} | {verdict} | {seconds:.0f} |")
+    print(f"\n{len(rows) - failed} of {len(rows)} mutations caught")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
