@@ -62,3 +62,19 @@ def test_chat_renders_through_the_training_encoder_keeping_tools(tmp_path):
     assert "get_weather" in tok.decode(ids)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert ids.count(im_end) == 2, "the system and user turns close; the typed <|im_end|> is text"
+
+
+def test_a_base_model_stops_at_its_templates_end_of_turn(llama_dir, tokenizer):
+    """The trap of a model that never stops: the base's config names only eos, the template ends turns with
+    <|im_end|>; the loader makes both stop ids and says so once."""
+    import json
+    from pathlib import Path
+
+    from tunelab.infer.load import load_inference
+
+    saved = json.loads((Path(llama_dir) / "generation_config.json").read_text())["eos_token_id"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end not in (saved if isinstance(saved, list) else [saved])
+    im = load_inference(llama_dir)
+    assert im_end in im.variants[0].stop_ids and tokenizer.eos_token_id in im.variants[0].stop_ids
+    assert sum("end-of-turn" in n for n in im.notes) == 1

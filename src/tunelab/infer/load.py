@@ -13,6 +13,7 @@ Remote code runs only when asked: a run folder named as `--model` remembers its 
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..data.tokenizer import load_tokenizer
 from ..hub import resolve_model_path
 from ..model.adapters import load_adapter
 from ..model.loader import check_weights_format, load_model
+
+log = logging.getLogger("tunelab")
 
 BASE = "none"  # `--adapter none`: the base model, adapters switched off
 
@@ -73,7 +76,7 @@ def check_same_base(adapter_dir: Path, base_path: str) -> None:
                                f"--model '{base_path}' ({diff})")
 
 
-def _stop_ids(folder: Path, tokenizer) -> list[int]:
+def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
     """The saved stop ids, plus every end-of-turn id of the template (a base model's config often lacks them)."""
     from transformers import GenerationConfig
 
@@ -81,7 +84,12 @@ def _stop_ids(folder: Path, tokenizer) -> list[int]:
     if (folder / "generation_config.json").exists():
         ids = GenerationConfig.from_pretrained(folder).eos_token_id
     saved = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    return list(dict.fromkeys([*saved, *Encoder(tokenizer).eot_ids]))
+    stops = list(dict.fromkeys([*saved, *Encoder(tokenizer).eot_ids]))
+    if len(stops) > len(saved):
+        note = f"stop ids {stops} for '{folder}' (added the template's end-of-turn ids {stops[len(saved):]})"
+        log.info(note)
+        notes.append(note)
+    return stops
 
 
 def _tokenizer_for(folder: Path, base_path: str, trust: bool):
@@ -119,8 +127,8 @@ class InferenceModel:
     @contextmanager
     def use(self, variant: Variant):
         if variant.peft_name is not None:
-            self.model.set_adapter(variant.peft_name)
-            yield self.model
+            with self.model.disable_adapter():
+                yield self.model
         elif hasattr(self.model, "disable_adapter"):
             with self.model.disable_adapter():
                 yield self.model
@@ -165,14 +173,14 @@ def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.d
     variants, taken = [], set()
     if not adapters:
         tok = _tokenizer_for(Path(base_path), base_path, trust)
-        variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok)))
+        variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok, notes)))
     base_tok = None
     for i, a in enumerate(adapters):
         if a == BASE:
             base_tok = base_tok or _tokenizer_for(Path(base_path), base_path, trust)
-            variants.append(Variant(_label("base", taken), base_tok, _stop_ids(Path(base_path), base_tok)))
+            variants.append(Variant(_label("base", taken), base_tok, _stop_ids(Path(base_path), base_tok, notes)))
             continue
         tok = _tokenizer_for(Path(a), base_path, trust)
         lm = load_adapter(lm, a, f"adapter{i}", len(tok))
-        variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok), a, f"adapter{i}"))
+        variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok, notes), a, f"adapter{i}"))
     return InferenceModel(lm.to(device), base_path, variants, trust, notes)
