@@ -16,7 +16,7 @@ def sweep_config(tmp_path, llama_dir, chat_file):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / "sweep"),
                                         max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                                        learning_rate=1e-3)))
+                                        learning_rate=1e-3, lr_scheduler_type="constant")))
     return str(path)
 
 
@@ -53,6 +53,11 @@ def test_two_by_two_sweep_gives_four_rows_a_plot_and_resumes(sweep_config, chat_
     assert rows[0]["trainable_params"] < rows[2]["trainable_params"]  # rank 4 vs rank 8
 
     root = tmp_path / "sweep"
+    for row in rows:  # each run trained with its own point's values, not the file's
+        run = root / row["run"]
+        assert json.loads((run / "adapter_config.json").read_text())["r"] == row["lora_r"]
+        lrs = {m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in m}
+        assert lrs and max(lrs) == pytest.approx(row["learning_rate"]), (row["run"], lrs)
     with (root / "sweep.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4 and {"run", "lora_r", "learning_rate", "train_loss", "eval_loss", "bleu-4", "rouge-l",

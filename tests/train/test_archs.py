@@ -23,7 +23,7 @@ def test_moe_trains_without_touching_experts(arch, tokenizer, chat_file, tmp_pat
     model_dir = build_tiny_model(tmp_path / "m", tokenizer, arch)
     result, keys = _train(str(model_dir), chat_file, tmp_path / "run")
     losses = [m["loss"] for m in result.metrics if "loss" in m]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.3, losses  # a stated margin: noise alone never drops it this far
     assert keys and not any(".experts." in k or ".gate.lora" in k or "shared_expert_gate" in k for k in keys)
     assert any("self_attn.q_proj" in k for k in keys)
 
@@ -50,7 +50,7 @@ def test_gemma3_multimodal_wrapper_trains_its_language_model(tokenizer, chat_fil
                          lr_scheduler_type="constant", lora_target="q_proj,k_proj,v_proj,o_proj"))
     result = train(cfg)
     losses = [m["loss"] for m in result.metrics if "loss" in m]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.3, losses  # a stated margin: noise alone never drops it this far
     with safe_open(str(tmp_path / "run" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and all("language_model" in k for k in keys)

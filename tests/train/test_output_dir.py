@@ -4,19 +4,21 @@ import json
 
 import pytest
 
-from tunelab.config import from_dict
 from tunelab.errors import TunelabError
 from tunelab.train.run import train
 
 
-def cfg(model, data, out, **kw):
-    base = dict(model=model, dataset=data, output_dir=str(out), max_steps=6, learning_rate=5e-3,
-                per_device_train_batch_size=8, logging_steps=2, save_steps=3, lr_scheduler_type="constant")
-    base.update(kw)
-    return from_dict(base)
+@pytest.fixture()
+def cfg(run_config):
+    """cfg(model, data, out, **keys): the shared run config, checkpointing every 3 of 6 steps."""
+    def make(model, data, out, **kw):
+        base = dict(max_steps=6, learning_rate=5e-3, per_device_train_batch_size=8, logging_steps=2, save_steps=3,
+                    lr_scheduler_type="constant")
+        return run_config(model=model, dataset=data, output_dir=str(out), **{**base, **kw})
+    return make
 
 
-def test_finished_run_is_refused_then_replaced_with_overwrite(llama_dir, chat_file, tmp_path):
+def test_finished_run_is_refused_then_replaced_with_overwrite(llama_dir, chat_file, tmp_path, cfg):
     out = tmp_path / "run"
     train(cfg(llama_dir, chat_file, out))
     before = (out / "adapter_model.safetensors").read_bytes()
@@ -28,7 +30,7 @@ def test_finished_run_is_refused_then_replaced_with_overwrite(llama_dir, chat_fi
     assert (out / "adapter_model.safetensors").read_bytes() != before
 
 
-def test_failed_validation_leaves_the_folder_untouched(llama_dir, chat_file, tmp_path):
+def test_failed_validation_leaves_the_folder_untouched(llama_dir, chat_file, tmp_path, cfg):
     out = tmp_path / "run"
     train(cfg(llama_dir, chat_file, out))
     listing = sorted(p.name for p in out.iterdir())
@@ -37,7 +39,7 @@ def test_failed_validation_leaves_the_folder_untouched(llama_dir, chat_file, tmp
     assert sorted(p.name for p in out.iterdir()) == listing
 
 
-def test_resume_auto_continues_from_the_latest_checkpoint(llama_dir, chat_file, tmp_path):
+def test_resume_auto_continues_from_the_latest_checkpoint(llama_dir, chat_file, tmp_path, cfg):
     out = tmp_path / "run"
     train(cfg(llama_dir, chat_file, out, max_steps=3, save_steps=3))
     (out / "run_summary.json").unlink()  # as if the run had died right after checkpoint-3
@@ -49,7 +51,7 @@ def test_resume_auto_continues_from_the_latest_checkpoint(llama_dir, chat_file, 
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def test_resume_under_a_changed_config_is_refused_naming_each_change(llama_dir, chat_file, tmp_path):
+def test_resume_under_a_changed_config_is_refused_naming_each_change(llama_dir, chat_file, tmp_path, cfg):
     out = tmp_path / "run"
     train(cfg(llama_dir, chat_file, out, max_steps=3, save_steps=3))
     (out / "run_summary.json").unlink()
@@ -67,38 +69,67 @@ def test_resume_under_a_changed_config_is_refused_naming_each_change(llama_dir, 
     assert result.summary["global_step"] == 6
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(llama_dir, chat_file, tmp_path):
+def test_resume_auto_without_checkpoints_starts_fresh(llama_dir, chat_file, tmp_path, cfg):
     result = train(cfg(llama_dir, chat_file, tmp_path / "new", resume_from_checkpoint="auto"))
     assert result.summary["global_step"] == 6
 
 
-def test_checkpoints_respect_save_total_limit(llama_dir, chat_file, tmp_path):
+def test_checkpoints_respect_save_total_limit(llama_dir, chat_file, tmp_path, cfg):
     out = tmp_path / "run"
     train(cfg(llama_dir, chat_file, out, max_steps=8, save_steps=2, save_total_limit=2))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
 
 
-def test_eval_loss_is_logged_and_plotted(llama_dir, chat_file, tmp_path):
+def test_eval_loss_is_logged_and_plotted(llama_dir, chat_file, tmp_path, cfg):
     result = train(cfg(llama_dir, chat_file, tmp_path / "run", val_size=0.25, eval_steps=3))
     evals = [m for m in result.metrics if "eval_loss" in m]
     assert evals and result.summary["eval_samples"] == 6
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-def test_tensorboard_writes_event_files(llama_dir, chat_file, tmp_path, monkeypatch):
+def logged_losses(result) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in result.metrics if "loss" in m}
+
+
+def test_tensorboard_events_hold_the_logged_losses(llama_dir, chat_file, tmp_path, monkeypatch, cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    train(cfg(llama_dir, chat_file, tmp_path / "run", report_to="tensorboard"))
-    assert list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    result = train(cfg(llama_dir, chat_file, tmp_path / "run", report_to="tensorboard", max_steps=4, logging_steps=1))
+    [events] = {p.parent for p in (tmp_path / "run" / "runs").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    read = {e.step: e.value for e in acc.Scalars("train/loss")}
+    want = logged_losses(result)
+    assert len(want) == 4 and read.keys() == want.keys()
+    assert all(abs(read[k] - want[k]) <= 1e-5 * max(1.0, abs(want[k])) for k in want), (read, want)
 
 
-def test_swanlab_logs_offline(llama_dir, chat_file, tmp_path, monkeypatch):
+def test_swanlab_offline_run_holds_the_logged_losses(llama_dir, chat_file, tmp_path, monkeypatch, cfg):
+    """Read back with SwanLab's own reader: an offline run that is never finished keeps nothing on disk."""
     pytest.importorskip("swanlab")
+    try:
+        from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+        from swanlab.sdk.internal.core_python.store import DataStoreReader
+    except ImportError:
+        pytest.skip("this swanlab has no DataStoreReader to read its run file back")
     monkeypatch.setenv("SWANLAB_MODE", "offline")
-    train(cfg(llama_dir, chat_file, tmp_path / "run", report_to="swanlab"))
-    assert any((tmp_path / "run" / "swanlog").rglob("*"))
+    result = train(cfg(llama_dir, chat_file, tmp_path / "run", report_to="swanlab", max_steps=4, logging_steps=1))
+    [run_file] = (tmp_path / "run" / "swanlog").rglob("*.swanlab")
+    reader = DataStoreReader()
+    reader.open(run_file)
+    read = {}
+    while (raw := reader.scan()) is not None:
+        record = Record()
+        record.ParseFromString(raw)
+        if record.HasField("scalar") and record.scalar.key == "train/loss":
+            read[record.scalar.step] = record.scalar.value.number
+    want = logged_losses(result)
+    assert len(want) == 4 and read.keys() == want.keys()
+    assert all(abs(read[k] - want[k]) <= 1e-6 * max(1.0, abs(want[k])) for k in want), (read, want)
 
 
-def test_resolved_config_is_saved_and_loads_back(llama_dir, chat_file, tmp_path):
+def test_resolved_config_is_saved_and_loads_back(llama_dir, chat_file, tmp_path, cfg):
     from tunelab.config import load_config
 
     out = tmp_path / "run"

@@ -179,6 +179,14 @@ def _callbacks(cfg: Config, counter: TokenCounter) -> list:
     return callbacks
 
 
+def _finish_loggers(cfg: Config) -> None:
+    """SwanLab keeps an offline run's records in memory until the run finishes; unfinished, the curves are lost."""
+    if cfg.report_to == "swanlab":
+        import swanlab
+
+        swanlab.finish()
+
+
 def train(cfg: Config) -> TrainResult:
     """Fine-tune as `cfg` says and leave a run folder that chat, export and serve read as is."""
     started = time.perf_counter()
@@ -230,15 +238,18 @@ def train(cfg: Config) -> TrainResult:
     trainer.add_callback(signals)
     signals.install()
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            signals.restore()
+        if signals.received is not None:
+            raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step "
+                              f"{trainer.state.global_step}; checkpoint saved in {latest_checkpoint(cfg.output_dir)}; "
+                              "resume with the same command plus resume_from_checkpoint=auto")
+        if data.eval:
+            trainer.evaluate()
     finally:
-        signals.restore()
-    if signals.received is not None:
-        raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step {trainer.state.global_step}; "
-                          f"checkpoint saved in {latest_checkpoint(cfg.output_dir)}; resume with the same command "
-                          "plus resume_from_checkpoint=auto")
-    if data.eval:
-        trainer.evaluate()
+        _finish_loggers(cfg)
 
     save_run(cfg, trainer.model, tokenizer, out)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
