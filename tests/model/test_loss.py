@@ -118,3 +118,37 @@ def test_liger_is_never_used_on_cpu():
     from tunelab.model import loss
 
     assert not loss._use_liger(torch.zeros(2, 2))
+
+
+def test_our_liger_call_binds_to_liger_s_real_interface(monkeypatch):
+    """Against the installed Liger's own signatures (its kernel needs a GPU; the call it receives does not)."""
+    import inspect
+
+    liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed (GPU extra)")
+    from tunelab.model import loss
+
+    real = liger.LigerFusedLinearCrossEntropyLoss
+    made = []
+
+    class Recorder(real):
+        def __init__(self, **kwargs):
+            inspect.signature(real.__init__).bind(None, **kwargs)  # every keyword we pass exists in Liger
+            super().__init__(**kwargs)
+            made.append(self)
+
+        def forward(self, *args):
+            bound = inspect.signature(real.forward).bind(self, *args)
+            weight, hidden, target = (bound.arguments[k] for k in ("lin_weight", "_input", "target"))
+            assert weight.shape[1] == hidden.shape[1] and hidden.shape[0] == target.shape[0]
+            logits = hidden @ weight.t()  # what the kernel computes, on the CPU
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return torch.nn.functional.cross_entropy(logits, target, reduction=self.reduction)
+
+    model, batch = _model("gemma3_text"), _batch()
+    plain, *_ = _both(model, batch)
+    monkeypatch.setattr(loss, "_liger_loss_class", lambda: Recorder)
+    monkeypatch.setattr(loss, "_use_liger", lambda hidden: True)
+    fused = labelled_loss(model, batch)
+    assert len(made) == 1 and made[0].reduction == "sum" and made[0].softcap == model.config.final_logit_softcapping
+    assert torch.allclose(fused, plain, atol=1e-5)
