@@ -127,8 +127,8 @@ class InferenceModel:
     @contextmanager
     def use(self, variant: Variant):
         if variant.peft_name is not None:
-            with self.model.disable_adapter():
-                yield self.model
+            self.model.set_adapter(variant.peft_name)
+            yield self.model
         elif hasattr(self.model, "disable_adapter"):
             with self.model.disable_adapter():
                 yield self.model
