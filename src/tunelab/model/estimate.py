@@ -87,7 +87,7 @@ def _attention(cfg: Config, device: str) -> str:
     if cfg.attn_implementation != "auto" or device == "cpu":
         return "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
     if torch.cuda.is_available():
-        return attention_implementation("auto")
+        return attention_implementation("auto", _dtype(cfg, device))
     return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
@@ -188,10 +188,14 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
     weights, notes, lora = params * act, [], []
     embed = model.get_input_embeddings().weight
     head = getattr(model.get_output_embeddings(), "weight", None)
-    if full:  # trained in the dtype it is loaded in: gradients and AdamW states too
-        trainable, grad_bytes = params, act
+    if full:  # fp32 master weights, gradients and AdamW states; autocast's half copies live from forward to backward
+        trainable, grad_bytes = params, 4
+        weights = params * 4 + (params * act if act < 4 else 0)
+        if act < 4:
+            notes.append(f"full fine-tuning: fp32 master weights plus their {str(dtype).replace('torch.', '')} "
+                         "copies under autocast")
         largest = max(p.numel() for p in model.parameters())
-        head_grad = head.numel() * act if head is not None else 0
+        head_grad = head.numel() * 4 if head is not None else 0
         late_grads = trainable - (embed.numel() if head is not embed else 0)
     else:
         lora = resolve_targets(model, cfg.lora_target)

@@ -20,23 +20,59 @@ from ..hub import remote_code_error
 log = logging.getLogger("tunelab")
 
 
+def native_bf16() -> bool:
+    """bf16 in hardware: compute capability 8.0 (Ampere) or later. `torch.cuda.is_bf16_supported()` also
+    says yes on T4/V100, where bf16 is emulated and slow."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def compute_dtype(bf16: bool | None, fp16: bool | None) -> torch.dtype:
-    """auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    """auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU."""
     if bf16:
         return torch.bfloat16
     if fp16:
         return torch.float16
     if not torch.cuda.is_available() or bf16 is False and fp16 is False:
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    chosen = torch.bfloat16 if native_bf16() else torch.float16
+    _once(f"precision: {str(chosen).replace('torch.', '')} (compute capability "
+          f"{'.'.join(map(str, torch.cuda.get_device_capability()))}"
+          f"{', native bf16' if chosen == torch.bfloat16 else ', no native bf16'})")
+    return chosen
 
 
-def attention_implementation(requested: str = "auto") -> str:
+def attention_implementation(requested: str = "auto", dtype: torch.dtype | None = None) -> str:
+    """auto: FlashAttention-2 where it runs (installed, compute capability >= 8.0, bf16/fp16), else sdpa."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        return "sdpa"
+    if torch.cuda.get_device_capability() < (8, 0):
+        _once("attention: sdpa (FlashAttention-2 needs compute capability 8.0 or later)")
+        return "sdpa"
+    if dtype not in (torch.bfloat16, torch.float16):
+        _once(f"attention: sdpa (FlashAttention-2 needs bf16 or fp16, training runs in {dtype})")
+        return "sdpa"
+    _once("attention: flash_attention_2")
+    return "flash_attention_2"
+
+
+def enable_tf32() -> bool:
+    """TF32 for fp32 matmuls on Ampere and later: the fp32 paths (masters, the loss head) at tensor-core speed."""
+    if not native_bf16():
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+_SAID: set[str] = set()
+
+
+def _once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info(message)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -58,11 +94,12 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False, notes: list[str] | None = None):
-    """The base model of `path`, repaired; each repair's one-line note is appended to `notes`."""
+               allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None):
+    """The base model of `path` with weights in `dtype`, repaired; each repair's one-line note is appended
+    to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`."""
     from .quirks import fix_input_embeddings
 
-    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle)
+    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype)
     found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
     if notes is not None:
         notes += found
@@ -77,7 +114,8 @@ def _remote_code_note(model, path: str) -> str | None:
     return msg
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool):
+def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool,
+                     compute: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -90,7 +128,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
     except OSError as exc:
         raise TunelabError(f"model: '{path}' has no usable config.json ({str(exc).splitlines()[0]})") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
-    impl = attention_implementation(attn)
+    impl = attention_implementation(attn, compute)
     # auto: FlashAttention-2 or sdpa, then whatever the model supports (remote code may know only eager)
     tries = [impl] + (["sdpa", None] if attn == "auto" else [])
     for choice in dict.fromkeys(tries):

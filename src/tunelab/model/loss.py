@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import types
 
 import torch
 from torch import nn
@@ -26,9 +27,17 @@ CHUNK_ROWS = 1024
 
 
 def _causal_lm(model):
-    """The transformers CausalLM under a PeftModel (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    """The transformers CausalLM under any wrapper: DataParallel/DDP (`.module`), torch.compile
+    (`._orig_mod`), peft (`get_base_model()`)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def supports_labelled_loss(model) -> bool:
@@ -136,7 +145,11 @@ def trained_positions(labels: torch.Tensor) -> int:
 
 
 def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """Summed cross-entropy over labelled positions divided by `num_items` (trained tokens in the step)."""
+    """Summed cross-entropy over labelled positions divided by `num_items` (trained tokens in the step).
+
+    Called on the CausalLM itself: training reaches it through the model's own forward (see
+    `install_labelled_forward`), so that every wrapper's forward (autocast, DDP, FSDP, DeepSpeed) runs it.
+    """
     lm = _causal_lm(model)
     labels = inputs["labels"]
     body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -148,3 +161,31 @@ def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) 
     softcap = getattr(lm.config, "final_logit_softcapping", None) or 0.0
     loss = _head_loss(picked, head.weight, targets[keep], float(softcap), chunk)
     return loss / _normaliser(num_items, keep, loss.device)
+
+
+def install_labelled_forward(model) -> None:
+    """Let the CausalLM under `model` compute the labelled loss inside its own forward.
+
+    Given `tunelab_labels` (and `tunelab_num_items`), the forward returns only that loss; without them
+    it is the model's own forward. Running inside forward matters: mixed-precision autocast, DDP's
+    gradient hooks, FSDP's unsharding and ZeRO-3's gathering all wrap `forward`, not code that reaches
+    into the model from outside.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    lm = _causal_lm(model)
+    if getattr(lm, "_tunelab_labelled_forward", False):
+        return
+    original = lm.forward
+
+    def forward(self, *args, tunelab_labels=None, tunelab_num_items=None, **kwargs):
+        if tunelab_labels is None:
+            return original(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        inputs = {k: v for k, v in kwargs.items() if v is not None}
+        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items)
+        return CausalLMOutputWithPast(loss=loss)
+
+    lm.forward = types.MethodType(forward, lm)
+    lm._tunelab_labelled_forward = True

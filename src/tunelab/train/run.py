@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import ProgressCallback
+from transformers import ProgressCallback, TrainingArguments
 
 from .. import __version__
 from ..config import RESUME_MAY_CHANGE, Config, dump_config
@@ -26,7 +26,7 @@ from ..data.packing import PackCollator, packing_is_exact
 from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
 from ..model.adapters import attach_lora
-from ..model.loader import compute_dtype, load_model
+from ..model.loader import compute_dtype, enable_tf32, load_model
 from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
@@ -108,7 +108,17 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
     dtype = compute_dtype(cfg.bf16, cfg.fp16)
     notes: list[str] = []
-    model = load_model(model_path, dtype, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        notes.append("fp16 mixed precision needs a GPU; training in fp32 on this CPU (bf16 runs on CPUs)")
+        log.info(notes[-1])
+        dtype = torch.float32
+    # Trained weights stay fp32 (master weights) and the forward runs under autocast: in bf16 weights most
+    # small updates round away, and fp16 weights cannot be unscaled. A frozen LoRA base needs no masters.
+    weights = torch.float32 if cfg.finetuning_type == "full" else dtype
+    model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
+                       compute=dtype)
+    if enable_tf32():
+        log.info("TF32 on for fp32 matmuls")
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
@@ -124,14 +134,29 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     return model, dtype, notes, (trainable, total)
 
 
-def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False):
-    from transformers import TrainingArguments
+class OneDeviceArguments(TrainingArguments):
+    """TrainingArguments whose process never uses more than one GPU.
 
+    With several GPUs visible to one process, Trainer wraps the model in `nn.DataParallel`: slower than
+    one process per GPU, and it breaks code that reaches into the model. One process trains on one GPU;
+    a launcher (torchrun, accelerate) starts one process per GPU to use them all.
+    """
+
+    @property
+    def n_gpu(self) -> int:
+        return min(super().n_gpu, 1)
+
+
+def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False):
     report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    if on_gpu and torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+        log.info("%d GPUs visible; this process trains on one. To use them all, start one process per GPU: "
+                 "torchrun --nproc_per_node %d -m tunelab train CONFIG", torch.cuda.device_count(),
+                 torch.cuda.device_count())
+    return OneDeviceArguments(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -153,7 +178,7 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         eval_steps=cfg.eval_steps or cfg.logging_steps * 10 if has_eval else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16,  # autocast, on CPUs with bf16 too; weights as prepare_model loaded them
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
         report_to=report,

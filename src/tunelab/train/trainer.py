@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from . import checkpoints
 from .guards import LossGuard
-from ..model.loss import causal_lm_loss, labelled_loss, supports_labelled_loss, trained_positions
+from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
 
 
 class TokenCounter:
@@ -32,6 +32,8 @@ class TunelabTrainer(Trainer):
         self._skip_step = False
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.labelled_loss = supports_labelled_loss(self.model)
+        if self.labelled_loss:
+            install_labelled_forward(self.model)
         # Labels are never passed to the model (remote-code forwards may choke on extra kwargs), and
         # the trained-token count must skip position 0, which a shifted loss never predicts.
         self.model_accepts_loss_kwargs = False
@@ -89,7 +91,8 @@ class TunelabTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             self.token_counter.trained += trained_positions(inputs["labels"])
-        loss = labelled_loss(model, inputs, num_items_in_batch)
+        body = {k: v for k, v in inputs.items() if k != "labels"}
+        loss = model(**body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
