@@ -60,9 +60,8 @@ MUTATIONS = [
              "system prompt put first in every conversation that has none.\",\n                                   group=\"data\")",
              ("tests/data/test_cache_keys.py", "tests/data/test_cache.py")),
     Mutation("checkpoint files fsynced after the rename", "train/checkpoints.py",
-             "    os.replace(staged, final)\n    _fsync(final.parent)\n",
-             "    os.replace(staged, final)\n    for root, _, files in os.walk(final):\n        for name in files:\n"
-             "            _fsync(Path(root) / name)\n    _fsync(final.parent)\n",
+             '    for root, _, files in os.walk(staged):\n        for name in files:\n            _fsync(Path(root) / name)\n    _fsync(staged)\n    old = None\n    if final.exists():  # saved again at the same step, e.g. by an interrupt right after a scheduled save\n        old = final.with_name(f"{STAGING}{final.name}-old")\n        shutil.rmtree(old, ignore_errors=True)\n        os.replace(final, old)\n    os.replace(staged, final)\n    _fsync(final.parent)\n',
+             '    _fsync(staged)\n    old = None\n    if final.exists():  # saved again at the same step, e.g. by an interrupt right after a scheduled save\n        old = final.with_name(f"{STAGING}{final.name}-old")\n        shutil.rmtree(old, ignore_errors=True)\n        os.replace(final, old)\n    os.replace(staged, final)\n    for root, _, files in os.walk(final):\n        for name in files:\n            _fsync(Path(root) / name)\n    _fsync(final.parent)\n',
              ("tests/train/test_checkpoint_order.py",)),
     # --- precision (GPU paths, CPU proxies) -----------------------------------------------------------------
     Mutation("precision: full fine-tuning without fp32 master weights", "train/run.py",
