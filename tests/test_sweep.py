@@ -79,3 +79,21 @@ def test_bad_grids_fail_before_any_training(grid, message, sweep_config, tmp_pat
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_finished_run_is_freed_before_the_next_one_trains(sweep_config, monkeypatch):
+    """On a GPU the second run would otherwise find the first one's model still holding memory."""
+    import weakref
+
+    refs = []
+    real_train = sweep_module.train
+
+    def watched(cfg):
+        assert all(ref() is None for ref in refs), "the previous run's model is still alive"
+        result = real_train(cfg)
+        refs.append(weakref.ref(result.model))
+        return result
+
+    monkeypatch.setattr(sweep_module, "train", watched)
+    run_sweep(sweep_config, ["lora_r=2,4"])
+    assert len(refs) == 2

@@ -96,6 +96,8 @@ def _export_args(p):
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where to merge (default cpu: an fp32 merge needs 4 bytes per parameter)")
     _trust_arg(p)
 
 
@@ -191,7 +193,7 @@ def _export(args) -> int:
 
     report = export_merged(args.model, args.adapter, args.output, args.dtype, args.shard_size,
                            verify=not args.no_verify, overwrite=args.overwrite,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, device=args.device)
     print(f"merged model written to {report.output_dir} ({report.dtype})")
     if report.verified is None:
         return 0

@@ -147,6 +147,18 @@ def _mark_best(rows: list[dict]) -> None:
         r["best"] = "*" if r is best else ""
 
 
+def _release_memory() -> None:
+    """Free what a finished run left behind: its model sits in reference cycles (trainer callbacks, patched
+    forwards) that only the cycle collector frees, and the CUDA allocator keeps freed blocks cached."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_sweep(config_path: str, pairs: list[str], eval_dataset: str | None = None, max_new_tokens: int = 128,
               batch_size: int = 8) -> list[dict]:
     points, root = plan_sweep(config_path, pairs)
@@ -159,6 +171,7 @@ def run_sweep(config_path: str, pairs: list[str], eval_dataset: str | None = Non
             continue
         log.info("sweep %d/%d %s", i, len(points), point.output_dir.name)
         train(point.config)
+        _release_memory()  # the next run must not find the last one's model still held
     rows = []
     for point in points:
         evaluated = _eval_point(point, eval_dataset, max_new_tokens, batch_size) if eval_dataset else None

@@ -55,3 +55,24 @@ def test_cli_compares_base_and_adapter_in_one_table(pairs, memorised, tmp_path, 
     assert [r["model"] for r in rows] == ["base", "lora"]
     assert (out / "eval.csv").read_text().count("\n") == 3
     assert len((out / "predictions.jsonl").read_text().splitlines()) == len(pairs)
+
+
+def test_eval_loss_is_trainings_chunked_loss_and_builds_no_full_logits(memorised, monkeypatch):
+    """batch x length x vocabulary logits never exist in eval: the head runs at trained positions only."""
+    im = load_inference(str(memorised / "full"))
+    variant, cases = im.variants[0], read_cases(str(memorised / "qa.jsonl"))
+    encoder = Encoder(variant.tokenizer)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for case in cases:
+            s = encoder.encode(case.conversation)
+            out = im.model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]))
+            k = sum(1 for x in s.labels[1:] if x != -100)
+            total, n = total + float(out.loss) * k, n + k
+    head = im.model.get_output_embeddings()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lm_head ran over every position")
+    monkeypatch.setattr(head, "forward", refuse)
+    loss, count = eval_loss(im, variant, cases, batch_size=3, progress=False)
+    assert count == n and loss == pytest.approx(total / n, rel=1e-5)

@@ -154,3 +154,20 @@ def test_what_cannot_be_merged_is_refused_in_one_line(case, lora_run, llama_dir,
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tunelab: error:") and "\n" not in err, err
+
+
+def test_export_merges_on_the_cpu_even_with_a_gpu_visible(lora_run, tmp_path, monkeypatch):
+    """An fp32 merge of a 7B model needs 28 GiB: host memory, not the GPU, unless --device cuda is asked for."""
+    from tunelab.export import merge
+
+    seen = []
+    real = merge.load_inference
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **{**kwargs, "device": "cpu"})  # there is no GPU here to honour cuda with
+
+    monkeypatch.setattr(merge, "load_inference", recording)
+    merge.export_merged(str(lora_run), None, str(tmp_path / "m"), "fp32", verify=False)
+    merge.export_merged(str(lora_run), None, str(tmp_path / "g"), "fp32", verify=False, device="cuda")
+    assert seen == ["cpu", "cuda"]

@@ -131,3 +131,21 @@ def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tmp_path, ll
     assert proc.returncode == 130, err[-2000:]
     assert time.time() - second < pause / 2, "the second signal waited for the step"
     assert not list(out.glob("checkpoint-*")) and not (out / "run_summary.json").exists()
+
+
+def test_a_skipped_step_leaves_the_fp16_grad_scaler_able_to_step():
+    """Under fp16 the GradScaler unscales and checks every gradient before the (skipped) step; gradients
+    set to None would make it refuse ("No inf checks were recorded"). CPU GradScaler as the proxy."""
+    from tunelab.train.trainer import discard_gradients
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # tunelab skips the update itself; here: no raise
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.full((3, 4), float("nan"))).sum()
+    scaler.scale(loss).backward()
+    discard_gradients(model)  # what on_bad_loss: skip does after a NaN loss
+    scaler.unscale_(optimizer)  # gradient clipping unscales first
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))

@@ -18,7 +18,7 @@ from ..data.dataset import PadCollator
 from ..data.encode import Encoder
 from ..infer.generate import Case, generate_cases
 from ..infer.load import InferenceModel, Variant, run_config
-from ..model.loss import causal_lm_loss, trained_positions
+from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
 from .metrics import score
 
 COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l",
@@ -34,15 +34,23 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
     pad = variant.tokenizer.pad_token_id if variant.tokenizer.pad_token_id is not None else 0
     collate = PadCollator(pad)
     total, count = 0.0, 0
+    # training's own loss: the head runs at trained positions only, in chunks, so no batch x length x
+    # vocabulary logits are ever built; models with other heads keep the plain loss
+    labelled = supports_labelled_loss(im.model)
+    if labelled:
+        install_labelled_forward(im.model)
     bar = tqdm(total=len(samples), desc=f"loss {variant.label}", disable=not progress, unit="sample")
     with im.use(variant) as model, torch.no_grad():
         for i in range(0, len(samples), batch_size):
             batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i:i + batch_size]])
             batch = {k: v.to(im.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            n = trained_positions(batch["labels"])
-            total += float(causal_lm_loss(logits, batch["labels"], num_items=1))
-            count += n
+            body = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if labelled:
+                summed = model(**body, tunelab_labels=batch["labels"], tunelab_num_items=1).loss
+            else:
+                summed = causal_lm_loss(model(**body).logits, batch["labels"], num_items=1)
+            total += float(summed)
+            count += trained_positions(batch["labels"])
             bar.update(len(batch["input_ids"]))
     bar.close()
     return (total / count if count else float("nan")), count

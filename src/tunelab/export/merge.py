@@ -89,7 +89,10 @@ def _resolve_dtype(name: str, base_path: str) -> torch.dtype:
 
 
 def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str = "auto", shard_size: str = "5GB",
-                  verify: bool = True, overwrite: bool = False, trust_remote_code: bool = False) -> ExportReport:
+                  verify: bool = True, overwrite: bool = False, trust_remote_code: bool = False,
+                  device: str = "cpu") -> ExportReport:
+    """Merge on `device` (default the CPU: an fp32 merge of a 7B model needs 28 GiB, which host memory
+    has and a GPU often has not), cast to `dtype`, write, then prove the folder."""
     if dtype not in ("auto", *DTYPES):
         raise TunelabError(f"--dtype: '{dtype}' is not one of auto, {', '.join(DTYPES)}")
     base, adapters = split_run_folder(model, [adapter] if adapter else None)
@@ -101,7 +104,10 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
     adapter_dir = Path(adapters[0])
     if Path(adapter_dir).resolve() == out.resolve():
         raise TunelabError("--output: must differ from the adapter folder")
-    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if device not in ("cpu", "cuda"):
+        raise TunelabError(f"--device: '{device}' is not cpu or cuda")
+    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, device=device,
+                        trust_remote_code=trust_remote_code)
     trust = im.trust_remote_code
     variant = im.variants[0]
     if getattr(im.model.base_model.model, "is_quantized", False) or getattr(im.model, "is_loaded_in_4bit", False):
@@ -136,7 +142,7 @@ def verify_folder(output_dir: str, model: str, adapter: str | None = None,
                   trust_remote_code: bool = False) -> ExportReport:
     """Re-check an exported folder against base + adapter, e.g. after copying it or editing its files."""
     _, adapters = split_run_folder(model, [adapter] if adapter else None)
-    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32,
+    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, device="cpu",
                         trust_remote_code=trust_remote_code)
     trust = im.trust_remote_code
     variant = im.variants[0]

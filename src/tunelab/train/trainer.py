@@ -13,6 +13,12 @@ from .guards import LossGuard
 from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
 
 
+def discard_gradients(model) -> None:
+    """Zero the step's gradients, keeping the tensors: under fp16 the GradScaler then still finds them to
+    check for infs (with gradients set to None it refuses to step: "No inf checks were recorded")."""
+    model.zero_grad(set_to_none=False)
+
+
 class TokenCounter:
     """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl."""
 
@@ -43,7 +49,7 @@ class TunelabTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         verdict = self.loss_guard.check(float(loss), self.state.global_step + 1, self.args.output_dir)
         if verdict == "skip":
-            model.zero_grad(set_to_none=True)
+            discard_gradients(model)
             self._skip_step = True
             return torch.zeros_like(loss)
         return loss
