@@ -96,6 +96,10 @@ MUTATIONS = [
              "                  device: str = \"cpu\") -> ExportReport:",
              "                  device: str = \"cuda\") -> ExportReport:",
              ("tests/export/test_merge.py::test_export_merges_on_the_cpu_even_with_a_gpu_visible",)),
+    Mutation("qlora: the base is loaded unquantized", "model/loader.py",
+             "        kwargs[\"quantization_config\"] = _quantization(quant_bits, compute)",
+             "        pass",
+             ("tests/model/test_qlora.py",)),
     # --- one per module ------------------------------------------------------------------------------------
     Mutation("mask: one token past the answer trained", "data/encode.py",
              "i, j = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)",

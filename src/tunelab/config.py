@@ -52,8 +52,12 @@ class Config:
                                   "runs on your machine.", group="model")
     allow_pickle: bool = key(False, "Lets pickle-based .bin/.pt weights load; off because loading a pickle can run "
                              "code, so only safetensors load.", group="model")
-    attn_implementation: str = key("auto", "The attention kernel; auto = FlashAttention-2 when installed on a GPU, "
-                                   "else sdpa.", group="model",
+    load_in_4bit: bool = key(False, "QLoRA: the frozen base in 4-bit NF4 (double quantisation, computing in the "
+                             "training precision) through bitsandbytes; LoRA only.", group="model")
+    load_in_8bit: bool = key(False, "The frozen base in 8-bit (LLM.int8) through bitsandbytes; LoRA only.",
+                             group="model")
+    attn_implementation: str = key("auto", "The attention kernel; auto = FlashAttention-2 where it runs (compute "
+                                   "capability 8.0+, bf16/fp16), else sdpa.", group="model",
                                    choices=("auto", "eager", "sdpa", "flash_attention_2"))
 
     dataset: Union[str, list] = key("", "The training data: a file, a folder, a list of them, or a hub dataset "
@@ -254,6 +258,11 @@ def _check_combinations(cfg: dict) -> list[str]:
     val_size = cfg.get("val_size", 0.0)
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         problems.append(f"val_size: {val_size!r} must be a fraction in [0, 1) or a whole count of records")
+    if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
+        problems.append("load_in_4bit and load_in_8bit: both true; choose one")
+    if (cfg.get("load_in_4bit") or cfg.get("load_in_8bit")) and cfg.get("finetuning_type") == "full":
+        problems.append("finetuning_type: 'full' cannot train a quantized base (load_in_4bit/load_in_8bit); "
+                        "use finetuning_type lora (QLoRA)")
     if cfg.get("bf16") and cfg.get("fp16"):
         problems.append("bf16 and fp16: both true; choose one")
     if cfg.get("learning_rate", 1.0) <= 0:

@@ -176,7 +176,7 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         raise TunelabError(f"device: {device!r} is not cuda or cpu")
     dtype = _dtype(cfg, device)
     act = torch.finfo(dtype).bits // 8
-    quant_bits = quant_bits or getattr(cfg, "quantization_bit", None)
+    quant_bits = quant_bits or (4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None)
     full = cfg.finetuning_type == "full"
     if quant_bits not in (None, 4, 8):
         raise TunelabError(f"quant_bits: {quant_bits!r} is not 4 or 8")

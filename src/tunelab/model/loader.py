@@ -94,12 +94,14 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None):
+               allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None,
+               quant_bits: int | None = None):
     """The base model of `path` with weights in `dtype`, repaired; each repair's one-line note is appended
-    to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`."""
+    to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`;
+    `quant_bits` (4 or 8) quantizes the decoder's linear layers with bitsandbytes (QLoRA)."""
     from .quirks import fix_input_embeddings
 
-    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype)
+    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits)
     found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
     if notes is not None:
         notes += found
@@ -114,8 +116,21 @@ def _remote_code_note(model, path: str) -> str | None:
     return msg
 
 
+def _quantization(bits: int | None, compute: torch.dtype):
+    if bits is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunelabError(f"load_in_{bits}bit: needs the bitsandbytes package; pip install 'tunelab[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:  # QLoRA's recipe: NF4, quantized quantization constants, matmuls in the training precision
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool,
-                     compute: torch.dtype):
+                     compute: torch.dtype, quant_bits: int | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -128,6 +143,8 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
     except OSError as exc:
         raise TunelabError(f"model: '{path}' has no usable config.json ({str(exc).splitlines()[0]})") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
+    if quant_bits:
+        kwargs["quantization_config"] = _quantization(quant_bits, compute)
     impl = attention_implementation(attn, compute)
     # auto: FlashAttention-2 or sdpa, then whatever the model supports (remote code may know only eager)
     tries = [impl] + (["sdpa", None] if attn == "auto" else [])

@@ -115,8 +115,16 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     # Trained weights stay fp32 (master weights) and the forward runs under autocast: in bf16 weights most
     # small updates round away, and fp16 weights cannot be unscaled. A frozen LoRA base needs no masters.
     weights = torch.float32 if cfg.finetuning_type == "full" else dtype
+    quant_bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
     model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
-                       compute=dtype)
+                       compute=dtype, quant_bits=quant_bits)
+    if quant_bits:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and embeddings to fp32, input gradients on; checkpointing is set up below, tunelab's way
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        notes.append(f"{quant_bits}-bit base (bitsandbytes{', NF4, double quantisation' if quant_bits == 4 else ''})")
+        log.info(notes[-1])
     if enable_tf32():
         log.info("TF32 on for fp32 matmuls")
     rows = model.get_input_embeddings().weight.shape[0]
