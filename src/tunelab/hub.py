@@ -48,3 +48,16 @@ def remote_code_error(model: str, exc: Exception) -> TunelabError:
         f"model: '{model}' ships its own Python code; set trust_remote_code: true (on the command line: "
         f"--trust-remote-code) only if you trust its author, since that code runs on this machine ({str(exc).splitlines()[0]})"
     )
+
+
+def from_pretrained(loader, path: str, trust_remote_code: bool, what: str):
+    """`loader.from_pretrained(path)` (AutoConfig, AutoTokenizer), its failures as one line naming `what`:
+    remote code that was not trusted, files that cannot be read."""
+    try:
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise remote_code_error(path, exc) from None
+        raise TunelabError(f"model: cannot read {what} of '{path}' ({exc})") from None
+    except OSError as exc:
+        raise TunelabError(f"model: cannot read {what} of '{path}' ({str(exc).splitlines()[0]})") from None

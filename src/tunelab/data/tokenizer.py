@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import TunelabError
-from ..hub import remote_code_error, resolve_model_path
+from ..hub import from_pretrained, resolve_model_path
 from .templates import apply_template, missing_tokens
 
 log = logging.getLogger("tunelab")
@@ -14,14 +14,7 @@ log = logging.getLogger("tunelab")
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise remote_code_error(path, exc) from None
-        raise TunelabError(f"model: cannot load the tokenizer of '{path}' ({exc})") from None
-    except OSError as exc:
-        raise TunelabError(f"model: cannot load the tokenizer of '{path}' ({str(exc).splitlines()[0]})") from None
+    return from_pretrained(AutoTokenizer, path, trust_remote_code, "the tokenizer")
 
 
 def prepare_tokenizer(cfg):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TunelabError
-from ..hub import remote_code_error
+from ..hub import from_pretrained
 
 log = logging.getLogger("tunelab")
 
@@ -134,14 +134,7 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise remote_code_error(path, exc) from None
-        raise TunelabError(f"model: cannot read the config of '{path}' ({exc})") from None
-    except OSError as exc:
-        raise TunelabError(f"model: '{path}' has no usable config.json ({str(exc).splitlines()[0]})") from None
+    config = from_pretrained(AutoConfig, path, trust_remote_code, "the config")
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     if quant_bits:
         kwargs["quantization_config"] = _quantization(quant_bits, compute)
