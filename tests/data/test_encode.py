@@ -199,3 +199,14 @@ def test_a_dataset_encoded_in_chunks_equals_one_batch(tokenizer, monkeypatch):
     monkeypatch.setattr(dataset, "CHUNK", 4)
     chunked = [(s.input_ids, s.labels, s.truncated) for s in dataset._encoded(convs, encoder)]
     assert chunked == whole and len(whole) == len(convs)
+
+
+def test_a_tokenizer_without_offsets_still_encodes_and_serves_the_same_prompt(tokenizer):
+    """Slow (pure-Python) tokenizers give no offsets: the pieces between answer edges are tokenized apart."""
+    encoder = Encoder(tokenizer)
+    encoder._backend = None  # what a tokenizer without a Rust backend looks like to the encoder
+    conv = conversation()
+    sample = encoder.encode(conv)
+    assert trained_spans(tokenizer, sample) == ["Ocean blue, 海蓝色.<|im_end|>", "Seven.<|im_end|>"]
+    prompt = encoder.prompt_ids(Conversation(conv.messages[:2], source="t"))
+    assert prompt and sample.input_ids[:len(prompt)] == prompt

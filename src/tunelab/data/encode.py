@@ -136,7 +136,7 @@ class Encoder:
         text = self.render(conv, messages, add_generation_prompt=True, tools=tools)
         text, _, protected = shield.unwrap(text, None, conv.source)
         ids, _ = self._tokenize([_Plan(text, None, protected=protected)])[0]
-        return ids
+        return ids if ids is not None else self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ encoding
 
