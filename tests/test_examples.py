@@ -29,6 +29,8 @@ EXPECTED = {
                                     lora_target="q_proj,k_proj,v_proj,o_proj"),
     "step-3.5-flash-lora.yaml": dict(model="stepfun-ai/Step-3.5-Flash", finetuning_type="lora", template="dolly",
                                      trust_remote_code=True, lora_target="q_proj,k_proj", lora_r=16, lora_alpha=32),
+    "qwen2.5-7b-instruct-qlora.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", finetuning_type="lora", load_in_4bit=True,
+                                           lora_target="all-linear", template="auto"),
     "qwen2.5-3b-full-sft.yaml": dict(model="Qwen/Qwen2.5-3B", finetuning_type="full", template="chatml",
                                      save_total_limit=2),
 }
@@ -74,7 +76,7 @@ def test_example_trains_on_a_tiny_model(path, llama_dir, tmp_path):
     cfg = load_config(path, dict(OVERRIDES, model=llama_dir, output_dir=str(tmp_path / "run")))
     shipped = load_config(path)
     for key in ("dataset", "eval_dataset", "template", "finetuning_type", "lora_target", "lora_r", "cutoff_len",
-                "gradient_checkpointing"):
+                "gradient_checkpointing", "load_in_4bit", "load_in_8bit"):
         assert getattr(cfg, key) == getattr(shipped, key), key
 
     result = train(cfg)
