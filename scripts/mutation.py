@@ -110,7 +110,7 @@ MUTATIONS = [
              "if i and offsets[i - 1][1] > a:",
              ("tests/data/test_encode.py",)),
     Mutation("control-token text in messages read as control tokens", "data/literal.py",
-             "return self._re.sub(self._swap, value) if self.holds_special(value) else value",
+             "return self._special.pattern.sub(self._swap, value) if self._special.holds(value) else value",
              "return value",
              ("tests/data/test_token_stream.py",)),
     Mutation("packing: positions do not restart per sample", "data/packing.py",

@@ -67,9 +67,8 @@ def read_conversations(specs: str | list[str], dataset_format: str = "auto", col
     return conversations
 
 
-def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None = None,
-                         max_samples: int | None = None) -> list[Conversation]:
-    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, max_samples, stats)
+def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None = None) -> list[Conversation]:
+    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, stats=stats)
 
 
 def split(items: list, val_size: float, seed: int) -> tuple[list, list]:

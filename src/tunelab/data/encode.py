@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..constants import IGNORE_INDEX
 from ..errors import TunelabError
 from .conversation import Conversation
-from .literal import PlainTextEncoder, Shield
+from .literal import PlainTextEncoder, Shield, SpecialText
 
 # Part of the tokenization cache key: bump it whenever the same inputs would encode differently.
 ENCODING_VERSION = 2
@@ -110,7 +110,7 @@ class Encoder:
             [tokenizer.eos_token] if tokenizer.eos_token else [])
         self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
         self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
-        self._specials = special_tokens(tokenizer)
+        self._special_text = SpecialText(special_tokens(tokenizer))
         self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
         self._plain: PlainTextEncoder | None = None
         self._markup_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
@@ -130,9 +130,7 @@ class Encoder:
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """The ids inference feeds the model for `conv` (which ends before the answer to generate)."""
-        self._check_text([conv.template_messages(), conv.tools], conv.source)
-        shield = Shield(self._specials)
-        messages, tools = shield.wrap(conv.template_messages()), shield.wrap(conv.tools)
+        shield, messages, tools = self._shielded(conv)
         text = self.render(conv, messages, add_generation_prompt=True, tools=tools)
         text, _, protected = shield.unwrap(text, None, conv.source)
         ids, _ = self._tokenize([_Plan(text, None, protected=protected)])[0]
@@ -156,12 +154,10 @@ class Encoder:
 
     def _plan(self, conv: Conversation) -> _Plan:
         if conv.text is not None:
-            self._check_text(conv.text, conv.source)
+            self._check_text(conv.text, conv.source, "field 'text'")
             # pre-training text is data through and through: any special-token text in it is plain text
             return _Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))])
-        self._check_text([conv.template_messages(), conv.tools], conv.source)
-        shield = Shield(self._specials)
-        messages, tools = shield.wrap(conv.template_messages()), shield.wrap(conv.tools)
+        shield, messages, tools = self._shielded(conv)
         full = self.render(conv, messages, tools=tools)
         if self.train_on == "all":
             text, _, protected = shield.unwrap(full, None, conv.source)
@@ -176,7 +172,16 @@ class Encoder:
         text, spans, protected = shield.unwrap(full, spans, conv.source)
         return _Plan(text, spans, protected=protected)
 
-    def _check_text(self, value, source: str) -> None:
+    def _shielded(self, conv: Conversation):
+        """(shield, messages, tools): the conversation's strings checked, special-token text swapped for sentinels."""
+        messages = conv.template_messages()
+        for i, message in enumerate(messages):
+            self._check_text(message, conv.source, f"message {i} ({message['role']})")
+        self._check_text(conv.tools, conv.source, "tools")
+        shield = Shield(self._special_text)
+        return shield, shield.wrap(messages), shield.wrap(conv.tools)
+
+    def _check_text(self, value, source: str, field: str) -> None:
         """Refuse text that no tokenizer can read as written: a lone surrogate from a JSON escape."""
         stack = [value]
         while stack:  # iterative: tool calls may nest deeper than Python's recursion limit
@@ -186,7 +191,7 @@ class Encoder:
             elif isinstance(item, (list, tuple)):
                 stack += item
             elif isinstance(item, str) and (bad := _SURROGATE.search(item)) is not None:
-                raise TunelabError(f"{source}: a message holds a lone surrogate U+{ord(bad.group()):04X} "
+                raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
                                    "(from a JSON \\u escape?); expected valid Unicode text")
 
     def _answer_span(self, conv: Conversation, messages: list[dict], tools, full: str, i: int) -> tuple[int, int]:

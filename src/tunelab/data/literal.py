@@ -29,21 +29,29 @@ _ANY_SENTINEL = re.compile(f"tlx{_NONCE}q", re.IGNORECASE)
 _BOUNDARY = "<tunelab|piece-boundary>"
 
 
-class Shield:
-    """Swaps special-token text in message strings for sentinels, and maps a rendering back."""
+class SpecialText:
+    """Finds a tokenizer's special-token text in strings. Built once per tokenizer: Llama-3 alone has 256
+    special tokens, and their pattern on every conversation would double the cost of encoding."""
 
     def __init__(self, specials: list[str]):
-        self._re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._heads = {t[:2] for t in specials}  # a cheap substring test before the regex
-        self.literals: list[str] = []
 
-    def holds_special(self, text: str) -> bool:
-        return self._re is not None and any(h in text for h in self._heads) and self._re.search(text) is not None
+    def holds(self, text: str) -> bool:
+        return self.pattern is not None and any(h in text for h in self._heads) and self.pattern.search(text) is not None
+
+
+class Shield:
+    """Swaps special-token text in one conversation's strings for sentinels, and maps a rendering back."""
+
+    def __init__(self, special: SpecialText):
+        self._special = special
+        self.literals: list[str] = []
 
     def wrap(self, value: Any) -> Any:
         """`value` with every special-token text in its strings (nested in dicts and lists) swapped."""
         if isinstance(value, str):
-            return self._re.sub(self._swap, value) if self.holds_special(value) else value
+            return self._special.pattern.sub(self._swap, value) if self._special.holds(value) else value
         if isinstance(value, dict):
             return {k: self.wrap(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
