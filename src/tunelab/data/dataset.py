@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import TunelabError
 from . import cache
 from .conversation import Conversation
-from ..constants import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from .encode import Encoded, Encoder
 from .formats import detect_format, to_conversation
 from .readers import read_records
@@ -169,4 +169,4 @@ class PadCollator:
             ids[row, :n] = torch.tensor(b["input_ids"])
             labels[row, :n] = torch.tensor(b["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, LOSS_POSITIONS: loss_positions(labels)}

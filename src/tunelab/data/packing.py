@@ -12,7 +12,7 @@ import bisect
 
 import torch
 
-from ..constants import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from .encode import Encoded
 
 
@@ -86,4 +86,4 @@ class PackCollator:
             labels[row, :n] = torch.tensor(r["labels"])
             positions[row, :n] = torch.tensor(r["position_ids"])
             positions[row, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, LOSS_POSITIONS: loss_positions(labels)}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..constants import LOSS_POSITIONS
 from ..data.dataset import PadCollator
 from ..data.encode import Encoder
 from ..infer.generate import Case, generate_cases
@@ -46,13 +47,15 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
             batch = {k: v.to(im.device) for k, v in batch.items()}
             body = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             if labelled:
-                summed = model(**body, tunelab_labels=batch["labels"], tunelab_num_items=1).loss
+                summed = model(**body, tunelab_labels=batch["labels"], tunelab_num_items=1,
+                               tunelab_positions=batch[LOSS_POSITIONS]).loss
             else:
                 summed = causal_lm_loss(model(**body).logits, batch["labels"], num_items=1)
-            total += float(summed)
+            total += summed.float()
             count += trained_positions(batch["labels"])
             bar.update(len(batch["input_ids"]))
     bar.close()
+    total, count = float(total), int(count)  # read once: no host sync per batch
     return (total / count if count else float("nan")), count
 
 

@@ -18,7 +18,7 @@ import types
 import torch
 from torch import nn
 
-from ..constants import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, loss_positions
 
 # Causal LMs whose logits are lm_head(final hidden state) [* soft cap]; anything else uses the plain loss.
 PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma",
@@ -128,46 +128,49 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -
     targets = labels[:, 1:].to(logits.device)
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / _normaliser(num_items, targets != IGNORE_INDEX, loss.device)
+    return loss / _normaliser(num_items, (targets != IGNORE_INDEX).sum(), loss.device)
 
 
-def _normaliser(num_items, keep: torch.Tensor, device) -> torch.Tensor:
+def _normaliser(num_items, count, device) -> torch.Tensor:
     if num_items is None:
-        num_items = keep.sum()
+        num_items = count
     if not torch.is_tensor(num_items):
         num_items = torch.tensor(num_items)
     return num_items.to(device).clamp(min=1)
 
 
-def trained_positions(labels: torch.Tensor) -> int:
-    """Tokens a shifted loss predicts: labelled positions after the first."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens a shifted loss predicts (labelled positions after the first), as a tensor: no host sync."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS, positions=None) -> torch.Tensor:
     """Summed cross-entropy over labelled positions divided by `num_items` (trained tokens in the step).
 
     Called on the CausalLM itself: training reaches it through the model's own forward (see
     `install_labelled_forward`), so that every wrapper's forward (autocast, DDP, FSDP, DeepSpeed) runs it.
+    `positions` (from `loss_positions`, made by the collator on the host) spare the GPU a host sync.
     """
     lm = _causal_lm(model)
     labels = inputs["labels"]
     body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = lm.model(**body_inputs, use_cache=False).last_hidden_state
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != IGNORE_INDEX
-    picked = hidden[:, :-1][keep]
+    if positions is None:
+        positions = loss_positions(labels)
+    positions = positions.to(hidden.device)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = labels.reshape(-1).to(hidden.device).index_select(0, positions + 1)
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None) or 0.0
-    loss = _head_loss(picked, head.weight, targets[keep], float(softcap), chunk)
-    return loss / _normaliser(num_items, keep, loss.device)
+    loss = _head_loss(picked, head.weight, targets, float(softcap), chunk)
+    return loss / _normaliser(num_items, positions.numel(), loss.device)
 
 
 def install_labelled_forward(model) -> None:
     """Let the CausalLM under `model` compute the labelled loss inside its own forward.
 
-    Given `tunelab_labels` (and `tunelab_num_items`), the forward returns only that loss; without them
-    it is the model's own forward. Running inside forward matters: mixed-precision autocast, DDP's
+    Given `tunelab_labels` (and `tunelab_num_items`, `tunelab_positions`), the forward returns only that
+    loss; without them it is the model's own forward. Running inside forward matters: mixed-precision autocast, DDP's
     gradient hooks, FSDP's unsharding and ZeRO-3's gathering all wrap `forward`, not code that reaches
     into the model from outside.
     """
@@ -178,13 +181,14 @@ def install_labelled_forward(model) -> None:
         return
     original = lm.forward
 
-    def forward(self, *args, tunelab_labels=None, tunelab_num_items=None, **kwargs):
+    def forward(self, *args, tunelab_labels=None, tunelab_num_items=None, tunelab_positions=None, **kwargs):
         if tunelab_labels is None:
             return original(*args, **kwargs)
         if args:
             kwargs["input_ids"] = args[0]
         inputs = {k: v for k, v in kwargs.items() if v is not None}
-        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items)
+        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items,
+                             positions=tunelab_positions)
         return CausalLMOutputWithPast(loss=loss)
 
     lm.forward = types.MethodType(forward, lm)

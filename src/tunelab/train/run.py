@@ -179,6 +179,7 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         optim=cfg.optim,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the loss guard handles bad losses, without a host sync per micro-step
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

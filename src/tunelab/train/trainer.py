@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import checkpoints
 from .guards import LossGuard
+from ..constants import LOSS_POSITIONS
 from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
 
 
@@ -20,14 +21,34 @@ def discard_gradients(model) -> None:
 
 
 class TokenCounter:
-    """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl."""
+    """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl.
+
+    Counts may be device tensors; they are read (one host sync) only when a log line asks.
+    """
 
     def __init__(self):
         self.trained = 0
 
     def take(self) -> int:
         n, self.trained = self.trained, 0
-        return n
+        return int(n)
+
+
+class _JudgeLosses(TrainerCallback):
+    """Hands the step's micro-step losses to the loss guard just before the optimizer steps.
+
+    Judged here, once per optimizer step, rather than after each micro-step: reading a loss makes the
+    host wait for the GPU, and doing that every micro-step stalls the queue of kernels.
+    """
+
+    def __init__(self, trainer: "TunelabTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._judge_losses()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._skip_step = False  # a GradScaler may have skipped the step without calling ours
 
 
 class TunelabTrainer(Trainer):
@@ -36,7 +57,9 @@ class TunelabTrainer(Trainer):
         self.token_counter = token_counter or TokenCounter()
         self.loss_guard = loss_guard or LossGuard()
         self._skip_step = False
+        self._losses: list[torch.Tensor] = []
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
+        self.add_callback(_JudgeLosses(self))
         self.labelled_loss = supports_labelled_loss(self.model)
         if self.labelled_loss:
             install_labelled_forward(self.model)
@@ -47,12 +70,18 @@ class TunelabTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        verdict = self.loss_guard.check(float(loss), self.state.global_step + 1, self.args.output_dir)
-        if verdict == "skip":
-            discard_gradients(model)
+        self._losses.append(loss.detach())
+        # a non-finite loss is kept out of the logged mean without reading it on the host
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
+    def _judge_losses(self) -> None:
+        if not self._losses:
+            return
+        losses, self._losses = torch.stack(self._losses).float().tolist(), []
+        verdicts = [self.loss_guard.check(v, self.state.global_step + 1, self.args.output_dir) for v in losses]
+        if "skip" in verdicts:
+            discard_gradients(self.model_wrapped)
             self._skip_step = True
-            return torch.zeros_like(loss)
-        return loss
 
     def create_optimizer(self, *args, **kwargs):
         """The optimizer's step is skipped after a bad loss under `on_bad_loss: skip` (momentum included)."""
@@ -91,14 +120,18 @@ class TunelabTrainer(Trainer):
             checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        positions = inputs.pop(LOSS_POSITIONS, None)
         if "position_ids" in inputs:  # packed rows: a cache would turn the block-diagonal mask off
-            inputs = {**inputs, "use_cache": False}
+            inputs["use_cache"] = False
         if return_outputs or not self.labelled_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            self.token_counter.trained += trained_positions(inputs["labels"])
+            self.token_counter.trained += positions.numel() if positions is not None else \
+                trained_positions(inputs["labels"])
         body = {k: v for k, v in inputs.items() if k != "labels"}
-        loss = model(**body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch).loss
+        loss = model(**body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch,
+                     tunelab_positions=positions).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
