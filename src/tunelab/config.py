@@ -159,6 +159,10 @@ class Config:
     bf16: Union[bool, None] = key(None, "Train in bfloat16; null = auto: bf16 on GPUs that have it, fp16 on "
                                   "other GPUs, fp32 on CPU.", group="training")
     fp16: Union[bool, None] = key(None, "Train in float16; null = auto (see bf16).", group="training")
+    pure_bf16: bool = key(False, "Weights, gradients and optimizer states all in bf16, no fp32 master copy: 10 "
+                          "bytes less per trained parameter than mixed precision, at some cost in accuracy; "
+                          "AdamW then rounds each update stochastically so that small updates are not lost.",
+                          group="training")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,6 +269,13 @@ def _check_combinations(cfg: dict) -> list[str]:
                         "use finetuning_type lora (QLoRA)")
     if cfg.get("bf16") and cfg.get("fp16"):
         problems.append("bf16 and fp16: both true; choose one")
+    if cfg.get("pure_bf16"):
+        if cfg.get("fp16") or cfg.get("bf16") is False:
+            problems.append(f"pure_bf16: true needs bf16 (bf16 is {cfg.get('bf16')!r}, fp16 {cfg.get('fp16')!r}); "
+                            "leave bf16 null or true")
+        if cfg.get("optim", "adamw_torch") not in ("adamw_torch", "adamw_torch_fused"):
+            problems.append(f"optim: {cfg['optim']!r} cannot step bf16 weights without losing small updates; "
+                            "pure_bf16 uses tunelab's AdamW with stochastic rounding (optim: adamw_torch)")
     if cfg.get("learning_rate", 1.0) <= 0:
         problems.append(f"learning_rate: {cfg['learning_rate']!r} must be greater than 0")
     if cfg.get("num_train_epochs", 1.0) <= 0 and cfg.get("max_steps", -1) <= 0:

@@ -253,3 +253,16 @@ def _driver() -> None:
 
 if __name__ == "__main__":
     _driver()
+
+
+def test_pure_bf16_holds_two_bytes_per_trained_weight_gradient_and_moment(built):
+    from tunelab.model.estimate import estimate_memory
+
+    keys = dict(finetuning_type="full", per_device_train_batch_size=2, cutoff_len=256, bf16=True)
+    mixed = estimate_memory(_config(built, "llama-v32000", keys), device="cuda")
+    pure = estimate_memory(_config(built, "llama-v32000", {**keys, "pure_bf16": True}), device="cuda")
+    n = pure.params
+    assert mixed.parts["weights"] == 6 * n, "fp32 masters plus their bf16 copies under autocast"
+    assert (pure.parts["weights"], pure.parts["gradients"], pure.parts["optimizer states"]) == (2 * n, 2 * n, 4 * n)
+    assert pure.total < mixed.total - 2 * n
+    assert any("pure_bf16" in note for note in pure.notes)

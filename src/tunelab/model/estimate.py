@@ -76,6 +76,8 @@ def _dims(tc) -> dict:
 
 def _dtype(cfg: Config, device: str) -> torch.dtype:
     """What training would load the model in: compute_dtype on this machine, bf16 assumed on another's GPU."""
+    if cfg.pure_bf16:
+        return torch.bfloat16
     if device == "cuda" and torch.cuda.is_available() or device == "cpu" and not torch.cuda.is_available():
         return compute_dtype(cfg.bf16, cfg.fp16)
     if cfg.bf16 or cfg.fp16:
@@ -188,23 +190,28 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
     weights, notes, lora = params * act, [], []
     embed = model.get_input_embeddings().weight
     head = getattr(model.get_output_embeddings(), "weight", None)
+    master = 2 if cfg.pure_bf16 else 4  # bytes of a trained weight, its gradient and each AdamW moment
+    if cfg.pure_bf16:
+        notes.append("pure_bf16: trained weights, their gradients and AdamW states in bf16, no fp32 master copy")
     if full:  # fp32 master weights, gradients and AdamW states; autocast's half copies live from forward to backward
-        trainable, grad_bytes = params, 4
-        weights = params * 4 + (params * act if act < 4 else 0)
-        if act < 4:
+        trainable, grad_bytes = params, master
+        weights = params * master + (params * act if act < master else 0)
+        if act < 4 and not cfg.pure_bf16:
             notes.append(f"full fine-tuning: fp32 master weights plus their {str(dtype).replace('torch.', '')} "
                          "copies under autocast")
         largest = max(p.numel() for p in model.parameters())
-        head_grad = head.numel() * 4 if head is not None else 0
+        head_grad = head.numel() * master if head is not None else 0
         late_grads = trainable - (embed.numel() if head is not embed else 0)
     else:
         lora = resolve_targets(model, cfg.lora_target)
         mods = [model.get_submodule(n) for n in lora]
         sizes = [cfg.lora_r * (m.in_features + m.out_features) + (m.out_features if cfg.use_dora else 0) for m in mods]
-        trainable, grad_bytes, largest, head_grad = sum(sizes), 4, max(sizes, default=0), 0
+        trainable, grad_bytes, largest, head_grad = sum(sizes), master, max(sizes, default=0), 0
         late_grads = trainable
-        weights += trainable * 4
-        notes.append(f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states in fp32")
+        weights += trainable * master
+        if not cfg.pure_bf16:
+            notes.append(f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states "
+                         "in fp32")
     saved, one_layer, loss, act_notes = _activations(model, cfg, dims, act, device, lora, _attention(cfg, device))
     if quant_bits:
         linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and decoder_layer(n)]
@@ -214,7 +221,9 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         notes.append(f"{quant_bits}-bit base (bitsandbytes): {n_q:,} decoder Linear weights quantized; "
                      "embeddings, lm_head and norms stay in the compute dtype")
     gradients = trainable * grad_bytes
-    if cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
+    if cfg.pure_bf16:  # bf16 moments; the step works in fp32 on slices of 2**22 elements (about 9 copies)
+        states, step_tmp = 2 * trainable * 2, 9 * min(largest, 1 << 22) * 4
+    elif cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
         states, step_tmp = trainable * 2, largest * grad_bytes
     elif cfg.optim == "sgd":
         states, step_tmp = 0, 0

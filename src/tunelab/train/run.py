@@ -32,6 +32,7 @@ from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
 from .checkpoints import complete_checkpoints, latest_checkpoint, remove_leftovers
 from .guards import LossGuard, SignalCheckpoint
+from .optim import StochasticAdamW
 from .trainer import TokenCounter, TunelabTrainer
 
 log = logging.getLogger("tunelab")
@@ -106,7 +107,7 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     from transformers import set_seed
 
     set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
-    dtype = compute_dtype(cfg.bf16, cfg.fp16)
+    dtype = compute_dtype(True if cfg.pure_bf16 else cfg.bf16, cfg.fp16)
     notes: list[str] = []
     if dtype == torch.float16 and not torch.cuda.is_available():
         notes.append("fp16 mixed precision needs a GPU; training in fp32 on this CPU (bf16 runs on CPUs)")
@@ -114,7 +115,7 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
         dtype = torch.float32
     # Trained weights stay fp32 (master weights) and the forward runs under autocast: in bf16 weights most
     # small updates round away, and fp16 weights cannot be unscaled. A frozen LoRA base needs no masters.
-    weights = torch.float32 if cfg.finetuning_type == "full" else dtype
+    weights = torch.float32 if cfg.finetuning_type == "full" and not cfg.pure_bf16 else dtype
     quant_bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
     model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
                        compute=dtype, quant_bits=quant_bits)
@@ -137,9 +138,22 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
         notes.append(enable_gradient_checkpointing(model, input_grads=cfg.finetuning_type == "lora"))
     if cfg.finetuning_type == "lora":
         model = attach_lora(model, cfg)
+    if cfg.pure_bf16:
+        notes.append(pure_bf16(model))
     trainable, total = count_parameters(model)
     log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model, dtype, notes, (trainable, total)
+
+
+def pure_bf16(model) -> str:
+    """Trainable weights to bf16 too (peft keeps adapters fp32), with a warning of what that gives up."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+    note = ("pure_bf16: weights, gradients and optimizer states in bf16, no fp32 master copy; AdamW rounds "
+            "updates stochastically, expect a slightly noisier loss than mixed precision")
+    log.warning(note)
+    return note
 
 
 class OneDeviceArguments(TrainingArguments):
@@ -187,7 +201,7 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         eval_steps=cfg.eval_steps or cfg.logging_steps * 10 if has_eval else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=dtype == torch.bfloat16,  # autocast, on CPUs with bf16 too; weights as prepare_model loaded them
+        bf16=dtype == torch.bfloat16 and not cfg.pure_bf16,  # autocast, CPUs too; pure bf16 needs none
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
         report_to=report,
@@ -197,6 +211,12 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
     )
+
+
+def _pure_bf16_optimizer(cfg: Config):
+    if not cfg.pure_bf16:
+        return None
+    return StochasticAdamW, {"lr": cfg.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}
 
 
 def _callbacks(cfg: Config, counter: TokenCounter) -> list:
@@ -260,6 +280,7 @@ def train(cfg: Config) -> TrainResult:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizer_cls_and_kwargs=_pure_bf16_optimizer(cfg),
         token_counter=counter,
         loss_guard=(guard := LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor)),
     )
