@@ -53,6 +53,18 @@ def test_flash_attention_is_not_picked_when_it_is_not_installed(gpu):
     assert loader.attention_implementation("auto", torch.bfloat16) == "sdpa"
 
 
+@pytest.mark.parametrize("capability, tf32", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_tf32_is_on_for_fp32_matmuls_from_ampere_on(gpu, capability, tf32):
+    gpu(capability)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        assert loader.enable_tf32() is tf32
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_one_process_never_wraps_the_model_in_data_parallel(run_config):
     from tunelab.train.run import training_arguments
 
