@@ -7,28 +7,11 @@ Python API. The work is in the API, so a notebook gets the same behaviour.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from typing import Callable
 
 from .errors import Interrupted, TunelabError
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr,
-                        format="[tunelab] %(message)s")
-    logging.getLogger("tunelab").setLevel(logging.INFO)
-    for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is tunelab's own
-    except ImportError:
-        pass
+from .logs import setup_logging
 
 
 # ---------------------------------------------------------------------------------------------- arguments

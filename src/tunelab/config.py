@@ -24,7 +24,7 @@ LR_SCHEDULERS = (
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
 )
 
-GROUPS = ("model", "data", "speed", "adapters", "run", "training")
+GROUPS = ("model", "data", "speed", "adapters", "run", "training", "distributed")
 
 
 def key(default: Any, help: str, *, group: str, choices: tuple = (), positive: bool = False,
@@ -164,6 +164,22 @@ class Config:
                           "AdamW then rounds each update stochastically so that small updates are not lost.",
                           group="training")
 
+    nproc_per_node: Union[int, None] = key(None, "Training processes on this machine, one per GPU; null = auto: "
+                                           "every visible GPU, one process without a GPU (2 or more on CPU "
+                                           "run over gloo).", group="distributed", positive=True)
+    nnodes: int = key(1, "Machines in the job; run the same command on each, with its own node_rank.",
+                      group="distributed", positive=True)
+    node_rank: int = key(0, "This machine's place in the job, 0 to nnodes - 1; node 0 hosts the rendezvous.",
+                         group="distributed", resume_may_change=True)
+    master_addr: str = key("127.0.0.1", "Address of node 0, reachable from every node.", group="distributed",
+                           resume_may_change=True)
+    master_port: Union[int, None] = key(None, "Port of the rendezvous on node 0; null = a free port on one "
+                                        "machine, 29500 across machines.", group="distributed", positive=True,
+                                        resume_may_change=True)
+    ddp_timeout: int = key(300, "Seconds a process waits for the others in a collective before the job fails "
+                           "(a crashed or stuck rank then ends the job instead of hanging it).",
+                           group="distributed", positive=True, resume_may_change=True)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -276,6 +292,9 @@ def _check_combinations(cfg: dict) -> list[str]:
         if cfg.get("optim", "adamw_torch") not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"optim: {cfg['optim']!r} cannot step bf16 weights without losing small updates; "
                             "pure_bf16 uses tunelab's AdamW with stochastic rounding (optim: adamw_torch)")
+    if not 0 <= cfg.get("node_rank", 0) < cfg.get("nnodes", 1):
+        problems.append(f"node_rank: {cfg.get('node_rank')!r} must be between 0 and nnodes - 1 "
+                        f"({cfg.get('nnodes', 1) - 1})")
     if cfg.get("learning_rate", 1.0) <= 0:
         problems.append(f"learning_rate: {cfg['learning_rate']!r} must be greater than 0")
     if cfg.get("num_train_epochs", 1.0) <= 0 and cfg.get("max_steps", -1) <= 0:

@@ -47,14 +47,16 @@ class MetricsCallback(TrainerCallback):
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         row.update({ours: float(logs[k]) for k, ours in _KEYS.items() if k in logs})
-        if "loss" in logs:
+        if "loss" in logs:  # every rank counts in (all ranks' tokens), rank 0 writes
             now = time.perf_counter()
             row["trained_tokens_per_s"] = round(self.counter.take() / max(now - self.last_time, 1e-9), 1)
             self.last_time = now
+        if not state.is_world_process_zero:
+            return
         if len(row) > 2:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -31,7 +31,9 @@ from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensu
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
 from .checkpoints import complete_checkpoints, latest_checkpoint, remove_leftovers
+from . import distributed
 from .guards import LossGuard, SignalCheckpoint
+from .launch import launch, needs_launch
 from .optim import StochasticAdamW
 from .trainer import TokenCounter, TunelabTrainer
 
@@ -169,15 +171,15 @@ class OneDeviceArguments(TrainingArguments):
         return min(super().n_gpu, 1)
 
 
-def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False):
+def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False,
+                       moe: bool = False):
     report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
     on_gpu = torch.cuda.is_available()
-    if on_gpu and torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
-        log.info("%d GPUs visible; this process trains on one. To use them all, start one process per GPU: "
-                 "torchrun --nproc_per_node %d -m tunelab train CONFIG", torch.cuda.device_count(),
-                 torch.cuda.device_count())
+    if on_gpu and torch.cuda.device_count() > 1 and distributed.world_size() == 1:
+        log.info("%d GPUs visible; this process trains on one (nproc_per_node: %s uses them all)",
+                 torch.cuda.device_count(), torch.cuda.device_count())
     return OneDeviceArguments(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
@@ -210,6 +212,8 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         disable_tqdm=False,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
+        ddp_timeout=cfg.ddp_timeout,
+        ddp_find_unused_parameters=moe,  # routed experts may sit out a batch; nothing else does
     )
 
 
@@ -242,13 +246,22 @@ def _finish_loggers(cfg: Config) -> None:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Fine-tune as `cfg` says and leave a run folder that chat, export and serve read as is."""
+    """Fine-tune as `cfg` says and leave a run folder that chat, export and serve read as is.
+
+    With several processes to run (`nproc_per_node`, `nnodes`, or several GPUs), this starts them and
+    returns when they are done; each of them runs this same function.
+    """
+    if needs_launch(cfg):
+        return _launched_run(cfg)
     started = time.perf_counter()
+    distributed.init(cfg.ddp_timeout)
+    main = distributed.is_main()
     resume = plan_output_dir(cfg)
     check_resume_config(cfg, resume)
     tokenizer, model_path, template = prepare_tokenizer(cfg)
     data_started = time.perf_counter()
-    data = build_datasets(cfg, tokenizer)
+    with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it
+        data = build_datasets(cfg, tokenizer)
     data_seconds = time.perf_counter() - data_started
     log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
              data.stats.trained_tokens)
@@ -257,13 +270,15 @@ def train(cfg: Config) -> TrainResult:
     callbacks = _callbacks(cfg, counter := TokenCounter())
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / CONFIG_FILE)  # now, so that a resume can check it trains the same run
-    for name in remove_leftovers(out):
-        log.info("removed %s, a checkpoint cut off while it was being saved", name)
-    if resume is None:
-        for stale in complete_checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / CONFIG_FILE)  # now, so that a resume can check it trains the same run
+        for name in remove_leftovers(out):
+            log.info("removed %s, a checkpoint cut off while it was being saved", name)
+        if resume is None:
+            for stale in complete_checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    distributed.barrier()
     packing = packing_is_exact(model) if cfg.packing is None else cfg.packing
     if packing:
         flatten = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
@@ -272,9 +287,14 @@ def train(cfg: Config) -> TrainResult:
     else:
         collator = PadCollator(tokenizer.pad_token_id)
     grouped = not packing if cfg.group_by_length is None else cfg.group_by_length
+    args = training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped, moe=is_moe(model))
+    world = distributed.world_size()
+    log.info("global batch: %d per device x %d accumulation x %d process%s = %d samples per step",
+             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, "es" if world > 1 else "",
+             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world)
     trainer = TunelabTrainer(
         model=model,
-        args=training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped),
+        args=args,
         train_dataset=SampleDataset(data.train),
         eval_dataset=SampleDataset(data.eval) if data.eval else None,
         data_collator=collator,
@@ -306,6 +326,10 @@ def train(cfg: Config) -> TrainResult:
     finally:
         _finish_loggers(cfg)
 
+    seen = int(distributed.total(counter.seen))
+    if not main:
+        distributed.barrier()  # rank 0 saves
+        return TrainResult(out, [], {}, trainer.model)
     save_run(cfg, trainer.model, tokenizer, out)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     metrics = read_metrics(out / "metrics.jsonl")
@@ -314,7 +338,8 @@ def train(cfg: Config) -> TrainResult:
         "stop_ids": list(model.generation_config.eos_token_id),
         "stop_tokens": data.encoder.eot_tokens, "dtype": str(dtype).replace("torch.", ""),
         "trainable_params": trainable, "total_params": total, "train_samples": len(data.train),
-        "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens,
+        "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens, "tokens_trained_seen": seen,
+        "processes": distributed.world_size(),
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
         "packing": packing, "labelled_loss": trainer.labelled_loss, "data_seconds": round(data_seconds, 4),
@@ -324,7 +349,22 @@ def train(cfg: Config) -> TrainResult:
     staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     os.replace(staged, out / SUMMARY)  # last, and whole: its presence marks the run finished
     log.info("saved to %s (%.1fs)", out, summary["seconds"])
+    distributed.barrier()
     return TrainResult(out, metrics, summary, trainer.model)
+
+
+def _launched_run(cfg: Config) -> TrainResult:
+    """The run folder's facts after the processes are done (node 0 writes them; other nodes get {})."""
+    launch(cfg)
+    out = Path(cfg.output_dir)
+    if cfg.node_rank != 0 or not (out / SUMMARY).is_file():
+        return TrainResult(out, [], {}, None)
+    return TrainResult(out, read_metrics(out / "metrics.jsonl"), json.loads((out / SUMMARY).read_text()), None)
+
+
+def is_moe(model) -> bool:
+    config = getattr(model, "config", None)
+    return any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def save_run(cfg: Config, model, tokenizer, out: Path) -> None:

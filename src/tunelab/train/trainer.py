@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import checkpoints
+from . import checkpoints, distributed
 from .guards import LossGuard
 from ..constants import LOSS_POSITIONS
 from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
@@ -21,17 +21,25 @@ def discard_gradients(model) -> None:
 
 
 class TokenCounter:
-    """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl.
+    """Trained tokens seen in training steps, for the tokens/s figure in metrics.jsonl and the run summary.
 
-    Counts may be device tensors; they are read (one host sync) only when a log line asks.
+    Counts may be device tensors; they are read (one host sync) only when a log line asks. Every rank
+    calls `take` at the same log step: it returns the count of all ranks together.
     """
 
     def __init__(self):
         self.trained = 0
+        self._taken = 0
 
     def take(self) -> int:
-        n, self.trained = self.trained, 0
-        return int(n)
+        n, self.trained = int(self.trained), 0
+        self._taken += n
+        return int(distributed.total(n))
+
+    @property
+    def seen(self) -> int:
+        """This process's trained tokens so far."""
+        return self._taken + int(self.trained)
 
 
 class _JudgeLosses(TrainerCallback):
@@ -77,7 +85,8 @@ class TunelabTrainer(Trainer):
     def _judge_losses(self) -> None:
         if not self._losses:
             return
-        losses, self._losses = torch.stack(self._losses).float().tolist(), []
+        # every rank judges the same numbers (the mean over ranks), so all skip or stop together
+        losses, self._losses = distributed.mean(torch.stack(self._losses).float()).tolist(), []
         verdicts = [self.loss_guard.check(v, self.state.global_step + 1, self.args.output_dir) for v in losses]
         if "skip" in verdicts:
             discard_gradients(self.model_wrapped)
@@ -102,7 +111,9 @@ class TunelabTrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         staging = run_dir / f"{checkpoints.STAGING}{step}"
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
         limit = self.args.save_total_limit
         self._get_output_dir = lambda trial=None: str(staging)
         self.args.save_total_limit = None  # pruning waits until the new checkpoint is complete
@@ -112,12 +123,13 @@ class TunelabTrainer(Trainer):
             del self._get_output_dir
             self.args.save_total_limit = limit
         staged = staging / f"{checkpoints.PREFIX}{step}"
+        distributed.barrier()  # every rank's files (its RNG state, shards) are written before rank 0 publishes
         if self.args.should_save:
             self.loss_guard.save(staged)
-        checkpoints.publish(staged, run_dir / f"{checkpoints.PREFIX}{step}")
-        shutil.rmtree(staging, ignore_errors=True)
-        if self.args.should_save:
+            checkpoints.publish(staged, run_dir / f"{checkpoints.PREFIX}{step}")
+            shutil.rmtree(staging, ignore_errors=True)
             checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
+        distributed.barrier()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

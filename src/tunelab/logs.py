@@ -1,0 +1,27 @@
+"""How tunelab talks: its own lines at INFO, libraries only when something is wrong.
+
+Shared by the command line and every process a distributed run starts, so that N processes do not
+print N copies of each library's notices.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr,
+                        format="[tunelab] %(message)s")
+    logging.getLogger("tunelab").setLevel(logging.INFO)
+    for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is tunelab's own
+    except ImportError:
+        pass

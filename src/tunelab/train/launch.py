@@ -1,0 +1,117 @@
+"""One `tunelab train CONFIG` for any number of processes: torchrun's own launcher, called from Python.
+
+With N GPUs visible (or `nproc_per_node: N`), tunelab starts N processes itself through
+`torch.distributed.launcher` (what `torchrun` runs), each training on one device; across machines the
+same command runs on each with its own `node_rank`. Started by torchrun or accelerate instead, the
+processes are already there and train directly. A failed rank ends the whole job, and the error names
+the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import uuid
+
+import torch
+
+from ..config import Config
+from ..errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+
+def launched() -> bool:
+    """Started by a launcher (torchrun, accelerate, ours): the process group's facts are in the environment."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def processes_per_node(cfg: Config) -> int:
+    if cfg.nproc_per_node:
+        return cfg.nproc_per_node
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def needs_launch(cfg: Config) -> bool:
+    return not launched() and processes_per_node(cfg) * cfg.nnodes > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(argv: list[str]) -> None:
+    """One process of the job (`python -m tunelab.train.launch CONFIG_JSON [THREADS]`): the same `train`
+    as a single process. Its error is recorded for the launcher, which names the rank that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    from ..logs import setup_logging
+
+    setup_logging()
+    if len(argv) > 1:  # accelerate would set 1 thread where OMP_NUM_THREADS is unset
+        os.environ["OMP_NUM_THREADS"] = argv[1]
+        torch.set_num_threads(int(argv[1]))
+    errors = get_error_handler()
+    errors.initialize()
+    try:
+        from ..config import from_dict
+        from .run import train
+
+        train(from_dict(json.loads(argv[0])))
+    except TunelabError as exc:  # the user's problem: one line, no traceback
+        errors.record_exception(exc)
+        print(f"tunelab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except BaseException as exc:
+        errors.record_exception(exc)
+        raise
+
+
+def launch(cfg: Config) -> None:
+    """Run `cfg` in `processes_per_node x nnodes` processes, each a fresh Python (as torchrun starts them)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = processes_per_node(cfg)
+    port = cfg.master_port or (_free_port() if cfg.nnodes == 1 else 29500)
+    args = [json.dumps(cfg.to_dict())]
+    if not torch.cuda.is_available():  # processes sharing the cores must not each use all of them
+        args.append(str(max(1, (os.cpu_count() or 1) // nproc)))
+    log.info("starting %d process%s on this machine%s (%s)", nproc, "es" if nproc > 1 else "",
+             f", node {cfg.node_rank} of {cfg.nnodes}" if cfg.nnodes > 1 else "",
+             "one per GPU" if torch.cuda.is_available() else "CPU, gloo")
+    config = LaunchConfig(
+        min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
+        run_id=f"tunelab-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else f"tunelab-{cfg.master_addr}-{port}",
+        rdzv_backend="static", rdzv_endpoint=f"{cfg.master_addr}:{port}",
+        rdzv_configs={"rank": cfg.node_rank, "timeout": cfg.ddp_timeout}, max_restarts=0,
+        monitor_interval=0.5, start_method="spawn")
+    try:
+        elastic_launch(config, sys.executable)("-m", "tunelab.train.launch", *args)
+    except ChildFailedError as exc:
+        failed_rank, failure = exc.get_first_failure()
+        raise TunelabError(f"rank {failed_rank} of the training job failed ({_reason(failure)}); the other ranks "
+                           "were stopped. The last complete checkpoint stays usable: rerun with "
+                           "resume_from_checkpoint=auto") from None
+
+
+def _reason(failure) -> str:
+    message = getattr(failure, "message", "") or ""
+    if isinstance(message, dict):
+        message = message.get("message", "") or str(message)
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    if lines and not lines[-1].startswith("<N/A>"):
+        return lines[-1].strip()
+    code = getattr(failure, "exitcode", None)
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
