@@ -38,3 +38,9 @@ clean:
 .PHONY: mutation
 mutation: venv
 	$(PY) scripts/mutation.py $(MUTATION_ARGS)
+
+# The GPU benchmark: tunelab vs the usual recipe vs TRL on Qwen2.5-0.5B/7B shapes in bf16 (bench/gpu.py's docstring
+# says what is measured); writes bench/gpu_results.json. On a CPU: make bench-gpu BENCH_GPU_ARGS=--smoke
+.PHONY: bench-gpu
+bench-gpu: $(VENV)/.installed-bench
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
