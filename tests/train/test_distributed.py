@@ -144,3 +144,29 @@ def test_a_killed_rank_ends_the_job_quickly_naming_the_rank(run_config, tmp_path
     assert time.monotonic() - killed < 60
     assert "rank 1 of the training job failed" in output and "signal 9" in output.lower(), output[-2000:]
     assert "Traceback" not in output.split("rank 1")[-1]
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_config, tmp_path):
+    config = _write_config(run_config, tmp_path / "run.yaml", output_dir=str(tmp_path / "run"), nproc_per_node=2,
+                           per_device_train_batch_size=2, num_train_epochs=200, ddp_timeout=60)
+    # a terminal's Ctrl-C: SIGINT to the launcher and every rank (one process group)
+    job = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config)], env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "run" / "metrics.jsonl").is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(job.pid, signal.SIGINT)
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 130, output[-3000:]
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert "resume_from_checkpoint=auto" in output and "Traceback" not in output, output[-3000:]
+    assert sorted(p.name for p in checkpoints[0].glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto",
+                              f"max_steps={step + 2}"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["global_step"] == step + 2 and summary["processes"] == 2

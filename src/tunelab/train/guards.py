@@ -69,10 +69,18 @@ class LossGuard:
 
 
 class SignalCheckpoint(TrainerCallback):
-    """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. A second one exits at once."""
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. A second one exits at once.
 
-    def __init__(self):
+    With several processes all ranks must stop after the same step (one alone would leave the others
+    waiting in a collective): `agreed` is set, for every rank at once, when any rank has received one
+    (the trainer adds that flag to the loss check it shares once per step).
+    """
+
+    def __init__(self, together: bool = False):
         self.received: int | None = None
+        self.together = together
+        self.agreed = False
+        self.stopped = False
         self._previous: dict = {}
 
     def install(self) -> None:
@@ -91,8 +99,12 @@ class SignalCheckpoint(TrainerCallback):
         log.warning("%s received: finishing this step and saving a checkpoint (send it again to quit at once)",
                     signal.Signals(signum).name)
 
+    def describe(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self.agreed if self.together else self.received is not None:
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
         return control

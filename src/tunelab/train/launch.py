@@ -15,13 +15,16 @@ import os
 import socket
 import sys
 import uuid
+from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..errors import TunelabError
+from ..errors import Interrupted, TunelabError
 
 log = logging.getLogger("tunelab")
+
+INTERRUPTED = 130  # a rank's exit code after a signal made it save and stop
 
 
 def launched() -> bool:
@@ -63,6 +66,9 @@ def _worker(argv: list[str]) -> None:
         from .run import train
 
         train(from_dict(json.loads(argv[0])))
+    except (Interrupted, KeyboardInterrupt) as exc:  # stopped by a signal (after saving, once training runs)
+        errors.record_exception(exc)
+        sys.exit(INTERRUPTED)
     except TunelabError as exc:  # the user's problem: one line, no traceback
         errors.record_exception(exc)
         print(f"tunelab: error: {exc}", file=sys.stderr)
@@ -74,6 +80,7 @@ def _worker(argv: list[str]) -> None:
 
 def launch(cfg: Config) -> None:
     """Run `cfg` in `processes_per_node x nnodes` processes, each a fresh Python (as torchrun starts them)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -90,14 +97,30 @@ def launch(cfg: Config) -> None:
         run_id=f"tunelab-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else f"tunelab-{cfg.master_addr}-{port}",
         rdzv_backend="static", rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"rank": cfg.node_rank, "timeout": cfg.ddp_timeout}, max_restarts=0,
-        monitor_interval=0.5, start_method="spawn")
+        monitor_interval=0.5, start_method="spawn", shutdown_timeout=cfg.ddp_timeout)
     try:
+        # Ctrl-C / SIGTERM: the launcher passes the signal on to every rank; they agree on a step, save once
+        # and stop, and it waits up to ddp_timeout seconds for that before killing them.
         elastic_launch(config, sys.executable)("-m", "tunelab.train.launch", *args)
+    except SignalException:
+        raise Interrupted(_interrupted(cfg)) from None
     except ChildFailedError as exc:
+        if all(f.exitcode == INTERRUPTED for f in exc.failures.values()):
+            raise Interrupted(_interrupted(cfg)) from None
         failed_rank, failure = exc.get_first_failure()
         raise TunelabError(f"rank {failed_rank} of the training job failed ({_reason(failure)}); the other ranks "
                            "were stopped. The last complete checkpoint stays usable: rerun with "
                            "resume_from_checkpoint=auto") from None
+
+
+def _interrupted(cfg: Config) -> str:
+    from .checkpoints import latest_checkpoint
+
+    saved = latest_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+    if saved is None:
+        return "stopped by a signal before a checkpoint was saved"
+    return (f"stopped by a signal; every rank stopped after the same step, checkpoint saved in {saved}; "
+            "resume with the same command plus resume_from_checkpoint=auto")
 
 
 def _reason(failure) -> str:

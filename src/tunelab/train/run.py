@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +308,8 @@ def train(cfg: Config) -> TrainResult:
     if resume:
         log.info("resuming from %s", resume)
         guard.restore(resume)
-    signals = SignalCheckpoint()
+    signals = SignalCheckpoint(together=distributed.active())
+    trainer.signals = signals
     trainer.add_callback(signals)
     signals.install()
     try:
@@ -317,8 +317,8 @@ def train(cfg: Config) -> TrainResult:
             result = trainer.train(resume_from_checkpoint=resume)
         finally:
             signals.restore()
-        if signals.received is not None:
-            raise Interrupted(f"stopped by {signal.Signals(signals.received).name} at step "
+        if signals.stopped:
+            raise Interrupted(f"stopped by {signals.describe()} at step "
                               f"{trainer.state.global_step}; checkpoint saved in {latest_checkpoint(cfg.output_dir)}; "
                               "resume with the same command plus resume_from_checkpoint=auto")
         if data.eval:

@@ -66,6 +66,7 @@ class TunelabTrainer(Trainer):
         self.loss_guard = loss_guard or LossGuard()
         self._skip_step = False
         self._losses: list[torch.Tensor] = []
+        self.signals = None  # a guards.SignalCheckpoint, when one is installed
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.add_callback(_JudgeLosses(self))
         self.labelled_loss = supports_labelled_loss(self.model)
@@ -85,8 +86,15 @@ class TunelabTrainer(Trainer):
     def _judge_losses(self) -> None:
         if not self._losses:
             return
-        # every rank judges the same numbers (the mean over ranks), so all skip or stop together
-        losses, self._losses = distributed.mean(torch.stack(self._losses).float()).tolist(), []
+        # every rank judges the same numbers (the mean over ranks), so all skip or stop together; a signal
+        # received by any rank rides along, so that all ranks stop after the same step
+        local = torch.stack(self._losses).float()
+        flag = torch.ones(1, device=local.device) if self.signals and self.signals.received else \
+            torch.zeros(1, device=local.device)
+        *losses, signalled = distributed.mean(torch.cat([local, flag])).tolist()
+        self._losses = []
+        if self.signals and signalled > 0:
+            self.signals.agreed = True
         verdicts = [self.loss_guard.check(v, self.state.global_step + 1, self.args.output_dir) for v in losses]
         if "skip" in verdicts:
             discard_gradients(self.model_wrapped)
