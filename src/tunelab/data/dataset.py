@@ -139,13 +139,18 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Encoded]):
+    """The tokenized samples; index None is a filler: one pad token, nothing trained (see WholeGlobalBatches)."""
+
+    def __init__(self, samples: list[Encoded], pad_token_id: int = 0):
         self.samples = samples
+        self.pad_token_id = pad_token_id
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | None) -> dict:
+        if i is None:
+            return {"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}
         s = self.samples[i]
         return {"input_ids": s.input_ids, "labels": s.labels}
 

@@ -294,8 +294,8 @@ def train(cfg: Config) -> TrainResult:
     trainer = TunelabTrainer(
         model=model,
         args=args,
-        train_dataset=SampleDataset(data.train),
-        eval_dataset=SampleDataset(data.eval) if data.eval else None,
+        train_dataset=SampleDataset(data.train, tokenizer.pad_token_id),
+        eval_dataset=SampleDataset(data.eval, tokenizer.pad_token_id) if data.eval else None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,

@@ -42,6 +42,34 @@ class TokenCounter:
         return self._taken + int(self.trained)
 
 
+class WholeGlobalBatches(torch.utils.data.Sampler):
+    """The inner sampler's indices, then fillers (None) up to a whole number of global batches.
+
+    accelerate deals per-device batches to the ranks in turn and, when the epoch's last round is
+    short, completes it with samples from the epoch's start, which are then trained twice. Filler
+    samples complete it instead: they have no label, so the loss and its normaliser are exactly those
+    of the real samples, and every sample is trained once per epoch across the ranks.
+    """
+
+    def __init__(self, inner: torch.utils.data.Sampler, multiple: int):
+        self.inner = inner
+        self.multiple = multiple
+
+    def __len__(self) -> int:
+        return -(-len(self.inner) // self.multiple) * self.multiple
+
+    def __iter__(self):
+        n = 0
+        for index in self.inner:
+            n += 1
+            yield index
+        yield from [None] * (len(self) - n)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+
 class _JudgeLosses(TrainerCallback):
     """Hands the step's micro-step losses to the loss guard just before the optimizer steps.
 
@@ -113,6 +141,16 @@ class TunelabTrainer(Trainer):
             return step(*a, **k)
         optimizer.step = guarded_step
         return optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if sampler is None or self.args.world_size <= 1:
+            return sampler
+        if type(sampler) is torch.utils.data.RandomSampler:  # what accelerate makes of it, as one process gets
+            from accelerate.data_loader import SeedableRandomSampler
+
+            sampler = SeedableRandomSampler(data_source=sampler.data_source, data_seed=self.args.data_seed)
+        return WholeGlobalBatches(sampler, self.args.per_device_train_batch_size * self.args.world_size)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written into a staging folder and published whole, then pruned."""
