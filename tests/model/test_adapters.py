@@ -83,3 +83,31 @@ def test_target_matching_nothing_lists_the_linear_modules():
         resolve_targets(tiny("phi3"), "q_proj,v_proj")
     msg = str(err.value)
     assert "'q_proj', 'v_proj'" in msg and "model.layers.*.self_attn.qkv_proj" in msg
+
+
+def test_weights_that_are_not_whole_are_refused_before_anything_is_written(run_config, tmp_path):
+    """What a ZeRO-3 / FSDP save without gathering would write: an empty or a 1-D adapter tensor."""
+    import torch
+
+    from tunelab.errors import TunelabError
+    from tunelab.train.run import save_run, train
+
+    result = train(run_config(max_steps=1))
+    model = result.model
+    module = next(m for n, m in model.named_modules() if hasattr(m, "lora_A") and "q_proj" in n)
+    whole = module.lora_A["default"].weight
+    for broken in (torch.empty(0), whole.detach().flatten()[: whole.numel() // 2]):
+        module.lora_A["default"].weight = torch.nn.Parameter(broken)
+        out = tmp_path / f"saved-{broken.numel()}"
+        with pytest.raises(TunelabError, match="not whole.*q_proj.lora_A.default has shape"):
+            save_run(run_config(), model, None, out)
+        assert not out.exists()
+    module.lora_A["default"].weight = whole
+    save_run(run_config(), model, _tokenizer_of(result), tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+
+
+def _tokenizer_of(result):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(result.output_dir)

@@ -171,3 +171,26 @@ def load_adapter(lm: nn.Module, adapter: str, name: str, tokenizer_size: int) ->
     except Exception as exc:  # a truncated or garbage safetensors file
         raise TunelabError(f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+
+
+def check_whole(model: nn.Module) -> None:
+    """Refuse to write weights that are not whole: every tensor non-empty, every adapter at its full shape.
+
+    Sharded engines (ZeRO-3, FSDP) hold each rank's slice in the parameters; saved without gathering,
+    an adapter comes out empty or as 1-D shards, which peft and vLLM then reject (or worse, load).
+    """
+    problems = []
+    for name, module in model.named_modules():
+        for adapter, layer in (getattr(module, "lora_A", None) or {}).items():
+            r, base = module.r[adapter], module.get_base_layer()
+            rows, cols = getattr(base, "out_features", None), getattr(base, "in_features", None)
+            for part, weight, expected in (("lora_A", layer.weight, (r, cols)),
+                                           ("lora_B", module.lora_B[adapter].weight, (rows, r))):
+                if None not in expected and tuple(weight.shape) != expected:
+                    problems.append(f"{name}.{part}.{adapter} has shape {tuple(weight.shape)}, not {expected}")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad] or list(model.named_parameters())
+    problems += [f"{n} is empty" for n, p in trained if p.numel() == 0]
+    if problems:
+        raise TunelabError("the trained weights are not whole (a sharded engine's slices, not gathered), so they "
+                           f"were not saved: {'; '.join(problems[:3])}" + (f" and {len(problems) - 3} more"
+                                                                          if len(problems) > 3 else ""))

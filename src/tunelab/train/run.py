@@ -24,7 +24,7 @@ from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_data
 from ..data.packing import PackCollator, packing_is_exact
 from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
-from ..model.adapters import attach_lora
+from ..model.adapters import attach_lora, check_whole
 from ..model.loader import compute_dtype, enable_tf32, load_model
 from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
@@ -369,6 +369,7 @@ def is_moe(model) -> bool:
 
 def save_run(cfg: Config, model, tokenizer, out: Path) -> None:
     """Weights (adapter or full), tokenizer with its template, stop ids, and the resolved config."""
+    check_whole(model)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     gen = getattr(model, "generation_config", None)
