@@ -3,11 +3,17 @@
     python bench/arms.py SPEC.json OUT.json
 
 SPEC (written by bench.py) names the arm (a, b or c), the saved model folder, the training file, the
-held-out samples and the shared settings. Every arm is measured by the same hooks on
+held-out samples, the precision and the shared settings. Every arm is measured by the same hooks on
 `transformers.Trainer`: per-step token counts from the batches `training_step` receives, a step
 clock from a callback, and the held-out loss at fixed fractions of training, computed here the same
 way for every arm and kept off the clock. With `prep_only` the arm stops where training would start,
 which times a warm re-run of its data preparation.
+
+Precision (`spec["precision"]`) is one policy for every arm: fp32, or bf16 = the frozen base loaded
+in bf16, LoRA adapters in fp32 (peft's default upcast) and the forward under `torch.autocast("cpu",
+bfloat16)` (Trainer `bf16=True`; tunelab `bf16: true`). The held-out loss runs under the same
+autocast as training. A hook on one decoder projection records what actually ran (weight dtypes,
+autocast on or off, matmul output dtype) in training and in evaluation, for bench.py to check.
 
 tunelab (arm c) is measured through public names only: `train(cfg)` and the keys it writes in
 `<output_dir>/run_summary.json` (`data_seconds`, `labelled_loss`, ...). A key that is missing fails
@@ -27,6 +33,24 @@ import torch
 
 IGNORE_INDEX = -100  # the label that losses skip: the transformers/PyTorch convention, not tunelab's
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # spec["precision"] -> the compute dtype
+
+
+def compute_dtype(spec: dict) -> torch.dtype:
+    """The compute dtype of the spec's precision (fp32 when the spec names none)."""
+    precision = spec.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def autocast(dtype: torch.dtype | None):
+    """CPU autocast to `dtype` as Trainer's `bf16=True` runs the forward; nothing for fp32 (or None)."""
+    import contextlib
+
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
 
 
 class PrepOnly(Exception):
@@ -36,6 +60,23 @@ class PrepOnly(Exception):
 def user_text(record: dict) -> str:
     """The user turn of an alpaca record, as tunelab renders it for templates without an input section."""
     return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+
+
+def usual_recipe_example(tokenizer, cutoff: int):
+    """The tutorials' `process_func`: prompt (rendered by the chat template) and response tokenized apart,
+    prompt labels -100, end-of-turn appended, cut at `cutoff`. Shared by the CPU and GPU benchmarks."""
+    eos = tokenizer.eos_token_id
+
+    def process(example: dict) -> dict:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text(example)}], tokenize=False,
+                                               add_generation_prompt=True)
+        instruction = tokenizer(prompt, add_special_tokens=False)
+        response = tokenizer(example["output"], add_special_tokens=False)
+        input_ids = instruction["input_ids"] + response["input_ids"] + [eos]
+        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
+        labels = [IGNORE_INDEX] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
+        return {"input_ids": input_ids[:cutoff], "attention_mask": attention_mask[:cutoff], "labels": labels[:cutoff]}
+    return process
 
 
 # ---------------------------------------------------------------- measurement, the same for every arm
@@ -74,11 +115,13 @@ def _reset_hwm() -> bool:
 
 
 @torch.no_grad()
-def heldout_loss(model, samples: list[dict]) -> float:
+def heldout_loss(model, samples: list[dict], autocast_dtype: torch.dtype | None = None) -> float:
     """Mean shifted cross-entropy over the labelled (assistant) tokens of `samples`, one sample at a time.
 
     The decoder body runs as usual; the head runs only on positions whose next token is labelled,
-    which gives exactly the plain loss without building logits nobody reads.
+    which gives exactly the plain loss without building logits nobody reads. With `autocast_dtype`
+    (bf16) body and head run under CPU autocast, as in training at that precision; the logits are
+    cast to fp32 before the cross-entropy either way.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = lm.get_output_embeddings()
@@ -88,9 +131,11 @@ def heldout_loss(model, samples: list[dict]) -> float:
     for s in samples:
         ids = torch.tensor([s["ids"]])
         targets = torch.tensor(s["labels"][1:])
-        hidden = lm.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
         keep = targets != IGNORE_INDEX
-        logits = head(hidden[keep]).float()
+        with autocast(autocast_dtype):
+            hidden = lm.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+            logits = head(hidden[keep])
+        logits = logits.float()
         total += torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum").item()
         count += int(keep.sum())
     model.train(was_training)
@@ -120,6 +165,38 @@ class Meter:
         # in a prep-only run, Trainer.train returns at once without training instead of raising PrepOnly,
         # for an arm whose figures are written by its caller after training (arm c: tunelab's run summary)
         self.prep_only_returns = False
+        self.dtype = compute_dtype(spec)
+        self.phase = "eval"
+        self.precision_seen: dict = {}  # what ran: see watch_precision
+
+    def watch_precision(self, model) -> None:
+        """Record, once per phase (train, eval), what one decoder projection of `model` really ran in.
+
+        The projection is the first LoRA-wrapped linear layer's frozen base (the first linear layer of
+        the decoder without LoRA): its weight dtype, the LoRA adapter's weight dtype, whether CPU autocast
+        was on and to what, and the dtype of the matmul's output.
+        """
+        named = dict(model.named_modules())
+        base = next((m for n, m in named.items() if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear)),
+                    None) or next((m for n, m in named.items() if isinstance(m, torch.nn.Linear)), None)
+        if base is None:
+            return
+        lora_a = next((p for n, p in model.named_parameters() if "lora_A" in n), None)
+        self.precision_seen["base_weight_dtype"] = str(base.weight.dtype).replace("torch.", "")
+        self.precision_seen["adapter_weight_dtype"] = (None if lora_a is None
+                                                       else str(lora_a.dtype).replace("torch.", ""))
+
+        def hook(module, args, output):
+            key = f"{self.phase}_matmul"
+            if key not in self.precision_seen and torch.is_tensor(output):
+                enabled = torch.is_autocast_enabled("cpu")
+                self.precision_seen[key] = {
+                    "autocast": str(torch.get_autocast_dtype("cpu")).replace("torch.", "") if enabled else None,
+                    "input_dtype": str(args[0].dtype).replace("torch.", "") if args and torch.is_tensor(args[0])
+                    else None,
+                    "output_dtype": str(output.dtype).replace("torch.", "")}
+
+        base.register_forward_hook(hook)
 
     def count(self, inputs: dict) -> None:
         ids, labels = inputs["input_ids"], inputs["labels"]
@@ -139,7 +216,11 @@ class Meter:
 
     def evaluate(self, model, step: int) -> None:
         started, cpu = time.perf_counter(), _cpu_seconds()
-        loss = heldout_loss(model, self.spec["eval_samples"])
+        self.phase = "eval"
+        try:
+            loss = heldout_loss(model, self.spec["eval_samples"], self.dtype)
+        finally:
+            self.phase = "train"
         clock = 0.0 if self.t_begin is None else self.clock()
         self.evals.append({"step": step, "clock": clock, "trained_tokens": sum(s["trained"] for s in self.steps),
                            "loss": loss})
@@ -154,6 +235,7 @@ class Meter:
                      "lora_A_sum": float(sum(p.double().sum() for p in lora_a)),
                      "lora_A_abs_sum": float(sum(p.double().abs().sum() for p in lora_a))}
         self.eval_at = {max(1, round(f * max_steps)) for f in self.spec["eval_fractions"]}
+        self.watch_precision(model)
         self.evaluate(model, 0)
         self.hwm_reset = _reset_hwm()
         self.t_begin, self.cpu_begin = time.perf_counter(), _cpu_seconds()
@@ -195,6 +277,7 @@ class Meter:
             "others_cpu_share": others,
             "eval_curve": self.evals, "final_eval_loss": self.evals[-1]["loss"] if self.evals else None,
             "first_batch": self.first_batch, "lora": self.lora,
+            "precision": self.spec.get("precision", "fp32"), "precision_seen": self.precision_seen,
             "train_peak_rss_bytes": _vm_hwm() if self.hwm_reset else None,
             "per_step": steps,
         }
@@ -249,20 +332,22 @@ class Timer:
 
 
 def training_arguments(spec: dict, batch_size: int) -> dict:
-    """The settings every arm shares (TrainingArguments names)."""
+    """The settings every arm shares (TrainingArguments names); bf16 = Trainer's autocast (CPU too)."""
     return dict(
         output_dir=spec["output_dir"], num_train_epochs=1, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1, learning_rate=spec["learning_rate"], lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=spec["seed"],
         data_seed=spec["seed"], logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+        bf16=compute_dtype(spec) == torch.bfloat16, gradient_checkpointing=False, dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
 
 def load_model(spec: dict):
+    """The saved model with its (frozen) weights in the compute dtype, as tunelab loads a LoRA base."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=compute_dtype(spec), attn_implementation="sdpa")
 
 
 # ---------------------------------------------------------------- arm a: the usual recipe
@@ -280,17 +365,7 @@ def arm_a(spec: dict, meter: Meter, result: dict) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], use_fast=False)
     result["tokenizer"] = {"class": type(tokenizer).__name__, "is_fast": tokenizer.is_fast, "use_fast": False}
-    eos, cutoff = tokenizer.eos_token_id, spec["cutoff_len"]
-
-    def process_func(example):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text(example)}], tokenize=False,
-                                               add_generation_prompt=True)
-        instruction = tokenizer(prompt, add_special_tokens=False)
-        response = tokenizer(example["output"], add_special_tokens=False)
-        input_ids = instruction["input_ids"] + response["input_ids"] + [eos]
-        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
-        labels = [IGNORE_INDEX] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
-        return {"input_ids": input_ids[:cutoff], "attention_mask": attention_mask[:cutoff], "labels": labels[:cutoff]}
+    process_func = usual_recipe_example(tokenizer, spec["cutoff_len"])
 
     started = time.perf_counter()
     frame = pd.read_json(spec["train_file"], dtype=False)
@@ -386,7 +461,8 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
         "overwrite_output_dir": True, "num_train_epochs": 1.0, "per_device_train_batch_size": spec["samples_per_step"],
         "learning_rate": spec["learning_rate"], "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
         "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "seed": spec["seed"],
-        "logging_steps": 10_000, "save_steps": 10_000, "attn_implementation": "sdpa", "bf16": False,
+        "logging_steps": 10_000, "save_steps": 10_000, "attn_implementation": "sdpa",
+        "bf16": compute_dtype(spec) == torch.bfloat16,
         "gradient_checkpointing": False, "report_to": "none",
     })
     from transformers import set_seed
@@ -397,7 +473,7 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
     result["tokenize_seconds"] = float(summary_key(summary, "data_seconds"))  # building the tokenized datasets
     result["labelled_loss"] = summary_key(summary, "labelled_loss")  # trained with the labelled-position loss
     result["run_summary"] = {k: summary_key(summary, k)
-                             for k in ("packing", "global_step", "trained_tokens", "train_samples")}
+                             for k in ("packing", "global_step", "trained_tokens", "train_samples", "dtype")}
 
 
 # ---------------------------------------------------------------- where a step's time goes
@@ -418,7 +494,9 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     The batch is the first `samples_per_step` training samples: padded for a, one flat packed row for
     b (TRL's padding-free collation), tunelab's packed rows (its own collator) for c. Body = the decoder alone with a
     random gradient on its output; head + loss = the whole step minus the body. One arm per process:
-    an arm that runs after another inherits its heap and pays different page faults.
+    an arm that runs after another inherits its heap and pays different page faults. At bf16 the model
+    is loaded in bf16 and every timed pass runs under CPU autocast, as in training. With
+    `matmul_gflops` the run also times the head's matmul in fp32 and in bf16.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -475,10 +553,13 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     model.train()
     arm = spec["profile_arm"]
     batch, loss_fn = cases[arm]
+    dtype = compute_dtype(spec)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    total_s = _timed(whole(loss_fn))
+    with autocast(dtype):
+        total_s = _timed(whole(loss_fn))
     after = resource.getrusage(resource.RUSAGE_SELF)
-    body_s = _timed(body(batch))
+    with autocast(dtype):
+        body_s = _timed(body(batch))
     labels = batch["labels"]
     out = {"positions": batch["input_ids"].numel(), "real_tokens": int((batch["input_ids"] != pad).sum()),
            "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()), "step_seconds": total_s,
@@ -486,14 +567,18 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
            # kernel time (mostly zeroing freshly mapped pages of large temporaries) per whole step
            "sys_seconds_per_step": (after.ru_stime - usage.ru_stime) / 3,
            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3}
-    head = lm.get_output_embeddings().weight.detach()
     mm = {}
-    for n in (1024, 4096):
-        h = torch.randn(n, head.shape[1])
-        seconds = _timed(lambda: h @ head.t())
-        mm[f"hidden[{n}] @ head.T"] = 2 * n * head.shape[0] * head.shape[1] / seconds / 1e9
+    if spec.get("matmul_gflops", True):
+        weight = lm.get_output_embeddings().weight.detach()
+        for name, mm_dtype in PRECISIONS.items():
+            head = weight.to(mm_dtype)
+            for n in (1024, 4096):
+                h = torch.randn(n, head.shape[1], dtype=mm_dtype)
+                seconds = _timed(lambda: h @ head.t())
+                mm[f"{name} hidden[{n}] @ head.T"] = 2 * n * head.shape[0] * head.shape[1] / seconds / 1e9
+            del head
     result["profile"] = {"arms": {arm: out}, "matmul_gflops": mm, "samples": len(samples),
-                         "packed_rows": packed["input_ids"].shape[0]}
+                         "packed_rows": packed["input_ids"].shape[0], "precision": spec.get("precision", "fp32")}
 
 
 ARMS = {"a": arm_a, "b": arm_b, "c": arm_c, "profile": profile}

@@ -1,12 +1,22 @@
 """Training throughput benchmark: the usual recipe (a), TRL's SFTTrainer (b) and tunelab's default (c).
 
-    python bench/bench.py [--quick] [--steps N] [--out bench/results.json]
+    python bench/bench.py [--quick] [--steps N] [--precision fp32,bf16] [--out bench/results.json]
 
 Every arm trains the same saved tiny Qwen2 model (same weights, same LoRA r16 on all linear layers,
-AdamW at one constant learning rate, fp32, sdpa) on the same samples for one epoch, each in its own
-process, arms interleaved. Two models: the real Qwen2.5 vocabulary (151,665 rows in the head) and a
-small vocabulary, which leaves the decoder body as the main cost. Prints a table per model and the
-ratios against the targets, and writes them to --out. Not part of the test suite.
+AdamW at one constant learning rate, sdpa) on the same samples for one epoch, each in its own
+process, arms interleaved, at each precision asked (every arm at the same precision):
+
+- fp32: weights and compute in fp32.
+- bf16: mixed precision as tunelab's `bf16: true` runs it on a CPU with bf16 (AVX512-BF16 / AMX):
+  the frozen base loaded in bf16, LoRA adapters in fp32 (peft's default), the forward under
+  `torch.autocast("cpu", bfloat16)` (Trainer `bf16=True`). The held-out loss runs under the same
+  autocast. Every arm's run records what its projections actually ran in, and the bench checks it.
+
+Two models: the real Qwen2.5 vocabulary (151,665 rows in the head) and a small vocabulary, which
+leaves the decoder body as the main cost. Prints a table per model and precision, the ratios against
+the targets and, with both precisions, bf16 against fp32 per arm; writes them to --out (the headline
+precision, fp32 when run, at the top level as before; the others under "precisions"). Not part of
+the test suite.
 """
 
 from __future__ import annotations
@@ -35,6 +45,12 @@ ARMS = ("a", "b", "c")
 ARM_NAMES = {"a": "usual recipe (Trainer + Seq2Seq padding + model loss)",
              "b": "TRL SFTTrainer (bfd packing, completion-only, nll)",
              "c": "tunelab default (train(cfg))"}
+PRECISIONS = ("fp32", "bf16")
+PRECISION_POLICY = {
+    "fp32": "fp32 weights and compute",
+    "bf16": "frozen base weights bf16, LoRA adapters fp32, forward under torch.autocast('cpu', bfloat16) "
+            "(Trainer bf16=True; tunelab bf16: true)",
+}
 QWEN_VOCAB = 151_665
 SMALL_VOCAB = 4096
 SEED = 42
@@ -45,6 +61,10 @@ TARGETS = {  # key: (description, target, higher is better)
     "c_over_a_peak_mem": ("peak RSS, c / a", 0.5, False),
     "tokenization_speedup_c_over_a": ("tokenization speed, c / a (cold, all records)", 5.0, True),
     "eval_loss_rel_diff_c_vs_a": ("held-out loss, relative difference c vs a at equal trained tokens", 0.01, False),
+}
+CROSS_TARGETS = {  # bf16 against fp32, same arm; target None = for information
+    "c_bf16_over_fp32_trainable_tps": ("trainable tokens/s of c, bf16 / fp32", None, True),
+    "eval_loss_rel_diff_c_bf16_vs_fp32": ("held-out loss of c, relative difference bf16 vs fp32", 0.01, False),
 }
 
 
@@ -173,9 +193,9 @@ def wait_until_quiet(limit: float) -> float | None:
 
 
 def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> dict:
-    tag = f"{spec['model_name']}-{spec['arm']}" + (f"-{spec['profile_arm']}" if spec["arm"] == "profile" else
-                                                   f"-tok-{spec['prep_label']}" if spec["prep_only"] else
-                                                   f"-r{spec['round']}")
+    tag = f"{spec['model_name']}-{spec['precision']}-{spec['arm']}" + (
+        f"-{spec['profile_arm']}" if spec["arm"] == "profile" else
+        f"-tok-{spec['prep_label']}" if spec["prep_only"] else f"-r{spec['round']}")
     spec_path, out_path, log_path = log_dir / f"{tag}.spec.json", log_dir / f"{tag}.result.json", log_dir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
@@ -190,18 +210,22 @@ def run_arm(spec: dict, env: dict, log_dir: Path, quiet_wait: float = 0.0) -> di
     result = json.loads(out_path.read_text())
     if spec["arm"] == "c":
         check_labelled_loss(result, tag)
+        if not spec["prep_only"]:
+            check_tunelab_dtype(result, spec["precision"], tag)
+    if "precision_seen" in result:
+        check_precision(result["precision_seen"], spec["precision"], tag)
     result["log"] = str(log_path.relative_to(ROOT))
     result["machine_busy_before"] = busy_before
     if "profile" in result:
         for arm, p in result["profile"]["arms"].items():
-            print(f"  {tag:<14} {p['positions']:>5} positions, step {p['step_seconds']:.2f}s = body "
+            print(f"  {tag:<19} {p['positions']:>5} positions, step {p['step_seconds']:.2f}s = body "
                   f"{p['body_seconds']:.2f}s + head and loss {p['head_and_loss_seconds']:.2f}s "
                   f"(kernel {p['sys_seconds_per_step']:.2f}s)", flush=True)
     elif spec["prep_only"]:
-        print(f"  {tag:<14} data prep {result['tokenize_seconds']:.2f}s  ({time.perf_counter() - started:.0f}s)",
+        print(f"  {tag:<19} data prep {result['tokenize_seconds']:.2f}s  ({time.perf_counter() - started:.0f}s)",
               flush=True)
     else:
-        print(f"  {tag:<14} {result['steps']:>3} steps  {result['trainable_tps']:8.1f} trainable tok/s  "
+        print(f"  {tag:<19} {result['steps']:>3} steps  {result['trainable_tps']:8.1f} trainable tok/s  "
               f"pad {100 * result['padding_share']:4.1f}%  cpu {100 * result['cpu_utilization']:3.0f}%  "
               f"others {fmt(result.get('others_cpu_share'), '.0f', 100, '%')}  "
               f"peak {result['peak_rss_bytes'] / 2**30:5.2f} GiB  "
@@ -217,6 +241,40 @@ def check_labelled_loss(result: dict, tag: str) -> None:
     if result["labelled_loss"] is not True:
         raise SystemExit(f"arm {tag}: tunelab trained without its labelled-position loss (labelled_loss = "
                          f"{result['labelled_loss']!r} in its run summary): arm c does not measure tunelab's default")
+
+
+EXPECTED = {  # precision -> what the hooked projection must show (see Meter.watch_precision in arms.py)
+    "fp32": {"base_weight_dtype": "float32", "adapter_weight_dtype": "float32", "autocast": None,
+             "output_dtype": "float32"},
+    "bf16": {"base_weight_dtype": "bfloat16", "adapter_weight_dtype": "float32", "autocast": "bfloat16",
+             "output_dtype": "bfloat16"},
+}
+
+
+def check_precision(seen: dict, precision: str, tag: str) -> None:
+    """Fail the bench when an arm did not run at `precision`: weights, autocast and matmul dtype, in
+    training and in the held-out evaluation."""
+    want = EXPECTED[precision]
+    problems = [f"{k} {seen.get(k)!r}, expected {want[k]!r}" for k in ("base_weight_dtype", "adapter_weight_dtype")
+                if seen.get(k) != want[k]]
+    for phase in ("train", "eval"):
+        ran = seen.get(f"{phase}_matmul")
+        if ran is None:
+            problems.append(f"no {phase} forward seen")
+            continue
+        problems += [f"{phase}: {k} {ran.get(k)!r}, expected {want[k]!r}" for k in ("autocast", "output_dtype")
+                     if ran.get(k) != want[k]]
+    if problems:
+        raise SystemExit(f"arm {tag} did not run at {precision} ({PRECISION_POLICY[precision]}): "
+                         + "; ".join(problems))
+
+
+def check_tunelab_dtype(result: dict, precision: str, tag: str) -> None:
+    """tunelab's own record of its compute dtype (`dtype` of its run summary) must be the bench's precision."""
+    dtype = result.get("run_summary", {}).get("dtype")
+    want = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    if dtype != want:
+        raise SystemExit(f"arm {tag}: tunelab trained in {dtype!r} (run summary), the bench asked {precision}")
 
 
 def time_to_loss(curve: list[dict], target: float) -> float | None:
@@ -248,7 +306,7 @@ def aggregate(runs: list[dict], target_loss: float) -> dict:
     out["tokenizer"] = first.get("tokenizer")
     out["rounds"] = len(runs)
     out["trainable_tps_rounds"] = [r["trainable_tps"] for r in runs]
-    for extra in ("labelled_loss", "run_summary"):
+    for extra in ("labelled_loss", "run_summary", "precision", "precision_seen"):
         if extra in first:
             out[extra] = first[extra]
     return out
@@ -281,14 +339,24 @@ def table(model: dict) -> str:
     return "\n".join(lines)
 
 
-def ratios_table(results: dict) -> str:
+def ratios_table(results: dict, targets: dict | None = None, tokenization: bool = True) -> str:
+    """The ratios of `targets` (TARGETS by default) found in `results`, against their targets; keys that
+    need the data-preparation runs are left out when `tokenization` is false (precisions other than the
+    headline's, which do not repeat them)."""
     lines = ["| metric | value | target | met |", "|---|---|---|---|"]
-    for key, (desc, target, higher) in TARGETS.items():
+    for key, (desc, target, higher) in (targets or TARGETS).items():
+        if not tokenization and key.startswith("tokenization"):
+            continue
         value = results.get(key)
-        met = None if value is None else (value >= target if higher else value <= target)
         op = ">=" if higher else "<="
+        if target is None:
+            lines.append(f"| {desc} (`{key}`) | {fmt(value, '.2f')} | (info) | |")
+            continue
+        met = None if value is None else (value >= target if higher else value <= target)
         lines.append(f"| {desc} (`{key}`) | {fmt(value, '.3f' if key.startswith('eval') else '.2f')} "
                      f"| {op} {target} | {'n/a' if met is None else 'yes' if met else 'NO'} |")
+    if not tokenization:
+        return "\n".join(lines)
     warm = results.get("tokenization_warm_c_seconds")
     lines.append(f"| tokenization, warm re-run of c, seconds (`tokenization_warm_c_seconds`) | {fmt(warm, '.3f')} "
                  f"| near 0 | {'n/a' if warm is None else 'yes' if warm < 0.5 else 'NO'} |")
@@ -317,6 +385,36 @@ def tokenization_table(tok: dict) -> str:
     return "\n".join(lines)
 
 
+def cross_precision(fp32: dict, bf16: dict) -> dict:
+    """bf16 against fp32 for each arm of one model (the aggregated medians of each precision)."""
+    out = {}
+    for arm in ARMS:
+        f, b = fp32["arms"][arm], bf16["arms"][arm]
+        out[arm] = {
+            "fp32_trainable_tps": f["trainable_tps"], "bf16_trainable_tps": b["trainable_tps"],
+            "bf16_over_fp32_trainable_tps": ratio(b["trainable_tps"], f["trainable_tps"]),
+            "fp32_final_eval_loss": f["final_eval_loss"], "bf16_final_eval_loss": b["final_eval_loss"],
+            "eval_loss_rel_diff_bf16_vs_fp32": abs(b["final_eval_loss"] - f["final_eval_loss"]) / f["final_eval_loss"],
+            "fp32_peak_rss_bytes": f["peak_rss_bytes"], "bf16_peak_rss_bytes": b["peak_rss_bytes"],
+            "bf16_over_fp32_peak_mem": ratio(b["peak_rss_bytes"], f["peak_rss_bytes"]),
+        }
+    return out
+
+
+def cross_table(cross: dict) -> str:
+    lines = ["| arm | trainable tok/s fp32 | trainable tok/s bf16 | bf16 / fp32 | final eval loss fp32 "
+             "| final eval loss bf16 | relative difference | peak RSS fp32 / bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, x in cross.items():
+        lines.append(f"| {arm}: {ARM_NAMES[arm]} | {fmt(x['fp32_trainable_tps'])} | {fmt(x['bf16_trainable_tps'])} "
+                     f"| {fmt(x['bf16_over_fp32_trainable_tps'], '.2f', 1, 'x')} "
+                     f"| {fmt(x['fp32_final_eval_loss'], '.4f')} | {fmt(x['bf16_final_eval_loss'], '.4f')} "
+                     f"| {fmt(x['eval_loss_rel_diff_bf16_vs_fp32'], '.2f', 100, '%')} "
+                     f"| {fmt(x['fp32_peak_rss_bytes'], '.2f', 2**-30)} / "
+                     f"{fmt(x['bf16_peak_rss_bytes'], '.2f', 2**-30, ' GiB')} |")
+    return "\n".join(lines)
+
+
 def profile_table(profile: dict) -> str:
     lines = [f"{profile['samples']} samples (c: {profile['packed_rows']} packed rows); best of 2 after a warm-up\n",
              "| arm | positions (real, trained) | step s | body s | head + loss s | head + loss ms per head row "
@@ -328,8 +426,9 @@ def profile_table(profile: dict) -> str:
                      f"| {p['body_seconds']:.2f} | {p['head_and_loss_seconds']:.2f} "
                      f"| {1000 * p['head_and_loss_seconds'] / max(head_positions, 1):.2f} "
                      f"| {p['sys_seconds_per_step']:.2f} | {p['page_faults_per_step']:,.0f} |")
-    mm = ", ".join(f"{k}: {v:.0f} GFLOP/s" for k, v in profile["matmul_gflops"].items())
-    lines.append(f"\nfp32 matmul on this machine: {mm}.")
+    if profile.get("matmul_gflops"):
+        mm = ", ".join(f"{k}: {v:.0f} GFLOP/s" for k, v in profile["matmul_gflops"].items())
+        lines.append(f"\nmatmul on this machine (plain tensors of that dtype): {mm}.")
     return "\n".join(lines)
 
 
@@ -353,7 +452,10 @@ def machine() -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []))
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
             "tunelab_commit": git("rev-parse", "--short", "HEAD"),
@@ -361,6 +463,33 @@ def machine() -> dict:
 
 
 # ---------------------------------------------------------------- main
+
+HELDOUT_NOTE = ("Held-out loss: bench/arms.py `heldout_loss`, the same code for every arm, the mean cross-entropy "
+                "over the labelled tokens of the held-out samples, one sample at a time, run under the autocast of "
+                "training at that precision (bf16: torch.autocast('cpu', bfloat16) over body and head, logits cast "
+                "to fp32 before the cross-entropy; fp32: no autocast).")
+
+
+def parse_precisions(text: str) -> list[str]:
+    found = [p.strip().lower() for p in text.split(",") if p.strip()]
+    unknown = [p for p in found if p not in PRECISIONS]
+    if unknown or not found:
+        raise SystemExit(f"--precision {text!r}: expected a comma list of {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(found))
+
+
+def precision_seen_line(arms: dict) -> str:
+    """What the arms' hooked decoder projection ran in (the same for every arm, or the bench stopped)."""
+    seen = {json.dumps(m.get("precision_seen"), sort_keys=True) for m in arms.values()}
+    first = next(iter(arms.values())).get("precision_seen") or {}
+    if not first:
+        return "n/a"
+    train, evaluation = first.get("train_matmul", {}), first.get("eval_matmul", {})
+    return (f"base weights {first.get('base_weight_dtype')}, LoRA adapters {first.get('adapter_weight_dtype')}, "
+            f"autocast {train.get('autocast') or 'off'} in training and {evaluation.get('autocast') or 'off'} "
+            f"in the held-out loss, projection outputs {train.get('output_dtype')}"
+            + ("" if len(seen) == 1 else " (NOT the same in every arm)"))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -373,6 +502,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="rounds of a, b, c on the real-vocab model (default 1)")
     p.add_argument("--small-rounds", type=int, default=None, help="rounds on the small-vocab model (default 2)")
     p.add_argument("--models", default="real,small", help="comma list of real, small")
+    p.add_argument("--precision", default="fp32,bf16",
+                   help="comma list of fp32, bf16: every arm runs at each (default fp32,bf16, quick too); "
+                        "bf16 = base weights bf16, LoRA adapters fp32, forward under CPU autocast bf16")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip timing one step's body and head separately (skipped by --quick)")
     p.add_argument("--prep-repeats", type=int, default=None,
@@ -393,6 +525,7 @@ def main(argv=None) -> None:
     args.prep_repeats = args.prep_repeats or (1 if quick else 3)
     rounds = {"real": args.rounds or 1, "small": args.small_rounds or (1 if quick else 2)}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    precisions = parse_precisions(args.precision)
     fractions = [1.0] if quick else [0.25, 0.5, 0.75, 1.0]
     started = time.perf_counter()
 
@@ -438,77 +571,92 @@ def main(argv=None) -> None:
             "seed": SEED, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "eval_fractions": fractions,
             "train_file": str(train_file)}
 
-    def spec(name, arm, round_, prep_label=None):
+    def spec(name, arm, round_, precision, prep_label=None):
         p = plans[name]
         return {**base, "arm": arm, "model_name": name, "model": str(p["folder"]), "round": round_,
-                "prep_only": prep_label is not None, "prep_label": prep_label, "rows_per_step": p["rows_per_step"],
-                "pad_id": p["pad_id"], "eval_samples": p["eval_samples"],
-                "output_dir": str(WORK / "runs" / f"{name}-{arm}-{prep_label or round_}")}
+                "precision": precision, "prep_only": prep_label is not None, "prep_label": prep_label,
+                "rows_per_step": p["rows_per_step"], "pad_id": p["pad_id"], "eval_samples": p["eval_samples"],
+                "output_dir": str(WORK / "runs" / f"{name}-{precision}-{arm}-{prep_label or round_}")}
 
-    runs = {name: {arm: [] for arm in ARMS} for name in models}
-    profiles = {}
+    runs = {prec: {name: {arm: [] for arm in ARMS} for name in models} for prec in precisions}
+    profiles = {prec: {} for prec in precisions}
     headline = "real" if "real" in models else models[0]
-    tokenization = {"records": len(everything), "source": source, "model": headline,
+    lead = "fp32" if "fp32" in precisions else precisions[0]  # the precision at the top level of the results
+    tokenization = {"records": len(everything), "source": source, "model": headline, "precision": lead,
                     "arms": {arm: {} for arm in ARMS}}
     for name in models:
-        print(f"[{name}] training, arms interleaved:", flush=True)
+        print(f"[{name}] training at {', '.join(precisions)}, arms interleaved:", flush=True)
         for r in range(1, rounds[name] + 1):
-            for arm in ARMS:
-                runs[name][arm].append(run_arm(spec(name, arm, r), env, log_dir, args.quiet_wait))
+            for prec in precisions:
+                for arm in ARMS:
+                    runs[prec][name][arm].append(run_arm(spec(name, arm, r, prec), env, log_dir, args.quiet_wait))
         if name == headline:
             print(f"[{name}] data preparation of all {len(everything)} records, cold then warm, "
-                  f"best of {args.prep_repeats}:", flush=True)
+                  f"best of {args.prep_repeats} ({lead}; it does not depend on the precision):", flush=True)
             for _ in range(args.prep_repeats):
                 shutil.rmtree(WORK / "cache", ignore_errors=True)  # every arm's data caches: cold again
                 for label in ("cold", "warm"):
                     for arm in ARMS:
-                        run = run_arm({**spec(name, arm, None, label), "train_file": str(all_file)}, env, log_dir,
-                                      args.quiet_wait)
+                        run = run_arm({**spec(name, arm, None, lead, label), "train_file": str(all_file)}, env,
+                                      log_dir, args.quiet_wait)
                         tokenization["arms"][arm].setdefault(f"{label}_runs", []).append(run["tokenize_seconds"])
             for arm in ARMS:
                 t = tokenization["arms"][arm]
                 t["cold"], t["warm"] = min(t["cold_runs"]), min(t["warm_runs"])
         if name == "real" and args.profile:
-            print(f"[{name}] one step's batch per arm, body vs head + loss:", flush=True)
+            print(f"[{name}] one step's batch per arm, body vs head + loss, at {', '.join(precisions)}:", flush=True)
             for arm in ARMS:
-                found = run_arm({**spec(name, "profile", None), "profile_arm": arm,
-                                 "profile_samples": plans[name]["profile_samples"]}, env, log_dir, args.quiet_wait)
-                if name in profiles:
-                    profiles[name]["arms"].update(found["profile"]["arms"])
-                else:
-                    profiles[name] = found["profile"]
+                for prec in precisions:
+                    found = run_arm({**spec(name, "profile", None, prec), "profile_arm": arm,
+                                     "profile_samples": plans[name]["profile_samples"],
+                                     "matmul_gflops": arm == ARMS[0]}, env, log_dir, args.quiet_wait)
+                    if name in profiles[prec]:
+                        profiles[prec][name]["arms"].update(found["profile"]["arms"])
+                    else:
+                        profiles[prec][name] = found["profile"]
 
+    def summarise(prec: str) -> dict:
+        """The models' tables and ratios at one precision, and its TARGETS at the top."""
+        block = {"precision": prec, "precision_policy": PRECISION_POLICY[prec], "models": {}}
+        for name in models:
+            finals = [runs[prec][name][arm][0]["final_eval_loss"] for arm in ARMS]
+            target_loss = max(finals)
+            arms = {arm: aggregate(runs[prec][name][arm], target_loss) for arm in ARMS}
+            a, b, c = arms["a"], arms["b"], arms["c"]
+            block["models"][name] = {
+                "recipe": plans[name]["recipe"], "rows_per_step": plans[name]["rows_per_step"],
+                "packed_rows_planned": plans[name]["packed_rows"], "target_eval_loss": target_loss, "arms": arms,
+                "profile": profiles[prec].get(name), "runs": runs[prec][name],
+                "ratios": {
+                    "c_over_a_trainable_tps": ratio(c["trainable_tps"], a["trainable_tps"]),
+                    "c_over_b_trainable_tps": ratio(c["trainable_tps"], b["trainable_tps"]),
+                    "c_over_a_total_tps": ratio(c["total_tps"], a["total_tps"]),
+                    "c_over_b_total_tps": ratio(c["total_tps"], b["total_tps"]),
+                    "c_over_a_peak_mem": ratio(c["peak_rss_bytes"], a["peak_rss_bytes"]),
+                    "c_over_b_peak_mem": ratio(c["peak_rss_bytes"], b["peak_rss_bytes"]),
+                    "tokenization_speedup_c_over_a_train_set": ratio(a["tokenize_seconds"], c["tokenize_seconds"]),
+                    "tokenization_speedup_c_over_b_train_set": ratio(b["tokenize_seconds"], c["tokenize_seconds"]),
+                    "eval_loss_rel_diff_c_vs_a":
+                        abs(c["final_eval_loss"] - a["final_eval_loss"]) / a["final_eval_loss"],
+                    "time_to_target_loss_a_over_c": ratio(a["time_to_target_loss"], c["time_to_target_loss"]),
+                    "time_to_target_loss_b_over_c": ratio(b["time_to_target_loss"], c["time_to_target_loss"]),
+                },
+            }
+        block.update({k: block["models"][headline]["ratios"].get(k) for k in TARGETS
+                      if not k.startswith("tokenization")})  # data preparation: at the top level only
+        return block
+
+    blocks = {prec: summarise(prec) for prec in precisions}
     results = {"command": " ".join(["python bench/bench.py", *(sys.argv[1:] if argv is None else argv)]),
                "machine": machine(), "data": source,
                "settings": {**{k: v for k, v in base.items() if k != "train_file"}, "train_samples": len(train),
                             "eval_samples": len(held_out), "rounds": rounds, "quick": quick,
                             "optimizer": "adamw_torch, constant lr, no warmup, no weight decay, max_grad_norm 1",
-                            "precision": "fp32", "attention": "sdpa", "gradient_checkpointing": False,
+                            "precision": lead, "precisions": precisions,
+                            "precision_policy": {p: PRECISION_POLICY[p] for p in precisions},
+                            "heldout_loss": HELDOUT_NOTE, "attention": "sdpa", "gradient_checkpointing": False,
                             "lora_targets": "q,k,v,o,gate,up,down (all linear layers of the decoder)"},
-               "models": {}}
-    for name in models:
-        finals = [runs[name][arm][0]["final_eval_loss"] for arm in ARMS]
-        target_loss = max(finals)
-        arms = {arm: aggregate(runs[name][arm], target_loss) for arm in ARMS}
-        a, b, c = arms["a"], arms["b"], arms["c"]
-        results["models"][name] = {
-            "recipe": plans[name]["recipe"], "rows_per_step": plans[name]["rows_per_step"],
-            "packed_rows_planned": plans[name]["packed_rows"], "target_eval_loss": target_loss, "arms": arms,
-            "profile": profiles.get(name), "runs": runs[name],
-            "ratios": {
-                "c_over_a_trainable_tps": ratio(c["trainable_tps"], a["trainable_tps"]),
-                "c_over_b_trainable_tps": ratio(c["trainable_tps"], b["trainable_tps"]),
-                "c_over_a_total_tps": ratio(c["total_tps"], a["total_tps"]),
-                "c_over_b_total_tps": ratio(c["total_tps"], b["total_tps"]),
-                "c_over_a_peak_mem": ratio(c["peak_rss_bytes"], a["peak_rss_bytes"]),
-                "c_over_b_peak_mem": ratio(c["peak_rss_bytes"], b["peak_rss_bytes"]),
-                "tokenization_speedup_c_over_a_train_set": ratio(a["tokenize_seconds"], c["tokenize_seconds"]),
-                "tokenization_speedup_c_over_b_train_set": ratio(b["tokenize_seconds"], c["tokenize_seconds"]),
-                "eval_loss_rel_diff_c_vs_a": abs(c["final_eval_loss"] - a["final_eval_loss"]) / a["final_eval_loss"],
-                "time_to_target_loss_a_over_c": ratio(a["time_to_target_loss"], c["time_to_target_loss"]),
-                "time_to_target_loss_b_over_c": ratio(b["time_to_target_loss"], c["time_to_target_loss"]),
-            },
-        }
+               "models": blocks[lead]["models"]}
     results["headline_model"] = headline
     ta, tc = tokenization["arms"]["a"], tokenization["arms"]["c"]
     results["tokenization"] = tokenization
@@ -518,25 +666,54 @@ def main(argv=None) -> None:
     results.update({k: results["models"][headline]["ratios"][k] for k in TARGETS})
     results["tokenization_warm_speedup_c_over_a"] = ratio(ta["warm"], tc["warm"])
     results["tokenization_warm_c_seconds"] = tc["warm"]
+    # the other precisions, each with the same shape as the top level's models and TARGETS keys
+    results["precisions"] = {prec: block for prec, block in blocks.items() if prec != lead}
+    if "fp32" in blocks and "bf16" in blocks:
+        cross = {name: cross_precision(blocks["fp32"]["models"][name], blocks["bf16"]["models"][name])
+                 for name in models}
+        results["cross_precision"] = {"models": cross}
+        hc = cross[headline]["c"]
+        results["cross_precision"].update({"c_bf16_over_fp32_trainable_tps": hc["bf16_over_fp32_trainable_tps"],
+                                           "eval_loss_rel_diff_c_bf16_vs_fp32": hc["eval_loss_rel_diff_bf16_vs_fp32"]})
+        results.update({k: results["cross_precision"][k] for k in CROSS_TARGETS})
     results["wall_seconds"] = time.perf_counter() - started
 
-    report = []
-    for name, model in results["models"].items():
-        r = model["recipe"]
-        report.append(f"### {name}: Qwen2, vocab {r['vocab']:,}, hidden 256, 4 layers ({r['tokenizer']})\n")
-        report.append(table(model) + "\n")
-        same_init = len({json.dumps(m["lora"], sort_keys=True) for m in model["arms"].values()}) == 1
-        report.append(f"Same LoRA modules and initial weights in every arm: {'yes' if same_init else 'NO'}; "
-                      f"b packs {model['rows_per_step']} rows of {base['cutoff_len']} tokens per step.\n")
-        others = {arm: m.get("others_cpu_share") for arm, m in model["arms"].items()}
-        if any(v is not None for v in others.values()):
-            report.append("CPU used by other processes while the arms trained: " + ", ".join(
-                f"{arm} {fmt(v, '.0f', 100, '%')}" for arm, v in others.items()) + " of the machine.\n")
-    report.append(f"### data preparation ({headline} vocab model)\n\n" + tokenization_table(tokenization) + "\n")
-    report.append(f"### ratios ({headline} vocab model)\n\n" + ratios_table(results) + "\n")
-    if profiles.get("real"):
-        report.append("### one step of the real-vocab model, body vs head + loss\n\n"
-                      + profile_table(profiles["real"]) + "\n")
+    report = [f"Every arm at the same precision. {HELDOUT_NOTE}\n"]
+    for prec in precisions:
+        block = blocks[prec]
+        report.append(f"## {prec}: {PRECISION_POLICY[prec]}\n")
+        for name, model in block["models"].items():
+            r = model["recipe"]
+            report.append(f"### {name}: Qwen2, vocab {r['vocab']:,}, hidden 256, 4 layers ({r['tokenizer']}), "
+                          f"{prec}\n")
+            report.append(table(model) + "\n")
+            same_init = len({json.dumps(m["lora"], sort_keys=True) for m in model["arms"].values()}) == 1
+            report.append(f"Same LoRA modules and initial weights in every arm: {'yes' if same_init else 'NO'}; "
+                          f"b packs {model['rows_per_step']} rows of {base['cutoff_len']} tokens per step. "
+                          f"Checked in every arm: {precision_seen_line(model['arms'])}.\n")
+            others = {arm: m.get("others_cpu_share") for arm, m in model["arms"].items()}
+            if any(v is not None for v in others.values()):
+                report.append("CPU used by other processes while the arms trained: " + ", ".join(
+                    f"{arm} {fmt(v, '.0f', 100, '%')}" for arm, v in others.items()) + " of the machine.\n")
+        if prec == lead:
+            report.append(f"### data preparation ({headline} vocab model; independent of the precision)\n\n"
+                          + tokenization_table(tokenization) + "\n")
+            report.append(f"### ratios ({headline} vocab model, {prec})\n\n" + ratios_table(results) + "\n")
+        else:
+            report.append(f"### ratios ({headline} vocab model, {prec})\n\n"
+                          + ratios_table(block, tokenization=False) + "\n")
+        if profiles[prec].get("real"):
+            report.append(f"### one step of the real-vocab model, body vs head + loss, {prec}\n\n"
+                          + profile_table(profiles[prec]["real"]) + "\n")
+    if "cross_precision" in results:
+        report.append("## bf16 against fp32, each arm\n")
+        for name, cross in results["cross_precision"]["models"].items():
+            report.append(f"### {name} vocab model\n\n" + cross_table(cross) + "\n")
+        report.append(f"### ratios ({headline} vocab model, bf16 vs fp32)\n\n"
+                      + ratios_table(results["cross_precision"], CROSS_TARGETS, tokenization=False) + "\n")
+        if not results["machine"]["cpu_bf16"]:
+            report.append("This CPU has no native bf16 (avx512_bf16, amx_bf16): its bf16 matmuls are emulated, "
+                          "so the bf16 timings say nothing about a CPU that has it.\n")
     results["report_md"] = "\n".join(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

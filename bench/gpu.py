@@ -218,13 +218,10 @@ def split_records(records: list[dict], n_train: int, n_eval: int) -> tuple[list[
     return records[n_eval:n_eval + n_train], records[:n_eval]
 
 
-def user_text(record: dict) -> str:
-    """The user turn, as tunelab renders an alpaca record (instruction, blank line, input)."""
-    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
-
-
 def encode(tokenizer, record: dict, cutoff: int) -> dict:
     """Prompt by the chat template (masked), answer + end-of-turn trained: the samples every arm trains on."""
+    from arms import user_text
+
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text(record)}], tokenize=False,
                                            add_generation_prompt=True)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from gpu import IGNORE_INDEX, necessary_flops, user_text
+from arms import usual_recipe_example, user_text
+from gpu import IGNORE_INDEX, necessary_flops
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -258,17 +259,7 @@ def arm_a(spec: dict, result: dict):
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    eos, cutoff = tokenizer.eos_token_id, spec["seq_len"]
-
-    def process(example):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text(example)}], tokenize=False,
-                                               add_generation_prompt=True)
-        instruction = tokenizer(prompt, add_special_tokens=False)
-        response = tokenizer(example["output"], add_special_tokens=False)
-        input_ids = instruction["input_ids"] + response["input_ids"] + [eos]
-        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
-        labels = [IGNORE_INDEX] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
-        return {"input_ids": input_ids[:cutoff], "attention_mask": attention_mask[:cutoff], "labels": labels[:cutoff]}
+    process = usual_recipe_example(tokenizer, spec["seq_len"])
 
     train = [process(r) for r in read_train(spec)]
     set_seed(spec["seed"])
