@@ -186,6 +186,13 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_
     assert "resume_from_checkpoint=auto" in output and "Traceback" not in output, output[-3000:]
     assert sorted(p.name for p in checkpoints[0].glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
+    # the same YAML under a launcher with another number of processes: refused, naming both
+    other = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                            str(_free_port()), "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto"],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0
+    assert "was written by 2 processes, this run has 1" in other.stderr, other.stderr[-3000:]
+
     resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto",
                               f"max_steps={step + 2}"], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -8,9 +8,12 @@ the middle of a save therefore leaves the earlier checkpoints as they were, and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+
+from ..errors import TunelabError
 
 PREFIX = "checkpoint-"
 STAGING = ".partial-checkpoint-"
@@ -91,3 +94,24 @@ def prune(output_dir: str | Path, keep: int | None, protect: str | None = None) 
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in gone]
+
+
+WORLD_FILE = "tunelab_world.json"
+
+
+def save_world(checkpoint: str | os.PathLike, processes: int) -> None:
+    (Path(checkpoint) / WORLD_FILE).write_text(json.dumps({"processes": processes}))
+
+
+def check_world(checkpoint: str | os.PathLike | None, processes: int) -> None:
+    """A resume with another number of processes would change the global batch, so every later step."""
+    path = Path(checkpoint) / WORLD_FILE if checkpoint else None
+    if path is None or not path.is_file():  # checkpoints from before this file: nothing to compare
+        return
+    before = json.loads(path.read_text())["processes"]
+    if before != processes:
+        raise TunelabError(
+            f"resume_from_checkpoint: {checkpoint} was written by {before} process{'es' if before > 1 else ''}, "
+            f"this run has {processes}; the global batch (per device x accumulation x processes) and with it every "
+            f"later step would change. Resume with {before} process{'es' if before > 1 else ''} "
+            "(nproc_per_node x nnodes), or start afresh with overwrite_output_dir=true")

@@ -29,10 +29,10 @@ from ..model.loader import compute_dtype, enable_tf32, load_model
 from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
-from .checkpoints import complete_checkpoints, latest_checkpoint, remove_leftovers
+from .checkpoints import check_world, complete_checkpoints, latest_checkpoint, remove_leftovers
 from . import distributed
 from .guards import LossGuard, SignalCheckpoint
-from .launch import launch, needs_launch
+from .launch import launch, needs_launch, processes_per_node
 from .optim import StochasticAdamW
 from .trainer import TokenCounter, TunelabTrainer
 
@@ -250,13 +250,17 @@ def train(cfg: Config) -> TrainResult:
     With several processes to run (`nproc_per_node`, `nnodes`, or several GPUs), this starts them and
     returns when they are done; each of them runs this same function.
     """
-    if needs_launch(cfg):
+    if needs_launch(cfg):  # what every rank would refuse, refused once before they start
+        resume = plan_output_dir(cfg)
+        check_resume_config(cfg, resume)
+        check_world(resume, processes_per_node(cfg) * cfg.nnodes)
         return _launched_run(cfg)
     started = time.perf_counter()
     distributed.init(cfg.ddp_timeout)
     main = distributed.is_main()
     resume = plan_output_dir(cfg)
     check_resume_config(cfg, resume)
+    check_world(resume, distributed.world_size())
     tokenizer, model_path, template = prepare_tokenizer(cfg)
     data_started = time.perf_counter()
     with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it

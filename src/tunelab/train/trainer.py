@@ -172,6 +172,7 @@ class TunelabTrainer(Trainer):
         distributed.barrier()  # every rank's files (its RNG state, shards) are written before rank 0 publishes
         if self.args.should_save:
             self.loss_guard.save(staged)
+            checkpoints.save_world(staged, self.args.world_size)
             checkpoints.publish(staged, run_dir / f"{checkpoints.PREFIX}{step}")
             shutil.rmtree(staging, ignore_errors=True)
             checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
