@@ -198,3 +198,19 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["global_step"] == step + 2 and summary["processes"] == 2
+
+
+def test_the_error_names_the_rank_that_started_it_not_those_that_lost_their_peer():
+    from types import SimpleNamespace as Failure
+
+    from tunelab.train.launch import _root_cause
+
+    lost_peer = Failure(exitcode=-signal.SIGTERM, timestamp=1,
+                        message={"message": "RuntimeError: [gloo] Read error: Connection reset by peer"})
+    killed = Failure(exitcode=-signal.SIGKILL, timestamp=2, message="<N/A>")
+    assert _root_cause({0: lost_peer, 1: killed})[0] == 1, "the killed rank, though the launcher saw it second"
+    raised = Failure(exitcode=1, timestamp=5, message={"message": "ValueError: bad batch"})
+    stopped = Failure(exitcode=-signal.SIGTERM, timestamp=4, message="<N/A>")
+    assert _root_cause({0: stopped, 3: raised})[0] == 3
+    first, second = (Failure(exitcode=1, timestamp=t, message={"message": "OSError: disk full"}) for t in (7, 6))
+    assert _root_cause({0: first, 1: second})[0] == 1, "otherwise the earliest"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -107,7 +108,7 @@ def launch(cfg: Config) -> None:
     except ChildFailedError as exc:
         if all(f.exitcode == INTERRUPTED for f in exc.failures.values()):
             raise Interrupted(_interrupted(cfg)) from None
-        failed_rank, failure = exc.get_first_failure()
+        failed_rank, failure = _root_cause(exc.failures)
         raise TunelabError(f"rank {failed_rank} of the training job failed ({_reason(failure)}); the other ranks "
                            "were stopped. The last complete checkpoint stays usable: rerun with "
                            "resume_from_checkpoint=auto") from None
@@ -121,6 +122,18 @@ def _interrupted(cfg: Config) -> str:
         return "stopped by a signal before a checkpoint was saved"
     return (f"stopped by a signal; every rank stopped after the same step, checkpoint saved in {saved}; "
             "resume with the same command plus resume_from_checkpoint=auto")
+
+
+# What a rank reports when another one died under it: the collective lost its peer, or the launcher's SIGTERM.
+_CONSEQUENCES = ("by peer", "timed out", "timeout", "connection reset", "connection closed", "ncclremoteerror")
+
+
+def _root_cause(failures: dict) -> tuple[int, object]:
+    """The failure that started it: not the ranks that lost their peer or were stopped by the launcher."""
+    def consequence(item) -> bool:
+        failure = item[1]
+        return failure.exitcode == -signal.SIGTERM or any(c in _reason(failure).lower() for c in _CONSEQUENCES)
+    return min(failures.items(), key=lambda item: (consequence(item), item[1].timestamp, item[0]))
 
 
 def _reason(failure) -> str:
