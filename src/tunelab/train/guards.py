@@ -103,7 +103,9 @@ class SignalCheckpoint(TrainerCallback):
         return signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.agreed if self.together else self.received is not None:
+        # alone, a signal counts at once; together, only once every rank has seen the flag
+        stop = self.agreed if self.together else self.received is not None
+        if stop:
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True

@@ -117,8 +117,7 @@ class TunelabTrainer(Trainer):
         # every rank judges the same numbers (the mean over ranks), so all skip or stop together; a signal
         # received by any rank rides along, so that all ranks stop after the same step
         local = torch.stack(self._losses).float()
-        flag = torch.ones(1, device=local.device) if self.signals and self.signals.received else \
-            torch.zeros(1, device=local.device)
+        flag = torch.tensor([float(bool(self.signals and self.signals.received))], device=local.device)
         *losses, signalled = distributed.mean(torch.cat([local, flag])).tolist()
         self._losses = []
         if self.signals and signalled > 0:
