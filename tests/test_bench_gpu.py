@@ -149,3 +149,16 @@ def test_smoke_run_trains_every_arm_and_the_full_ft_check(tmp_path):
     assert [r["precision"] for r in full["runs"]] == ["bf16", "fp16"]
     assert all(r["ok"] and r["masters_fp32"] for r in full["runs"]), full["runs"]
     assert "### full fine-tuning" in results["report_md"] and "4*N_body*s" in results["report_md"]
+
+
+def test_the_engines_benchmark_runs_on_cpu_and_compares_fsdp2_with_plain_training(tmp_path):
+    """bench/gpu_engines.py, whose GPU run compares plain training, FSDP2 and ZeRO-2/3: on CPU, LoRA and FSDP2
+    over 2 processes (gloo) against one plain process, each adapter reloaded whole."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_engines.py"), "--smoke", "--steps", "3", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "engines.json").read_text())
+    assert set(record["results"]) == {"lora/plain", "lora/fsdp2"}
+    fsdp = record["results"]["lora/fsdp2"]
+    assert fsdp["engine"] == "fsdp2" and fsdp["ok"] and fsdp["reloads_whole"] and len(fsdp["losses"]) == 3
+    assert fsdp["max_loss_diff"] <= 1e-4 and fsdp["predicted_bytes"] > 0

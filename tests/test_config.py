@@ -245,8 +245,10 @@ def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
 
 @pytest.mark.parametrize("name", [name for name, f in FIELDS.items() if f.metadata["choices"]])
 def test_a_key_with_choices_rejects_another_value_naming_the_allowed_ones(name):
+    choices = FIELDS[name].metadata["choices"]
+    bad = 99 if all(isinstance(c, int) for c in choices) else "no-such-choice"
     with pytest.raises(TunelabError) as info:
-        from_dict({**REQUIRED_KEYS, name: "no-such-choice"})
-    allowed = ", ".join(FIELDS[name].metadata["choices"])
-    assert f"{name}: 'no-such-choice' is not one of {allowed}" in str(info.value)
+        from_dict({**REQUIRED_KEYS, name: bad})
+    allowed = ", ".join(map(str, choices))
+    assert f"{name}: {bad!r} is not one of {allowed}" in str(info.value)
     from_dict({**REQUIRED_KEYS, name: FIELDS[name].metadata["choices"][-1]})

@@ -96,6 +96,8 @@ def _estimate_args(p):
     _config_args(p)
     p.add_argument("--device", choices=("cuda", "cpu"), help="estimate for this device (default: this machine's)")
     p.add_argument("--quant-bits", type=int, choices=(4, 8), help="a bitsandbytes-quantized base (QLoRA)")
+    p.add_argument("--gpu-mem", type=_memory_size, metavar="SIZE",
+                   help="a GPU's memory (e.g. 80GB, 24GiB): says which engine fits it and what auto picks")
 
 
 def _demo_args(p):
@@ -199,12 +201,30 @@ def _sweep(args) -> int:
     return 0
 
 
+def _memory_size(text: str) -> int:
+    """'80GB' (10**9), '80GiB' (2**30) or a plain number of GB; GPU makers count in GB."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", text, re.IGNORECASE)
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 80GB or 24GiB")
+    unit = 2 ** 30 if (found.group(2) or "").lower() == "gib" else 10 ** 9
+    return int(float(found.group(1)) * unit)
+
+
 def _estimate(args) -> int:
+    import torch
+
     from .config import load_config
     from .model.estimate import estimate_memory, format_estimate
+    from .train.engines import format_plan
 
-    est = estimate_memory(load_config(args.config, args.overrides), device=args.device, quant_bits=args.quant_bits)
-    print(format_estimate(est))
+    cfg = load_config(args.config, args.overrides)
+    print(format_estimate(estimate_memory(cfg, device=args.device, quant_bits=args.quant_bits)))
+    world = (cfg.nproc_per_node or (torch.cuda.device_count() if torch.cuda.is_available() else 1)) * cfg.nnodes
+    if args.device != "cpu" and (world > 1 or args.gpu_mem or cfg.distributed != "auto"):
+        print()
+        print(format_plan(cfg, world, args.gpu_mem))
     return 0
 
 

@@ -176,6 +176,18 @@ class Config:
     master_port: Union[int, None] = key(None, "Port of the rendezvous on node 0; null = a free port on one "
                                         "machine, 29500 across machines.", group="distributed", positive=True,
                                         resume_may_change=True)
+    distributed: str = key("auto", "How several processes share the work: ddp (every process holds the whole "
+                           "model), fsdp2 (PyTorch FSDP2: parameters, gradients and optimizer state sharded), "
+                           "deepspeed (ZeRO, see zero_stage); auto = ddp when the model and its optimizer state fit "
+                           "one device, else fsdp2.", group="distributed",
+                           choices=("auto", "ddp", "fsdp2", "deepspeed"))
+    zero_stage: int = key(3, "DeepSpeed ZeRO stage under distributed: deepspeed: 2 shards gradients and optimizer "
+                          "state, 3 the parameters too.", group="distributed", choices=(2, 3))
+    offload: str = key("none", "Moves state to CPU memory under fsdp2/deepspeed: optimizer (its state), params "
+                       "(parameters too; fsdp2 offloads both together).", group="distributed",
+                       choices=("none", "optimizer", "params"))
+    deepspeed: Union[str, None] = key(None, "Your own DeepSpeed JSON file; tunelab then uses it as it is instead of "
+                                      "writing one (implies distributed: deepspeed).", group="distributed")
     ddp_timeout: int = key(300, "Seconds a process waits for the others in a collective before the job fails "
                            "(a crashed or stuck rank then ends the job instead of hanging it).",
                            group="distributed", positive=True, resume_may_change=True)
@@ -261,7 +273,7 @@ def _check(cfg: dict) -> list[str]:
         bad.discard(key)
         meta = FIELDS[key].metadata
         if meta["choices"] and value not in meta["choices"]:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
         if meta["positive"] and value is not None and value <= 0:
             problems.append(f"{key}: {value!r} must be greater than 0")
         if meta["unit_interval"] and not 0 <= value < 1:

@@ -86,24 +86,34 @@ def test_target_matching_nothing_lists_the_linear_modules():
 
 
 def test_weights_that_are_not_whole_are_refused_before_anything_is_written(run_config, tmp_path):
-    """What a ZeRO-3 / FSDP save without gathering would write: an empty or a 1-D adapter tensor."""
+    """What a ZeRO-3 / FSDP save without gathering would write: an empty, a 1-D or a missing adapter tensor,
+    in the model itself or in the state dict an engine gathered for the save."""
     import torch
+    from transformers import TrainingArguments
 
     from tunelab.errors import TunelabError
-    from tunelab.train.run import save_run, train
+    from tunelab.train.run import train
+    from tunelab.train.trainer import TunelabTrainer
 
     result = train(run_config(max_steps=1))
     model = result.model
-    module = next(m for n, m in model.named_modules() if hasattr(m, "lora_A") and "q_proj" in n)
-    whole = module.lora_A["default"].weight
-    for broken in (torch.empty(0), whole.detach().flatten()[: whole.numel() // 2]):
-        module.lora_A["default"].weight = torch.nn.Parameter(broken)
-        out = tmp_path / f"saved-{broken.numel()}"
-        with pytest.raises(TunelabError, match="not whole.*q_proj.lora_A.default has shape"):
-            save_run(run_config(), model, None, out)
+    trainer = TunelabTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
+                                                                 report_to=[]))
+    name, whole = next((n, p) for n, p in model.named_parameters() if "q_proj.lora_A" in n)
+    gathered = {n: p.detach() for n, p in model.named_parameters()}
+    for broken in (torch.empty(0), whole.detach().flatten()[: whole.numel() // 2], None):
+        out = tmp_path / f"saved-{'missing' if broken is None else broken.numel()}"
+        state = {n: t for n, t in gathered.items() if n != name} | ({} if broken is None else {name: broken})
+        with pytest.raises(TunelabError, match=rf"not whole.*{name} (has shape|is empty|is missing)"):
+            trainer._save(str(out), state_dict=state)
         assert not out.exists()
+    module = next(m for n, m in model.named_modules() if hasattr(m, "lora_A") and "q_proj" in n)
+    module.lora_A["default"].weight = torch.nn.Parameter(torch.empty(0))
+    with pytest.raises(TunelabError, match="not whole.*q_proj.lora_A.default.weight is empty"):
+        trainer._save(str(tmp_path / "from-params"))
+    assert not (tmp_path / "from-params").exists()
     module.lora_A["default"].weight = whole
-    save_run(run_config(), model, _tokenizer_of(result), tmp_path / "saved")
+    trainer._save(str(tmp_path / "saved"), state_dict=gathered)
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
 
 

@@ -266,3 +266,51 @@ def test_pure_bf16_holds_two_bytes_per_trained_weight_gradient_and_moment(built)
     assert (pure.parts["weights"], pure.parts["gradients"], pure.parts["optimizer states"]) == (2 * n, 2 * n, 4 * n)
     assert pure.total < mixed.total - 2 * n
     assert any("pure_bf16" in note for note in pure.notes)
+
+
+QWEN25_3B = {  # the public config.json of Qwen2.5-3B (shape only: nothing is loaded)
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008,
+    "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "hidden_act": "silu"}
+
+
+def test_each_engine_splits_what_it_shards_and_estimate_says_what_fits_a_gpu(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from tunelab.cli import main
+    from tunelab.config import Config
+    from tunelab.model.estimate import estimate_memory
+
+    folder = tmp_path / "qwen2.5-3b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(QWEN25_3B))
+    keys = dict(model=str(folder), finetuning_type="full", bf16=True, gradient_checkpointing=True,
+                per_device_train_batch_size=2, cutoff_len=1024)
+    cfg = Config(**keys)
+
+    def peak(engine, world=8, offload="none"):
+        return estimate_memory(cfg, device="cuda", engine=engine, world=world, offload=offload)
+
+    one, ddp, fsdp, z2, z3 = peak("single", 1), peak("ddp"), peak("fsdp2"), peak("zero2"), peak("zero3")
+    assert ddp.total > one.total, "DDP adds its gradient buckets"
+    assert fsdp.parts["weights"] == one.parts["weights"] // 8
+    assert fsdp.parts["optimizer states"] == one.parts["optimizer states"] // 8
+    assert z2.parts["weights"] > z3.parts["weights"], "ZeRO-2 keeps the whole model in bf16 on each GPU"
+    assert peak("zero3", offload="params").total < peak("zero3", offload="optimizer").total < z3.total < z2.total
+    assert peak("zero3", offload="optimizer").parts["optimizer states"] == 0
+    assert z3.total < ddp.total / 3 and fsdp.total < ddp.total / 3
+    assert fsdp.parts["gathered layers"] > 0
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**keys, "dataset": "x.jsonl", "output_dir": str(tmp_path / "out")}))
+    assert main(["estimate", str(path), "nproc_per_node=8", "--gpu-mem", "40GB", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "(" in line
+            and "distributed:" in line}
+    assert "does not fit" in rows["ddp"] and "does not fit" not in rows["fsdp2"]
+    assert "auto picks fsdp2: the model with its gradients and optimizer state does not fit one device" in out
+    assert main(["estimate", str(path), "nproc_per_node=8", "--gpu-mem", "141GB", "--device", "cuda"]) == 0
+    assert "auto picks ddp" in capsys.readouterr().out

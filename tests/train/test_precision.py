@@ -85,7 +85,8 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_masters_and_runs_everything_under_a
         return head_loss(hidden, weight, *args)
 
     def hook(module, args, output):
-        if isinstance(module, torch.nn.Linear) and torch.is_tensor(output) and module.training:
+        # in training the head's call returns the loss (a 0-d fp32 sum), whose matmul is checked below
+        if isinstance(module, torch.nn.Linear) and torch.is_tensor(output) and module.training and output.dim():
             seen["linear"].add(output.dtype)
 
     monkeypatch.setattr(loss_module, "_head_loss", watched_head_loss)

@@ -173,23 +173,32 @@ def load_adapter(lm: nn.Module, adapter: str, name: str, tokenizer_size: int) ->
                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
 
 
-def check_whole(model: nn.Module) -> None:
-    """Refuse to write weights that are not whole: every tensor non-empty, every adapter at its full shape.
+def check_whole(model: nn.Module, state_dict: dict | None = None) -> None:
+    """Refuse to write weights that are not whole: every trained tensor present, non-empty, at its full shape.
 
     Sharded engines (ZeRO-3, FSDP) hold each rank's slice in the parameters; saved without gathering,
     an adapter comes out empty or as 1-D shards, which peft and vLLM then reject (or worse, load).
+    `state_dict` is what is about to be written (gathered by the engine); without it, the parameters.
     """
-    problems = []
+    expected = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     for name, module in model.named_modules():
         for adapter, layer in (getattr(module, "lora_A", None) or {}).items():
             r, base = module.r[adapter], module.get_base_layer()
             rows, cols = getattr(base, "out_features", None), getattr(base, "in_features", None)
-            for part, weight, expected in (("lora_A", layer.weight, (r, cols)),
-                                           ("lora_B", module.lora_B[adapter].weight, (rows, r))):
-                if None not in expected and tuple(weight.shape) != expected:
-                    problems.append(f"{name}.{part}.{adapter} has shape {tuple(weight.shape)}, not {expected}")
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad] or list(model.named_parameters())
-    problems += [f"{n} is empty" for n, p in trained if p.numel() == 0]
+            for part, shape in (("lora_A", (r, cols)), ("lora_B", (rows, r))):
+                if None not in shape:
+                    expected[f"{name}.{part}.{adapter}.weight"] = shape
+    tensors = dict(model.named_parameters()) if state_dict is None else state_dict
+    trained = [n for n, p in model.named_parameters() if p.requires_grad] or list(expected)
+    problems = []
+    for name in trained:
+        tensor = tensors.get(name)
+        if tensor is None:
+            problems.append(f"{name} is missing")
+        elif tensor.numel() == 0:
+            problems.append(f"{name} is empty")
+        elif tuple(tensor.shape) != expected[name]:
+            problems.append(f"{name} has shape {tuple(tensor.shape)}, not {expected[name]}")
     if problems:
         raise TunelabError("the trained weights are not whole (a sharded engine's slices, not gathered), so they "
                            f"were not saved: {'; '.join(problems[:3])}" + (f" and {len(problems) - 3} more"

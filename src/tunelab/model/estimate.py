@@ -167,12 +167,19 @@ def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: li
     return int(saved), one_layer, int(loss), notes
 
 
-def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | None = None) -> Estimate:
+ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
+
+
+def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | None = None,
+                    engine: str = "single", world: int = 1, offload: str = "none") -> Estimate:
     """Peak memory of training `cfg` on one device: "cuda" or "cpu" (default: what this machine trains on).
 
     `quant_bits` (4 or 8) estimates a bitsandbytes-quantized frozen base (QLoRA): tunelab's config has no
     key for it, so it is an argument here (a `quantization_bit` config key is used if one appears).
+    `engine` over `world` processes: what each rank holds (see `_per_rank`).
     """
+    if engine not in ENGINES:
+        raise TunelabError(f"engine: {engine!r} is not one of {', '.join(ENGINES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
         raise TunelabError(f"device: {device!r} is not cuda or cpu")
@@ -221,6 +228,7 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         notes.append(f"{quant_bits}-bit base (bitsandbytes): {n_q:,} decoder Linear weights quantized; "
                      "embeddings, lm_head and norms stay in the compute dtype")
     gradients = trainable * grad_bytes
+    layer = _largest_layer(model) * act
     if cfg.pure_bf16:  # bf16 moments; the step works in fp32 on slices of 2**22 elements (about 9 copies)
         states, step_tmp = 2 * trainable * 2, 9 * min(largest, 1 << 22) * 4
     elif cfg.optim in ("adamw_8bit", "paged_adamw_8bit"):
@@ -233,15 +241,19 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         states = 2 * trainable * grad_bytes  # the per-parameter loop (cpu) two temporaries of one parameter
         foreach = device == "cuda" and cfg.optim == "adamw_torch"
         step_tmp = (trainable if foreach else 0 if cfg.optim.endswith("fused") else 2 * largest) * grad_bytes
+    rank = _per_rank(engine, world, offload, weights, params * act, gradients, states, layer, notes)
+    weights, gradients, states, shard = rank["weights"], rank["gradients"], rank["states"], rank["shard"]
     candidates = [saved + max(loss, loss // 3 + head_grad),  # end of forward / loss backward
-                  gradients + step_tmp,  # optimizer step
-                  late_grads * grad_bytes + one_layer]  # backward through the first layer
+                  gradients + step_tmp // shard,  # optimizer step
+                  late_grads * grad_bytes // shard + one_layer]  # backward through the first layer
     if cfg.gradient_checkpointing:
         candidates.append(saved + one_layer + head_grad)  # recompute of the last layer
-    total = weights + states + max(candidates)
+    total = weights + states + max(candidates) + rank["gathered"]
     acts = saved + (one_layer if cfg.gradient_checkpointing else 0)
     parts = {"weights": weights, "gradients": gradients, "optimizer states": states, "activations": acts,
              "logits/loss": loss}
+    if rank["gathered"]:
+        parts["gathered layers"] = rank["gathered"]
     notes += act_notes
     if cfg.gradient_checkpointing:
         notes.append("gradient checkpointing: each layer's input is kept, one layer is recomputed at a time")
@@ -257,7 +269,45 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
     return Estimate(cfg.model, params, trainable, str(dtype).replace("torch.", ""), device, parts, int(total), notes)
 
 
-def _size(n: float) -> str:
+def _largest_layer(model) -> int:
+    """Parameters of the largest decoder layer: what a sharding engine gathers whole at a time."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in names]
+    return max(sizes, default=0)
+
+
+def _per_rank(engine: str, world: int, offload: str, weights: int, compute_copy: int, gradients: int,
+              states: int, layer: int, notes: list[str]) -> dict:
+    """What one of `world` ranks holds of the weights, gradients and optimizer states under `engine`.
+
+    ddp: everything, plus the gradient buckets DDP reduces in (a second copy of the gradients).
+    zero2: the weights in the compute precision; fp32 masters, gradients and states split N ways.
+    fsdp2 / zero3: everything split N ways, plus the layers being gathered (this one and the next,
+    prefetched). Offloading moves the optimizer states (and masters) or everything to CPU memory.
+    """
+    n = max(world, 1)
+    if engine in ("single", "ddp"):
+        if engine == "ddp" and n > 1:
+            notes.append(f"ddp over {n} processes: each holds the whole model, plus DDP's gradient buckets")
+            return {"weights": weights, "gradients": 2 * gradients, "states": states, "gathered": 0, "shard": 1}
+        return {"weights": weights, "gradients": gradients, "states": states, "gathered": 0, "shard": 1}
+    masters = max(weights - compute_copy, 0)
+    if engine == "zero2":
+        weights = compute_copy + (0 if offload != "none" else masters // n)
+        gathered = 0
+    else:
+        weights = 0 if (offload == "params" or engine == "fsdp2" and offload != "none") else weights // n
+        gathered = 2 * layer
+    states = 0 if offload != "none" else states // n
+    gradients = 0 if engine == "fsdp2" and offload != "none" else gradients // n
+    notes.append(f"{engine} over {n} processes: weights, gradients and optimizer states split {n} ways"
+                 + (f", offload {offload} to CPU memory" if offload != "none" else "")
+                 + ("; each holds the whole model in the compute precision" if engine == "zero2" else
+                    "; two decoder layers gathered whole at a time"))
+    return {"weights": weights, "gradients": gradients, "states": states, "gathered": gathered, "shard": n}
+
+
+def human_size(n: float) -> str:
     return f"{n / GiB:8.2f} GiB" if n >= GiB else f"{n / MiB:8.1f} MiB"
 
 
@@ -267,7 +317,7 @@ def format_estimate(est: Estimate) -> str:
     lines = [f"model: {est.model}", f"parameters: {est.params:,}   trainable: {est.trainable:,} ({pct:.2f}%)",
              f"dtype: {est.dtype} on {est.device}", ""]
     width = max(len(k) for k in est.parts) + 2
-    lines += [f"  {name:<{width}}{_size(n)}" for name, n in est.parts.items()]
-    lines += ["  " + "-" * (width + 12), f"  {'peak per device':<{width}}{_size(est.total)}", ""]
+    lines += [f"  {name:<{width}}{human_size(n)}" for name, n in est.parts.items()]
+    lines += ["  " + "-" * (width + 12), f"  {'peak per device':<{width}}{human_size(est.total)}", ""]
     lines += [f"- {note}" for note in est.notes]
     return "\n".join(lines)

@@ -95,17 +95,32 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None,
-               quant_bits: int | None = None):
+               quant_bits: int | None = None, empty: bool = False):
     """The base model of `path` with weights in `dtype`, repaired; each repair's one-line note is appended
     to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`;
-    `quant_bits` (4 or 8) quantizes the decoder's linear layers with bitsandbytes (QLoRA)."""
+    `quant_bits` (4 or 8) quantizes the decoder's linear layers with bitsandbytes (QLoRA). `empty`: the
+    same model with no weight read (a rank that will be sent its shard, see `_allocate_unread`)."""
     from .quirks import fix_input_embeddings
 
-    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits)
+    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits, empty)
     found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
     if notes is not None:
         notes += found
     return model
+
+
+def _allocate_unread(model) -> None:
+    """Storage for the parameters, never written: an engine that maps an optimizer's parameters by their
+    storage (accelerate's FSDP2) needs real tensors, and the OS commits the pages of an untouched
+    allocation only when they are written, i.e. when this rank's shard arrives."""
+    buffers = dict(model.named_buffers())
+    model.to_empty(device="cpu")
+    for name, buffer in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model._tunelab_unread = True
 
 
 def _remote_code_note(model, path: str) -> str | None:
@@ -130,7 +145,7 @@ def _quantization(bits: int | None, compute: torch.dtype):
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool,
-                     compute: torch.dtype, quant_bits: int | None = None):
+                     compute: torch.dtype, quant_bits: int | None = None, empty: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -143,7 +158,15 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
     tries = [impl] + (["sdpa", None] if attn == "auto" else [])
     for choice in dict.fromkeys(tries):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=choice, **kwargs)
+            if empty:
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
+                    model = AutoModelForCausalLM.from_config(config, attn_implementation=choice, dtype=dtype,
+                                                             trust_remote_code=trust_remote_code)
+                _allocate_unread(model)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=choice, **kwargs)
             break
         except (ValueError, ImportError) as exc:
             if choice is None or attn != "auto":

@@ -160,10 +160,26 @@ def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS, 
     positions = positions.to(hidden.device)
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     targets = labels.reshape(-1).to(hidden.device).index_select(0, positions + 1)
-    head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None) or 0.0
-    loss = _head_loss(picked, head.weight, targets, float(softcap), chunk)
+    loss = _as_head_forward(lm.get_output_embeddings(), picked, targets, float(softcap), chunk)
     return loss / _normaliser(num_items, positions.numel(), loss.device)
+
+
+def _as_head_forward(head: nn.Linear, hidden, targets, softcap: float, chunk: int) -> torch.Tensor:
+    """The head loss run as `head`'s own forward, so the hooks engines put on a module's call give it whole.
+
+    Outside a call, a sharded head's weight is a shard (FSDP2: a DTensor; ZeRO-3: an empty tensor). Called
+    as the module, FSDP2 unshards it and hooks up the gradient's reduce-scatter, ZeRO-3 gathers it.
+    """
+    own = head.__dict__.get("forward")
+    head.forward = lambda h, y: _head_loss(h, head.weight, y, softcap, chunk)
+    try:
+        return head(hidden, targets)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def install_labelled_forward(model) -> None:

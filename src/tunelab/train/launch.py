@@ -40,7 +40,9 @@ def processes_per_node(cfg: Config) -> int:
 
 
 def needs_launch(cfg: Config) -> bool:
-    return not launched() and processes_per_node(cfg) * cfg.nnodes > 1
+    """Several processes, or a sharding engine on one GPU (it shards over a process group, even of one)."""
+    sharding = bool(cfg.deepspeed) or cfg.distributed in ("fsdp2", "deepspeed")
+    return not launched() and (processes_per_node(cfg) * cfg.nnodes > 1 or (sharding and torch.cuda.is_available()))
 
 
 def _free_port() -> int:

@@ -24,13 +24,13 @@ from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_data
 from ..data.packing import PackCollator, packing_is_exact
 from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
-from ..model.adapters import attach_lora, check_whole
+from ..model.adapters import attach_lora
 from ..model.loader import compute_dtype, enable_tf32, load_model
 from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .disk import check_disk
 from .checkpoints import check_world, complete_checkpoints, latest_checkpoint, remove_leftovers
-from . import distributed
+from . import distributed, engines
 from .guards import LossGuard, SignalCheckpoint
 from .launch import launch, needs_launch, processes_per_node
 from .optim import StochasticAdamW
@@ -104,7 +104,7 @@ def check_resume_config(cfg: Config, resume: str | None) -> None:
             "change): set it back, or start afresh with overwrite_output_dir=true")
 
 
-def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
+def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str, empty: bool = False):
     from transformers import set_seed
 
     set_seed(cfg.seed)  # LoRA's random init: the same config gives the same run, whatever ran before
@@ -119,7 +119,7 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str):
     weights = torch.float32 if cfg.finetuning_type == "full" and not cfg.pure_bf16 else dtype
     quant_bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
     model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
-                       compute=dtype, quant_bits=quant_bits)
+                       compute=dtype, quant_bits=quant_bits, empty=empty)
     if quant_bits:
         from peft import prepare_model_for_kbit_training
 
@@ -171,7 +171,7 @@ class OneDeviceArguments(TrainingArguments):
 
 
 def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False,
-                       moe: bool = False):
+                       moe: bool = False, engine_keys: dict | None = None):
     report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
@@ -213,6 +213,7 @@ def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         ddp_timeout=cfg.ddp_timeout,
         ddp_find_unused_parameters=moe,  # routed experts may sit out a batch; nothing else does
+        **(engine_keys or {}),
     )
 
 
@@ -268,7 +269,14 @@ def train(cfg: Config) -> TrainResult:
     data_seconds = time.perf_counter() - data_started
     log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
              data.stats.trained_tokens)
-    model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path)
+    world = distributed.world_size()
+    engine = engines.choose(cfg, world, engines.fits_one_device(cfg, world) if world > 1 else None)
+    if engine.name != "single":
+        log.info("engine: %s (%s)", engine.name, engine.reason)
+    with engines.sharded_loading(cfg, engine) as keep_alive:
+        model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path,
+                                                                empty=engines.loads_empty(cfg, engine))
+    reads_weights = engines.reads_weights(model)
     check_disk(cfg, model, len(data.train))
     callbacks = _callbacks(cfg, counter := TokenCounter())
 
@@ -290,8 +298,10 @@ def train(cfg: Config) -> TrainResult:
     else:
         collator = PadCollator(tokenizer.pad_token_id)
     grouped = not packing if cfg.group_by_length is None else cfg.group_by_length
-    args = training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped, moe=is_moe(model))
-    world = distributed.world_size()
+    args = training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped, moe=is_moe(model),
+                              engine_keys=engines.training_arguments(cfg, engine, model))
+    if main:
+        engines.write_engine_config(args, out)
     log.info("global batch: %d per device x %d accumulation x %d process%s = %d samples per step",
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, "es" if world > 1 else "",
              cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world)
@@ -307,6 +317,7 @@ def train(cfg: Config) -> TrainResult:
         token_counter=counter,
         loss_guard=(guard := LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor)),
     )
+    del keep_alive  # the TrainingArguments now hold their own DeepSpeed config, if any
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarCallback())
     if resume:
@@ -331,10 +342,11 @@ def train(cfg: Config) -> TrainResult:
         _finish_loggers(cfg)
 
     seen = int(distributed.total(counter.seen))
+    reading_ranks = int(distributed.total(int(reads_weights)))
+    save_run(cfg, trainer, tokenizer, out)
     if not main:
-        distributed.barrier()  # rank 0 saves
+        distributed.barrier()  # rank 0 writes the rest
         return TrainResult(out, [], {}, trainer.model)
-    save_run(cfg, trainer.model, tokenizer, out)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     metrics = read_metrics(out / "metrics.jsonl")
     summary = {
@@ -343,12 +355,14 @@ def train(cfg: Config) -> TrainResult:
         "stop_tokens": data.encoder.eot_tokens, "dtype": str(dtype).replace("torch.", ""),
         "trainable_params": trainable, "total_params": total, "train_samples": len(data.train),
         "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens, "tokens_trained_seen": seen,
-        "processes": distributed.world_size(),
+        "processes": distributed.world_size(), "engine": engine.name, "ranks_reading_weights": reading_ranks,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
         "packing": packing, "labelled_loss": trainer.labelled_loss, "data_seconds": round(data_seconds, 4),
         "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
     }
+    if torch.cuda.is_available():  # rank 0's; the estimate's "peak per device" is what it predicts
+        summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     staged = out / f".{SUMMARY}.tmp"
     staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     os.replace(staged, out / SUMMARY)  # last, and whole: its presence marks the run finished
@@ -371,12 +385,18 @@ def is_moe(model) -> bool:
     return any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-def save_run(cfg: Config, model, tokenizer, out: Path) -> None:
-    """Weights (adapter or full), tokenizer with its template, stop ids, and the resolved config."""
-    check_whole(model)
-    model.save_pretrained(out, safe_serialization=True)
+def save_run(cfg: Config, trainer: TunelabTrainer, tokenizer, out: Path) -> None:
+    """Weights (adapter or full), tokenizer with its template, stop ids, and the resolved config.
+
+    Every rank calls it: under a sharded engine the weights are gathered from all ranks before rank 0
+    writes them (whole, or not at all: `TunelabTrainer._save` checks).
+    """
+    trainer.save_model(str(out))
+    if not trainer.args.should_save:
+        return
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; tunelab_config.yaml says what ran
     tokenizer.save_pretrained(out)
-    gen = getattr(model, "generation_config", None)
+    gen = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
     dump_config(cfg, out / CONFIG_FILE)

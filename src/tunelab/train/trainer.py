@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 from . import checkpoints, distributed
 from .guards import LossGuard
 from ..constants import LOSS_POSITIONS
+from ..model.adapters import check_whole
 from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
 
 
@@ -141,6 +142,23 @@ class TunelabTrainer(Trainer):
         optimizer.step = guarded_step
         return optimizer
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args and getattr(state, "fsdp_plugin", None) is None and distributed.active():
+            # accelerate turns FSDP on for accelerators only; torch's FSDP2 runs on CPU processes over gloo
+            # as well, which is how tunelab's multi-process runs are tested without a GPU
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if self.accelerator.mixed_precision != "no":
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            state.fsdp_plugin = plugin
+            state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+            self.is_fsdp_enabled = True
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if sampler is None or self.args.world_size <= 1:
@@ -176,6 +194,16 @@ class TunelabTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             checkpoints.prune(run_dir, limit, protect=self.state.best_model_checkpoint)
         distributed.barrier()
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Every save (checkpoint or final) checks that what it writes is whole, before writing anything."""
+        if state_dict is not None:
+            # a state dict gathered from shards on CPU can hold collective results that do not own their storage
+            # (safetensors cannot write those); plain copies of them save like any tensor
+            state_dict = {k: v.clone() if type(v) is not torch.Tensor else v for k, v in state_dict.items()}
+        if self.args.should_save:
+            check_whole(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), state_dict)
+        super()._save(output_dir, state_dict)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -1,0 +1,142 @@
+"""Sharded engines from config keys: `distributed: fsdp2` and `distributed: deepspeed` + `zero_stage`.
+
+- FSDP2 over 2 processes (gloo) trains the losses of one process with the same global batch (fp32,
+  1e-4), and saves a whole adapter / full model that reloads in one process with the trained logits.
+- The DeepSpeed and FSDP2 configurations tunelab writes are accepted by the engines' own classes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.train.run import train
+
+COMMON = dict(num_train_epochs=1, max_steps=-1, logging_steps=1, lr_scheduler_type="constant", lora_dropout=0.0,
+              group_by_length=False, save_steps=1000, seed=7, max_samples=22)
+
+
+def _losses(metrics: list[dict]) -> list[float]:
+    return [m["loss"] for m in metrics if "loss" in m]
+
+
+def _logits(model, tokenizer_dir) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok("What is 5 plus 5? It is 10.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_fsdp2_on_two_processes_trains_like_one_and_saves_whole_weights(finetuning_type, run_config, tmp_path,
+                                                                         capfd):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    keys = dict(COMMON, finetuning_type=finetuning_type, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3)
+    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8, **keys))
+    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
+                           distributed="fsdp2", **keys))
+    assert two.summary["processes"] == 2 and two.summary["engine"] == "fsdp2"
+    logged = capfd.readouterr().err
+    assert "engine: fsdp2 (distributed: fsdp2)" in logged
+    assert two.summary["ranks_reading_weights"] == 1, "rank 0 alone reads the weights; rank 1 gets its shard"
+    assert len(_losses(two.metrics)) == 3
+    assert _losses(two.metrics) == pytest.approx(_losses(one.metrics), abs=1e-4)
+    assert two.summary["tokens_trained_seen"] == two.summary["trained_tokens"]
+    if finetuning_type == "lora":
+        base = AutoModelForCausalLM.from_pretrained(run_config().model, dtype=torch.float32)
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path / "two"))
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"), dtype=torch.float32)
+    torch.testing.assert_close(_logits(reloaded, tmp_path / "two"), _logits(one.model, tmp_path / "one"),
+                               atol=1e-4, rtol=1e-4)
+
+
+def _arguments(cfg, engine_name: str, model=None):
+    from tunelab.train import engines
+    from tunelab.train.run import training_arguments
+
+    engine = engines.Engine(engine_name, "test")
+    return training_arguments(cfg, torch.bfloat16, has_eval=False,
+                              engine_keys=engines.training_arguments(cfg, engine, model))
+
+
+@pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"),
+                                           (3, "params")])
+def test_the_deepspeed_configuration_is_accepted_by_deepspeed_itself(stage, offload, run_config, tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from tunelab.train import engines
+
+    cfg = run_config(distributed="deepspeed", zero_stage=stage, offload=offload, per_device_train_batch_size=3,
+                     gradient_accumulation_steps=5, max_grad_norm=0.5)
+    written = engines.write_engine_config(_arguments(cfg, "deepspeed"), tmp_path)  # what the run folder keeps
+    ds = DeepSpeedConfig(str(written))  # every "auto" filled in from the run's own keys
+    assert ds.zero_optimization_stage == stage
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (3, 5)
+    assert ds.train_batch_size == 3 * 5 * ds.world_size and ds.gradient_clipping == 0.5
+    assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
+    assert (ds.zero_config.offload_optimizer is not None) == (offload != "none")
+    assert (ds.zero_config.offload_param is not None) == (offload == "params")
+    if stage == 3:
+        assert ds.zero_config.gather_16bit_weights_on_model_save, "a ZeRO-3 save must be whole, not shards"
+
+
+def test_a_users_own_deepspeed_file_is_used_as_it_is(run_config, tmp_path):
+    pytest.importorskip("deepspeed")
+    import json
+
+    from tunelab.train import engines
+
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}))
+    cfg = run_config(deepspeed=str(own))
+    assert engines.choose(cfg, 2).name == "deepspeed" and engines.zero_stage(cfg) == 2
+    args = _arguments(cfg, "deepspeed")
+    assert args.hf_deepspeed_config.config["zero_optimization"] == {"stage": 2}
+
+
+def test_offloading_parameters_needs_zero_3(run_config):
+    from tunelab.errors import TunelabError
+    from tunelab.train import engines
+
+    with pytest.raises(TunelabError, match="offload: 'params' needs zero_stage: 3"):
+        engines.deepspeed_config(run_config(distributed="deepspeed", zero_stage=2, offload="params"))
+
+
+@pytest.mark.parametrize("offload", ["none", "params"])
+def test_the_fsdp2_configuration_is_accepted_by_accelerate_and_finds_the_decoder_layers(offload, run_config):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_config(distributed="fsdp2", offload=offload)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    plugin = FullyShardedDataParallelPlugin(**_arguments(cfg, "fsdp2", model).fsdp_plugin_args)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) == (offload != "none")
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type) and plugin.cpu_ram_efficient_loading
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    plugin.set_auto_wrap_policy(model)  # resolves the layer class names on the model, or raises
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)  # what accelerate shards one by one
+    wrapped = [m for m in model.modules() if policy(m)]
+    assert len(wrapped) == model.config.num_hidden_layers and type(wrapped[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_auto_picks_ddp_when_the_model_fits_one_device_else_fsdp2(run_config):
+    from tunelab.train import engines
+
+    cfg = run_config()
+    assert engines.choose(cfg, 1).name == "single"
+    assert engines.choose(cfg, 2, fits_one_device=True).name == "ddp"
+    assert engines.choose(cfg, 2, fits_one_device=None).name == "ddp"
+    picked = engines.choose(cfg, 2, fits_one_device=False)
+    assert picked.name == "fsdp2" and "does not fit one device" in picked.reason
+    assert engines.choose(run_config(distributed="deepspeed"), 2).name == "deepspeed"
+    assert engines.choose(run_config(distributed="fsdp2"), 1).name == "single", "on CPU, sharding needs 2+"
