@@ -163,8 +163,11 @@ def test_a_killed_rank_ends_the_job_quickly_naming_the_rank_and_the_run_resumes_
     got = load_file(tmp_path / "run" / "adapter_model.safetensors")
     want = load_file(tmp_path / "reference" / "adapter_model.safetensors")
     assert got.keys() == want.keys()
+    logged = {run: [(m["step"], m["loss"]) for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text()
+                                                         .splitlines()) if "loss" in m] for run in ("run", "reference")}
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0,
+                                   msg=lambda m: f"{name}: {m}\nresumed from step {last}: {logged}")
 
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_config, tmp_path):

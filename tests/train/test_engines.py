@@ -55,9 +55,46 @@ def test_fsdp2_on_two_processes_trains_like_one_and_saves_whole_weights(finetuni
                                atol=1e-4, rtol=1e-4)
 
 
+def test_a_moe_trains_lora_on_attention_with_its_experts_sharded_by_fsdp2(tokenizer, run_config, tmp_path):
+    """The MoE recipe's shape: LoRA on attention, the routed experts (and routers) frozen and sharded."""
+    from safetensors import safe_open
+
+    from tunelab.demo.build import build_tiny_model
+
+    moe = str(build_tiny_model(tmp_path / "moe", tokenizer, "qwen2_moe"))
+    keys = dict(COMMON, model=moe, learning_rate=1e-2, lora_target="q_proj,k_proj,v_proj,o_proj", max_samples=16)
+    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8, **keys))
+    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
+                           distributed="fsdp2", **keys))
+    assert two.summary["engine"] == "fsdp2" and two.summary["ranks_reading_weights"] == 1
+    assert _losses(two.metrics) == pytest.approx(_losses(one.metrics), abs=1e-4)
+    with safe_open(str(tmp_path / "two" / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all("self_attn" in n for n in names)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(engine, run_config, tmp_path):
+    """A run stopped after its checkpoint in the middle of its second epoch (what is left when a job dies
+    later) resumes at the same world size to the weights of a run never stopped: same samples, same order."""
+    from safetensors.torch import load_file
+
+    keys = dict(COMMON, finetuning_type="lora", learning_rate=1e-2, nproc_per_node=2, per_device_train_batch_size=2,
+                distributed=engine, save_steps=2, max_samples=16, num_train_epochs=3)  # 4 steps an epoch
+    whole = train(run_config(**{**keys, "output_dir": tmp_path / "whole", "max_steps": 8}))
+    train(run_config(**{**keys, "output_dir": tmp_path / "cut", "max_steps": 6}))
+    cut = tmp_path / "cut"
+    for name in ("run_summary.json", "adapter_model.safetensors"):
+        (cut / name).unlink()  # as if the job had died after checkpoint-6
+    resumed = train(run_config(**{**keys, "output_dir": cut, "max_steps": 8, "resume_from_checkpoint": "auto"}))
+    assert _losses(resumed.metrics)[-2:] == pytest.approx(_losses(whole.metrics)[-2:], abs=1e-6)
+    a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def _arguments(cfg, engine_name: str, model=None):
     from tunelab.train import engines
-    from tunelab.train.run import training_arguments
+    from tunelab.train.arguments import training_arguments
 
     engine = engines.Engine(engine_name, "test")
     return training_arguments(cfg, torch.bfloat16, has_eval=False,

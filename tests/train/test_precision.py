@@ -66,7 +66,7 @@ def test_tf32_is_on_for_fp32_matmuls_from_ampere_on(gpu, capability, tf32):
 
 
 def test_one_process_never_wraps_the_model_in_data_parallel(run_config):
-    from tunelab.train.run import training_arguments
+    from tunelab.train.arguments import training_arguments
 
     args = training_arguments(run_config(), torch.float32, has_eval=False)
     args._n_gpu = 4  # what transformers sets with four GPUs visible

@@ -96,6 +96,7 @@ class TunelabTrainer(Trainer):
         self._skip_step = False
         self._losses: list[torch.Tensor] = []
         self.signals = None  # a guards.SignalCheckpoint, when one is installed
+        self._whole_batches: WholeGlobalBatches | None = None
         super().__init__(*args, compute_loss_func=self._loss, **kwargs)
         self.add_callback(_JudgeLosses(self))
         self.labelled_loss = supports_labelled_loss(self.model)
@@ -167,7 +168,15 @@ class TunelabTrainer(Trainer):
             from accelerate.data_loader import SeedableRandomSampler
 
             sampler = SeedableRandomSampler(data_source=sampler.data_source, data_seed=self.args.data_seed)
-        return WholeGlobalBatches(sampler, self.args.per_device_train_batch_size * self.args.world_size)
+        self._whole_batches = WholeGlobalBatches(sampler, self.args.per_device_train_batch_size * self.args.world_size)
+        return self._whole_batches
+
+    def _run_epoch(self, *args, **kwargs):
+        # a mid-epoch resume puts accelerate's batch skipper above the per-rank batch sampler, and its
+        # set_epoch stops there: the resumed epoch would replay epoch 0's order. Told here, whatever wraps it.
+        if self._whole_batches is not None:
+            self._whole_batches.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written into a staging folder and published whole, then pruned."""
