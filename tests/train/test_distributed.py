@@ -64,17 +64,23 @@ def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    # 22 samples: the last step has 6, which two ranks of 4 cannot split evenly (fillers complete it)
+    # 22 training samples: the last step has 6, which two ranks of 4 cannot split evenly (fillers complete it)
     keys = dict(COMMON, finetuning_type=finetuning_type, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3,
-                max_samples=22)
-    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8, **keys))
-    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4, **keys))
+                max_samples=27, val_size=5)
+    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8,
+                           per_device_eval_batch_size=8, **keys))
+    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
+                           per_device_eval_batch_size=2, **keys))
 
     assert two.summary["processes"] == 2 and one.summary["processes"] == 1
     assert len(_losses(two.metrics)) == len(_losses(one.metrics)) == 3, "22 samples, 8 per step: 3 steps each"
     assert _losses(two.metrics) == pytest.approx(_losses(one.metrics), abs=1e-4)
     for run in (one, two):  # each sample once per epoch: all ranks' trained tokens add up to the data's
         assert run.summary["tokens_trained_seen"] == run.summary["trained_tokens"]
+    # 5 held-out samples over 2 ranks x 2 per batch: every token counted once, whatever the batching
+    evals = [[m for m in run.metrics if "eval_loss" in m][-1] for run in (one, two)]
+    assert evals[0]["eval_tokens"] == evals[1]["eval_tokens"] > 0
+    assert evals[1]["eval_loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-5)
 
     if finetuning_type == "lora":
         base = AutoModelForCausalLM.from_pretrained(run_config().model, dtype=torch.float32)

@@ -10,7 +10,8 @@ from transformers import ProgressCallback, TrainerCallback
 
 from .trainer import TokenCounter
 
-_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "eval_loss": "eval_loss"}
+_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "eval_loss": "eval_loss",
+         "eval_tokens": "eval_tokens"}
 
 
 class BarCallback(ProgressCallback):

@@ -71,6 +71,19 @@ class WholeGlobalBatches(torch.utils.data.Sampler):
             self.inner.set_epoch(epoch)
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """`dataset` at the given indices, None (a filler) included."""
+
+    def __init__(self, dataset, indices: list):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+
 class _JudgeLosses(TrainerCallback):
     """Hands the step's micro-step losses to the loss guard just before the optimizer steps.
 
@@ -177,6 +190,47 @@ class TunelabTrainer(Trainer):
         if self._whole_batches is not None:
             self._whole_batches.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Mean cross-entropy per trained token over the whole eval set, each rank's share summed once.
+
+        transformers averages per-batch means (so the figure moves with the batch size) and, under DDP,
+        completes the last round with repeated samples; here every held-out token counts once, so the
+        eval loss is the same for any batch size or number of processes, and equals `tunelab eval`'s.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        rank, world, size = distributed.rank(), distributed.world_size(), self.args.per_device_eval_batch_size
+        share = list(range(rank, len(dataset), world))
+        rounds = -(-len(dataset) // (world * size))  # every rank runs as many batches (sharded forwards)
+        share += [None] * (rounds * size - len(share))
+        loader = torch.utils.data.DataLoader(_Indexed(dataset, share), batch_size=size, collate_fn=self.data_collator)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)  # read once, at the end
+        count = torch.zeros((), dtype=torch.long, device=self.args.device)
+        with torch.no_grad():
+            for batch in loader:
+                inputs = self._prepare_inputs(batch)
+                positions = inputs.pop(LOSS_POSITIONS, None)
+                labels = inputs.pop("labels")
+                if "position_ids" in inputs:
+                    inputs["use_cache"] = False
+                with self.autocast_smart_context_manager():
+                    if self.labelled_loss:
+                        summed = model(**inputs, tunelab_labels=labels, tunelab_num_items=1,
+                                       tunelab_positions=positions).loss
+                    else:
+                        summed = causal_lm_loss(model(**inputs).logits, labels, num_items=1)
+                total += summed.double()
+                count += positions.numel() if positions is not None else trained_positions(labels)
+        model.train(was_training)
+        total, count = float(distributed.total(total)), int(distributed.total(count))
+        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
+                   f"{metric_key_prefix}_tokens": count}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written into a staging folder and published whole, then pruned."""
