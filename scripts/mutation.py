@@ -179,7 +179,7 @@ MUTATIONS = [
              "cfg = load_config(config_path, {\"output_dir\": str(folder), \"resume_from_checkpoint\": \"auto\"})",
              ("tests/test_sweep.py",)),
     Mutation("config: allowed values not checked", "config.py",
-             "if meta[\"choices\"] and value not in meta[\"choices\"]:",
+             "if meta[\"choices\"] and value is not None and value not in meta[\"choices\"]:",
              "if False:",
              ("tests/test_config.py",)),
     Mutation("export: prompt proof ignored", "export/merge.py",

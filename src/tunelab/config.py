@@ -188,6 +188,10 @@ class Config:
                        choices=("none", "optimizer", "params"))
     deepspeed: Union[str, None] = key(None, "Your own DeepSpeed JSON file; tunelab then uses it as it is instead of "
                                       "writing one (implies distributed: deepspeed).", group="distributed")
+    device_map: Union[str, None] = key(None, "One process spreads the model's layers over this machine's GPUs "
+                                       "(accelerate's placement; the layers run one GPU after another): the "
+                                       "fallback for a model no engine can shard, e.g. remote code.",
+                                       group="distributed", choices=("auto", "balanced", "sequential"))
     ddp_timeout: int = key(300, "Seconds a process waits for the others in a collective before the job fails "
                            "(a crashed or stuck rank then ends the job instead of hanging it).",
                            group="distributed", positive=True, resume_may_change=True)
@@ -272,7 +276,7 @@ def _check(cfg: dict) -> list[str]:
         cfg[key] = value
         bad.discard(key)
         meta = FIELDS[key].metadata
-        if meta["choices"] and value not in meta["choices"]:
+        if meta["choices"] and value is not None and value not in meta["choices"]:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
         if meta["positive"] and value is not None and value <= 0:
             problems.append(f"{key}: {value!r} must be greater than 0")
@@ -304,6 +308,10 @@ def _check_combinations(cfg: dict) -> list[str]:
         if cfg.get("optim", "adamw_torch") not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"optim: {cfg['optim']!r} cannot step bf16 weights without losing small updates; "
                             "pure_bf16 uses tunelab's AdamW with stochastic rounding (optim: adamw_torch)")
+    if cfg.get("device_map") and ((cfg.get("nproc_per_node") or 1) > 1 or cfg.get("nnodes", 1) > 1
+                                  or cfg.get("distributed", "auto") in ("fsdp2", "deepspeed") or cfg.get("deepspeed")):
+        problems.append(f"device_map: {cfg['device_map']!r} spreads one process's model over its GPUs; it does not "
+                        "combine with several processes (nproc_per_node, nnodes) or a sharding engine (distributed)")
     if not 0 <= cfg.get("node_rank", 0) < cfg.get("nnodes", 1):
         problems.append(f"node_rank: {cfg.get('node_rank')!r} must be between 0 and nnodes - 1 "
                         f"({cfg.get('nnodes', 1) - 1})")
@@ -394,9 +402,9 @@ def _default_text(name: str) -> str:
 
 def _allowed_text(name: str) -> str:
     meta = FIELDS[name].metadata
-    if meta["choices"]:
-        return ", ".join(f"`{c}`" for c in meta["choices"])
     types = _allowed_types(name)
+    if meta["choices"]:
+        return ", ".join(f"`{c}`" for c in meta["choices"]) + (", or null" if type(None) in types else "")
     text = _type_name(tuple(t for t in types if t is not type(None)))
     text += " > 0" if meta["positive"] else " in [0, 1)" if meta["unit_interval"] else ""
     return text + (", or null" if type(None) in types else "")

@@ -177,3 +177,27 @@ def test_auto_picks_ddp_when_the_model_fits_one_device_else_fsdp2(run_config):
     assert picked.name == "fsdp2" and "does not fit one device" in picked.reason
     assert engines.choose(run_config(distributed="deepspeed"), 2).name == "deepspeed"
     assert engines.choose(run_config(distributed="fsdp2"), 1).name == "single", "on CPU, sharding needs 2+"
+
+
+def test_a_model_fsdp2_cannot_shard_is_named_and_device_map_is_the_fallback(run_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.errors import TunelabError
+    from tunelab.train import engines
+
+    model = AutoModelForCausalLM.from_pretrained(run_config().model)
+    for module in (model, model.model):  # as remote code that never says which modules are its layers
+        module._no_split_modules = None
+    with pytest.raises(TunelabError, match="cannot find the decoder layers of LlamaModel.*device_map: auto"):
+        engines.layer_classes(model)
+
+    with pytest.raises(TunelabError, match="device_map: 'auto' spreads one process's model.*nproc_per_node"):
+        run_config(device_map="auto", nproc_per_node=2)
+    with pytest.raises(TunelabError, match="device_map: 'auto' spreads one process's model"):
+        run_config(device_map="auto", distributed="fsdp2")
+    # on this CPU accelerate's placement puts every layer on the CPU: the same run, placed by accelerate
+    keys = dict(COMMON, learning_rate=1e-2, max_steps=2, per_device_train_batch_size=4)
+    plain = train(run_config(output_dir=tmp_path / "plain", **keys))
+    placed = train(run_config(output_dir=tmp_path / "placed", device_map="auto", **keys))
+    assert any(q.startswith("device_map auto: layers placed on cpu") for q in placed.summary["quirks"])
+    assert _losses(placed.metrics) == pytest.approx(_losses(plain.metrics), abs=1e-6)

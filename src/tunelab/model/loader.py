@@ -95,14 +95,16 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None,
-               quant_bits: int | None = None, empty: bool = False):
+               quant_bits: int | None = None, empty: bool = False, device_map: str | None = None):
     """The base model of `path` with weights in `dtype`, repaired; each repair's one-line note is appended
     to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`;
     `quant_bits` (4 or 8) quantizes the decoder's linear layers with bitsandbytes (QLoRA). `empty`: the
-    same model with no weight read (a rank that will be sent its shard, see `_allocate_unread`)."""
+    same model with no weight read (a rank that will be sent its shard, see `_allocate_unread`).
+    `device_map` ("auto", ...): accelerate places the layers over the visible GPUs (and CPU)."""
     from .quirks import fix_input_embeddings
 
-    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits, empty)
+    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits, empty,
+                             device_map)
     found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
     if notes is not None:
         notes += found
@@ -145,7 +147,8 @@ def _quantization(bits: int | None, compute: torch.dtype):
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool,
-                     compute: torch.dtype, quant_bits: int | None = None, empty: bool = False):
+                     compute: torch.dtype, quant_bits: int | None = None, empty: bool = False,
+                     device_map: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -153,6 +156,8 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     if quant_bits:
         kwargs["quantization_config"] = _quantization(quant_bits, compute)
+    if device_map:
+        kwargs["device_map"] = device_map
     impl = attention_implementation(attn, compute)
     # auto: FlashAttention-2 or sdpa, then whatever the model supports (remote code may know only eager)
     tries = [impl] + (["sdpa", None] if attn == "auto" else [])

@@ -70,7 +70,8 @@ def layer_classes(model) -> list[str]:
     if not found:
         raise TunelabError(f"distributed: fsdp2 cannot find the decoder layers of {type(inner).__name__} to shard "
                            f"(its _no_split_modules, {names or 'none'}, name no module in it); use distributed: "
-                           "deepspeed with zero_stage: 3, or ddp")
+                           "deepspeed with zero_stage: 3, ddp, or one process with device_map: auto (its layers "
+                           "spread over the GPUs)")
     return found
 
 

@@ -36,6 +36,8 @@ def launched() -> bool:
 def processes_per_node(cfg: Config) -> int:
     if cfg.nproc_per_node:
         return cfg.nproc_per_node
+    if cfg.device_map:  # one process holds every GPU
+        return 1
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 

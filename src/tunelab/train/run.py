@@ -119,7 +119,12 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str, 
     weights = torch.float32 if cfg.finetuning_type == "full" and not cfg.pure_bf16 else dtype
     quant_bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
     model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
-                       compute=dtype, quant_bits=quant_bits, empty=empty)
+                       compute=dtype, quant_bits=quant_bits, empty=empty, device_map=cfg.device_map)
+    if cfg.device_map:
+        placed = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+                        or {p.device.type for p in model.parameters()})
+        notes.append(f"device_map {cfg.device_map}: layers placed on {', '.join(placed)}")
+        log.info(notes[-1])
     if quant_bits:
         from peft import prepare_model_for_kbit_training
 
