@@ -3,7 +3,7 @@
     python bench/gpu_engines.py [--out DIR] [--steps 12] [--nproc 1]
     python bench/gpu_engines.py --smoke --steps 3   # CPU: LoRA, plain against FSDP2 over 2 processes
 
-On a GPU each engine trains the same tiny Qwen2-shaped model (random init, local tokenizer), LoRA and
+On a GPU each engine trains scripts/gpu_check.py's tiny Qwen2-shaped model (random init, local tokenizer), LoRA and
 full fine-tuning in bf16, as `--nproc` processes (1 = the engines as one process on one GPU). For each
 arm it reports the loss curve's largest difference from plain training (must be within 1e-3), whether
 the saved adapter / model reloads whole in peft / transformers with finite logits, the measured peak
@@ -28,6 +28,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_check import tiny_data, tiny_model  # noqa: E402  (the same tiny model and data as the GPU check)
 ARMS = {  # name -> config keys
     "plain": {"distributed": "ddp"},
     "fsdp2": {"distributed": "fsdp2"},
@@ -35,25 +37,6 @@ ARMS = {  # name -> config keys
     "zero3": {"distributed": "deepspeed", "zero_stage": 3},
 }
 ESTIMATE_ENGINE = {"plain": "single", "fsdp2": "fsdp2", "zero2": "zero2", "zero3": "zero3"}
-
-
-def _data(folder: Path) -> str:
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i + 3}?"},
-                          {"role": "assistant", "content": f"It is {2 * i + 3}, as {i} and {i + 3} make."}]}
-            for i in range(96)]
-    path = folder / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _model(folder: Path) -> str:
-    from tunelab.data.templates import CHATML
-    from tunelab.demo.build import build_tiny_model, train_tokenizer
-
-    texts = [f"What is {i} plus {i + 3}? It is {2 * i + 3}, as {i} and {i + 3} make." for i in range(300)]
-    tok = train_tokenizer(texts, vocab_size=1200)
-    tok.chat_template = CHATML
-    return str(build_tiny_model(folder / "model", tok, "qwen2", hidden=256, layers=4, heads=8))
 
 
 def _run(name: str, keys: dict, folder: Path, env: dict) -> dict:
@@ -107,7 +90,7 @@ def main(argv=None) -> int:
         return 2
     folder = Path(args.out or tempfile.mkdtemp(prefix="tunelab-engines-"))
     folder.mkdir(parents=True, exist_ok=True)
-    data, model = _data(folder), _model(folder)
+    data, model = tiny_data(folder), tiny_model(folder)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1")
     nproc = 2 if args.smoke else args.nproc

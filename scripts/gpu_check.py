@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def _data(folder: Path) -> str:
+def tiny_data(folder: Path) -> str:
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(64)]
     path = folder / "data.jsonl"
@@ -28,7 +28,7 @@ def _data(folder: Path) -> str:
     return str(path)
 
 
-def _model(folder: Path) -> str:
+def tiny_model(folder: Path) -> str:
     from tunelab.data.templates import CHATML
     from tunelab.demo.build import build_tiny_model, train_tokenizer
 
@@ -63,7 +63,7 @@ def main() -> int:
         return 2
     root = Path(args.out or tempfile.mkdtemp(prefix="tunelab-gpu-"))
     root.mkdir(parents=True, exist_ok=True)
-    data, model = _data(root), _model(root)
+    data, model = tiny_data(root), tiny_model(root)
     print(f"device: {torch.cuda.get_device_name()} (compute capability {torch.cuda.get_device_capability()})")
     results, failed = [], 0
     for name, keys in [("lora-bf16", dict(bf16=True)), ("lora-fp16", dict(fp16=True)),

@@ -1,4 +1,4 @@
-"""The same config on one process or several: DDP over gloo on CPU, as it runs over NCCL on GPUs.
+"""The same config on one process or several: DDP and FSDP2 over gloo on CPU, as they run over NCCL on GPUs.
 
 - `nproc_per_node: 2` starts two processes through torchrun's launcher; with the same global batch
   (2 x 4 against 1 x 8) they train the same losses as one process (fp32, within 1e-4), see every
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from tunelab.train.launch import free_port
 from tunelab.train.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,10 +40,6 @@ def _env() -> dict:
                 OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(metrics: list[dict]) -> list[float]:
@@ -59,8 +55,9 @@ def _logits(model, tokenizer_dir) -> torch.Tensor:
         return model.eval()(input_ids=ids).logits.float()
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
-def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type, run_config, tmp_path):
+def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type, engine, run_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -70,9 +67,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type
     one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8,
                            per_device_eval_batch_size=8, **keys))
     two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
-                           per_device_eval_batch_size=2, **keys))
+                           per_device_eval_batch_size=2, distributed=engine, **keys))
 
-    assert two.summary["processes"] == 2 and one.summary["processes"] == 1
+    assert two.summary["processes"] == 2 and one.summary["processes"] == 1 and two.summary["engine"] == engine
+    # DDP: each rank loads the model; FSDP2: rank 0 alone reads the weights and sends the others their shards
+    assert two.summary["ranks_reading_weights"] == (1 if engine == "fsdp2" else 2)
     assert len(_losses(two.metrics)) == len(_losses(one.metrics)) == 3, "22 samples, 8 per step: 3 steps each"
     assert _losses(two.metrics) == pytest.approx(_losses(one.metrics), abs=1e-4)
     for run in (one, two):  # each sample once per epoch: all ranks' trained tokens add up to the data's
@@ -100,11 +99,11 @@ def _write_config(run_config, path: Path, **keys) -> Path:
 def test_torchrun_and_two_nodes_on_localhost_train_and_save_once(run_config, tmp_path):
     torchrun = _write_config(run_config, tmp_path / "torchrun.yaml", output_dir=str(tmp_path / "torchrun"),
                              per_device_train_batch_size=4)
-    port = _free_port()
+    port = free_port()
     nodes = _write_config(run_config, tmp_path / "nodes.yaml", output_dir=str(tmp_path / "nodes"),
                           per_device_train_batch_size=4, nnodes=2, nproc_per_node=1, master_port=port)
     jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", str(_free_port()), "-m", "tunelab", "train", str(torchrun)],
+                              "--master_port", str(free_port()), "-m", "tunelab", "train", str(torchrun)],
                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     jobs += [subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(nodes), f"node_rank={rank}"],
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -197,7 +196,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_
 
     # the same YAML under a launcher with another number of processes: refused, naming both
     other = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                            str(_free_port()), "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto"],
+                            str(free_port()), "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto"],
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert other.returncode != 0
     assert "was written by 2 processes, this run has 1" in other.stderr, other.stderr[-3000:]

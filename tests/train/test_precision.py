@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 
 import pytest
 import torch
 
 from tunelab.model import loader
 from tunelab.model import loss as loss_module
+from tunelab.train.launch import free_port
 
 
 @pytest.fixture()
@@ -103,12 +103,6 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_masters_and_runs_everything_under_a
     assert result.summary["dtype"] == "bfloat16"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_labelled_loss_runs_through_data_parallel_and_ddp(llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +122,7 @@ def test_the_labelled_loss_runs_through_data_parallel_and_ddp(llama_dir):
     plain, plain_grads = loss_and_grads(lambda m: m)
     for wrap in (torch.nn.DataParallel, "ddp"):
         if wrap == "ddp":
-            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                                  world_size=1)
             wrap = torch.nn.parallel.DistributedDataParallel
         try:

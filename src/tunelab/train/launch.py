@@ -47,10 +47,23 @@ def needs_launch(cfg: Config) -> bool:
     return not launched() and (processes_per_node(cfg) * cfg.nnodes > 1 or (sharding and torch.cuda.is_available()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A port nothing listens on, below the kernel's ephemeral range (32768 and up on Linux).
+
+    A port the kernel hands out as free (bind to 0) is an ephemeral one: until the rendezvous binds it,
+    any outgoing connection on the machine (another job's ranks reaching their store) may take it.
+    """
+    import random
+
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise TunelabError("master_port: found no free port between 20000 and 32000; set master_port")
 
 
 def _worker(argv: list[str]) -> None:
@@ -90,7 +103,7 @@ def launch(cfg: Config) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nproc = processes_per_node(cfg)
-    port = cfg.master_port or (_free_port() if cfg.nnodes == 1 else 29500)
+    port = cfg.master_port or (free_port() if cfg.nnodes == 1 else 29500)
     args = [json.dumps(cfg.to_dict())]
     if not torch.cuda.is_available():  # processes sharing the cores must not each use all of them
         args.append(str(max(1, (os.cpu_count() or 1) // nproc)))
