@@ -23,13 +23,15 @@ def _losses(metrics: list[dict]) -> list[float]:
 
 
 def test_a_moe_trains_lora_on_attention_with_its_experts_sharded_by_fsdp2(tokenizer, run_config, tmp_path):
-    """The MoE recipe's shape: LoRA on attention, the routed experts (and routers) frozen and sharded."""
+    """The MoE recipe's shape: LoRA on attention, the routed experts (and routers) frozen and sharded,
+    gradient checkpointing on."""
     from safetensors import safe_open
 
     from tunelab.demo.build import build_tiny_model
 
     moe = str(build_tiny_model(tmp_path / "moe", tokenizer, "qwen2_moe"))
-    keys = dict(COMMON, model=moe, learning_rate=1e-2, lora_target="q_proj,k_proj,v_proj,o_proj", max_samples=16)
+    keys = dict(COMMON, model=moe, learning_rate=1e-2, lora_target="q_proj,k_proj,v_proj,o_proj", max_samples=16,
+                gradient_checkpointing=True)  # as the recipes run it; recomputation is exact, so losses still match
     one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8, **keys))
     two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
                            distributed="fsdp2", **keys))
@@ -40,10 +42,11 @@ def test_a_moe_trains_lora_on_attention_with_its_experts_sharded_by_fsdp2(tokeni
     assert names and all("self_attn" in n for n in names)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
-def test_a_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(engine, run_config, tmp_path):
+def test_a_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(run_config, tmp_path):
     """A run stopped after its checkpoint in the middle of its second epoch (what is left when a job dies
-    later) resumes at the same world size to the weights of a run never stopped: same samples, same order."""
+    later) resumes at the same world size to the weights of a run never stopped: same samples, same order.
+    FSDP2 here; DDP shares the sampler code, and test_distributed.py kills and resumes a DDP run."""
+    engine = "fsdp2"
     from safetensors.torch import load_file
 
     keys = dict(COMMON, finetuning_type="lora", learning_rate=1e-2, nproc_per_node=2, per_device_train_batch_size=2,
@@ -168,3 +171,18 @@ def test_a_model_fsdp2_cannot_shard_is_named_and_device_map_is_the_fallback(run_
     placed = train(run_config(output_dir=tmp_path / "placed", device_map="auto", **keys))
     assert any(q.startswith("device_map auto: layers placed on cpu") for q in placed.summary["quirks"])
     assert _losses(placed.metrics) == pytest.approx(_losses(plain.metrics), abs=1e-6)
+
+
+def test_how_many_processes_start_for_each_engine(run_config, monkeypatch):
+    """On a machine with 4 GPUs: DDP starts 4, a sharding engine starts its process group even on one GPU,
+    device_map keeps one process holding every GPU."""
+    from tunelab.train import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert launch.processes_per_node(run_config()) == 4 and launch.needs_launch(run_config())
+    assert launch.processes_per_node(run_config(device_map="auto")) == 1
+    assert not launch.needs_launch(run_config(device_map="auto"))
+    assert not launch.needs_launch(run_config(nproc_per_node=1))
+    assert launch.needs_launch(run_config(nproc_per_node=1, distributed="fsdp2"))
+    assert launch.needs_launch(run_config(nproc_per_node=1, distributed="deepspeed"))

@@ -159,10 +159,8 @@ def sharded_loading(cfg: Config, engine: Engine):
 
 
 def reads_weights(model) -> bool:
-    """Whether this rank loaded the model's weights itself (False: built empty, to be handed its shard)."""
-    if getattr(model, "_tunelab_unread", False):
-        return False
-    return not any(getattr(p, "ds_id", None) is not None for p in model.parameters())
+    """Whether this rank read the weight files itself (False: built unwritten, to be sent its shard)."""
+    return not getattr(model, "_tunelab_unread", False)
 
 
 def fits_one_device(cfg: Config, world: int) -> bool | None:
