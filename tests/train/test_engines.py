@@ -186,3 +186,25 @@ def test_how_many_processes_start_for_each_engine(run_config, monkeypatch):
     assert not launch.needs_launch(run_config(nproc_per_node=1))
     assert launch.needs_launch(run_config(nproc_per_node=1, distributed="fsdp2"))
     assert launch.needs_launch(run_config(nproc_per_node=1, distributed="deepspeed"))
+
+
+def test_auto_compares_the_estimate_with_this_gpu_and_never_fails_a_run_for_it(run_config, monkeypatch):
+    from types import SimpleNamespace
+
+    from tunelab.model import estimate
+    from tunelab.train import engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 10 ** 9, major=9, minor=0, name="H100"))
+    real = estimate.estimate_memory
+    need = real(run_config(), device="cuda", engine="ddp", world=2).total
+    assert engines.fits_one_device(run_config(), 2) is True  # a tiny model on an 80 GB GPU
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=need // 2, major=9, minor=0, name="H100"))
+    assert engines.fits_one_device(run_config(), 2) is False
+    assert engines.fits_one_device(run_config(distributed="ddp"), 2) is None, "asked for: nothing to decide"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("remote code the estimate cannot build")
+    monkeypatch.setattr(estimate, "estimate_memory", broken)
+    assert engines.fits_one_device(run_config(), 2) is None
+    assert engines.choose(run_config(), 2, None).name == "ddp"

@@ -53,7 +53,8 @@ def choose(cfg: Config, world: int, fits_one_device: bool | None = None) -> Engi
         return Engine("fsdp2", "auto: the model with its gradients and optimizer state does not fit one device, so "
                                "it is sharded over the processes")
     return Engine("ddp", "auto: the model with its gradients and optimizer state fits one device"
-                  + ("" if fits_one_device else " (no device size to compare with: CPU)"))
+                  + ("" if fits_one_device else " (nothing to compare with: no GPU here, or no estimate for "
+                                                "this model)"))
 
 
 def layer_classes(model) -> list[str]:
@@ -164,16 +165,19 @@ def reads_weights(model) -> bool:
 
 
 def fits_one_device(cfg: Config, world: int) -> bool | None:
-    """The estimate's verdict on DDP over `world` GPUs like this machine's; None without a GPU."""
+    """The estimate's verdict on DDP over `world` GPUs like this machine's, for `distributed: auto`; None
+    without a GPU, or when the estimate cannot read this model (then auto keeps DDP: it never stops a run)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if cfg.distributed != "auto" or cfg.deepspeed or not torch.cuda.is_available():
         return None
     from ..model.estimate import estimate_memory
 
     try:
         need = estimate_memory(cfg, device="cuda", engine="ddp", world=world).total
-    except TunelabError:
+    except Exception as exc:  # remote code and unusual configs: an estimate is advice, not a requirement
+        log.info("distributed auto: no memory estimate for this model (%s)", str(exc).splitlines()[0] if str(exc)
+                 else type(exc).__name__)
         return None
     return need <= 0.95 * torch.cuda.get_device_properties(0).total_memory
 
