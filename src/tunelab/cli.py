@@ -213,15 +213,14 @@ def _memory_size(text: str) -> int:
 
 
 def _estimate(args) -> int:
-    import torch
-
     from .config import load_config
     from .model.estimate import estimate_memory, format_estimate
     from .train.engines import format_plan
+    from .train.launch import processes_per_node
 
     cfg = load_config(args.config, args.overrides)
     print(format_estimate(estimate_memory(cfg, device=args.device, quant_bits=args.quant_bits)))
-    world = (cfg.nproc_per_node or (torch.cuda.device_count() if torch.cuda.is_available() else 1)) * cfg.nnodes
+    world = processes_per_node(cfg) * cfg.nnodes  # as many as training would start
     if args.device != "cpu" and (world > 1 or args.gpu_mem or cfg.distributed != "auto"):
         print()
         print(format_plan(cfg, world, args.gpu_mem))

@@ -19,7 +19,7 @@ from ..data.dataset import PadCollator
 from ..data.encode import Encoder
 from ..infer.generate import Case, generate_cases
 from ..infer.load import InferenceModel, Variant, run_config
-from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
+from ..model.loss import install_labelled_forward, summed_loss, supports_labelled_loss
 from .metrics import score
 
 COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l",
@@ -46,13 +46,9 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
             batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i:i + batch_size]])
             batch = {k: v.to(im.device) for k, v in batch.items()}
             body = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if labelled:
-                summed = model(**body, tunelab_labels=batch["labels"], tunelab_num_items=1,
-                               tunelab_positions=batch[LOSS_POSITIONS]).loss
-            else:
-                summed = causal_lm_loss(model(**body).logits, batch["labels"], num_items=1)
+            summed, n = summed_loss(model, body, batch["labels"], batch[LOSS_POSITIONS], labelled)
             total += summed.float()
-            count += trained_positions(batch["labels"])
+            count += n
             bar.update(len(batch["input_ids"]))
     bar.close()
     total, count = float(total), int(count)  # read once: no host sync per batch

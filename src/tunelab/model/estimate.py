@@ -287,10 +287,11 @@ def _per_rank(engine: str, world: int, offload: str, weights: int, compute_copy:
     """
     n = max(world, 1)
     if engine in ("single", "ddp"):
-        if engine == "ddp" and n > 1:
+        buckets = engine == "ddp" and n > 1
+        if buckets:
             notes.append(f"ddp over {n} processes: each holds the whole model, plus DDP's gradient buckets")
-            return {"weights": weights, "gradients": 2 * gradients, "states": states, "gathered": 0, "shard": 1}
-        return {"weights": weights, "gradients": gradients, "states": states, "gathered": 0, "shard": 1}
+        return {"weights": weights, "gradients": gradients * (2 if buckets else 1), "states": states, "gathered": 0,
+                "shard": 1}
     masters = max(weights - compute_copy, 0)
     if engine == "zero2":
         weights = compute_copy + (0 if offload != "none" else masters // n)

@@ -182,6 +182,17 @@ def _as_head_forward(head: nn.Linear, hidden, targets, softcap: float, chunk: in
             head.forward = own
 
 
+def summed_loss(model, inputs: dict, labels: torch.Tensor, positions=None, labelled: bool = True):
+    """Summed cross-entropy over a batch's labelled positions, and how many there are, for an eval to
+    divide once over a whole set. `labelled`: through the labelled forward (see `install_labelled_forward`),
+    else the plain shifted loss on the model's logits."""
+    if labelled:
+        summed = model(**inputs, tunelab_labels=labels, tunelab_num_items=1, tunelab_positions=positions).loss
+    else:
+        summed = causal_lm_loss(model(**inputs).logits, labels, num_items=1)
+    return summed, (positions.numel() if positions is not None else trained_positions(labels))
+
+
 def install_labelled_forward(model) -> None:
     """Let the CausalLM under `model` compute the labelled loss inside its own forward.
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from ..config import Config
 from ..errors import TunelabError
 
@@ -27,14 +27,13 @@ log = logging.getLogger("tunelab")
 DEEPSPEED_FILE = "tunelab_deepspeed.json"
 
 
+USABLE = 0.95  # of a GPU's memory a run may plan to fill; the caching allocator needs the rest
+
+
 @dataclass(frozen=True)
 class Engine:
     name: str    # "single", "ddp", "fsdp2" or "deepspeed"
     reason: str  # why, for the log line and the run summary
-
-    @property
-    def shards(self) -> bool:
-        return self.name in ("fsdp2", "deepspeed")
 
 
 def choose(cfg: Config, world: int, fits_one_device: bool | None = None) -> Engine:
@@ -129,9 +128,14 @@ def deepspeed_config(cfg: Config) -> dict:
     }
 
 
+def deepspeed_settings(cfg: Config) -> dict:
+    """The DeepSpeed configuration of the run: the user's own file, or the one tunelab writes."""
+    return json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else deepspeed_config(cfg)
+
+
 def zero_stage(cfg: Config) -> int:
     if cfg.deepspeed:
-        return int(json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+        return int(deepspeed_settings(cfg).get("zero_optimization", {}).get("stage", 0))
     return cfg.zero_stage
 
 
@@ -140,21 +144,18 @@ def loads_empty(cfg: Config, engine: Engine) -> bool:
     sent its shards when accelerate shards the model (`cpu_ram_efficient_loading`), so a model larger than
     a machine's memory divided by its ranks never exists whole more than once. A quantized base is
     loaded by every rank (bitsandbytes weights cannot be rebuilt empty)."""
-    return engine.name == "fsdp2" and os.environ.get("RANK", "0") != "0" and not (cfg.load_in_4bit or cfg.load_in_8bit)
+    return engine.name == "fsdp2" and not distributed.is_main() and not (cfg.load_in_4bit or cfg.load_in_8bit)
 
 
 @contextlib.contextmanager
 def sharded_loading(cfg: Config, engine: Engine):
     """While the model loads: under ZeRO-3 every parameter is partitioned as it is created (transformers
     loads under `deepspeed.zero.Init` while a DeepSpeed config is alive). For fsdp2 see `loads_empty`."""
-    if engine.name == "fsdp2":
-        yield None
-    elif engine.name == "deepspeed" and zero_stage(cfg) == 3:
+    if engine.name == "deepspeed" and zero_stage(cfg) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        # transformers holds it weakly: it must live until TrainingArguments makes its own
-        yield HfDeepSpeedConfig(json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed
-                                else deepspeed_config(cfg))
+        # transformers holds it weakly: it must live until TrainingArguments make their own
+        yield HfDeepSpeedConfig(deepspeed_settings(cfg))
     else:
         yield None
 
@@ -179,7 +180,7 @@ def fits_one_device(cfg: Config, world: int) -> bool | None:
         log.info("distributed auto: no memory estimate for this model (%s)", str(exc).splitlines()[0] if str(exc)
                  else type(exc).__name__)
         return None
-    return need <= 0.95 * torch.cuda.get_device_properties(0).total_memory
+    return need <= USABLE * torch.cuda.get_device_properties(0).total_memory
 
 
 def training_arguments(cfg: Config, engine: Engine, model) -> dict:
@@ -228,14 +229,14 @@ def format_plan(cfg: Config, world: int, gpu_bytes: int | None = None) -> str:
     from ..model.estimate import estimate_memory, human_size
 
     whole = estimate_memory(cfg, device="cuda", engine="ddp", world=world).total
-    fits = None if gpu_bytes is None else whole <= 0.95 * gpu_bytes
+    fits = None if gpu_bytes is None else whole <= USABLE * gpu_bytes
     picked = choose(cfg, max(world, 2), fits)
     mine = _configured(cfg)
     lines = [f"per-GPU peak over {world} process{'es' if world > 1 else ''}"
              + (f", against {human_size(gpu_bytes).strip()} GPUs:" if gpu_bytes else ":")]
     for label, keys, engine, offload in PLAN:
         need = estimate_memory(cfg, device="cuda", engine=engine, world=world, offload=offload).total
-        verdict = "" if gpu_bytes is None else "  fits" if need <= 0.95 * gpu_bytes else "  does not fit"
+        verdict = "" if gpu_bytes is None else "  fits" if need <= USABLE * gpu_bytes else "  does not fit"
         marker = "  <- this config" if (engine, offload) == mine and cfg.distributed != "auto" else ""
         lines.append(f"  {label:<26}{human_size(need)}{verdict:<15}({keys}){marker}")
     lines.append(f"auto picks {picked.name}: {picked.reason.removeprefix('auto: ')}"

@@ -12,7 +12,8 @@ from . import checkpoints, distributed
 from .guards import LossGuard
 from ..constants import LOSS_POSITIONS
 from ..model.adapters import check_whole
-from ..model.loss import causal_lm_loss, install_labelled_forward, supports_labelled_loss, trained_positions
+from ..model.loss import (causal_lm_loss, install_labelled_forward, summed_loss, supports_labelled_loss,
+                          trained_positions)
 
 
 def discard_gradients(model) -> None:
@@ -69,19 +70,6 @@ class WholeGlobalBatches(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.inner, "set_epoch"):
             self.inner.set_epoch(epoch)
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """`dataset` at the given indices, None (a filler) included."""
-
-    def __init__(self, dataset, indices: list):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[self.indices[i]]
 
 
 class _JudgeLosses(TrainerCallback):
@@ -203,7 +191,8 @@ class TunelabTrainer(Trainer):
         share = list(range(rank, len(dataset), world))
         rounds = -(-len(dataset) // (world * size))  # every rank runs as many batches (sharded forwards)
         share += [None] * (rounds * size - len(share))
-        loader = torch.utils.data.DataLoader(_Indexed(dataset, share), batch_size=size, collate_fn=self.data_collator)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share), batch_size=size,
+                                             collate_fn=self.data_collator)
         model = self.model
         was_training = model.training
         model.eval()
@@ -217,13 +206,9 @@ class TunelabTrainer(Trainer):
                 if "position_ids" in inputs:
                     inputs["use_cache"] = False
                 with self.autocast_smart_context_manager():
-                    if self.labelled_loss:
-                        summed = model(**inputs, tunelab_labels=labels, tunelab_num_items=1,
-                                       tunelab_positions=positions).loss
-                    else:
-                        summed = causal_lm_loss(model(**inputs).logits, labels, num_items=1)
+                    summed, n = summed_loss(model, inputs, labels, positions, self.labelled_loss)
                 total += summed.double()
-                count += positions.numel() if positions is not None else trained_positions(labels)
+                count += n
         model.train(was_training)
         total, count = float(distributed.total(total)), int(distributed.total(count))
         metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
