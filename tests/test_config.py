@@ -234,7 +234,8 @@ def test_every_key_says_what_it_is_for_and_where_it_belongs():
 
 def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
     assert set(DATA_KEYS) == {"dataset", "eval_dataset", "dataset_format", "columns", "template", "system",
-                              "cutoff_len", "max_samples", "val_size", "train_on", "seed", "model_hub"}
+                              "cutoff_len", "max_samples", "val_size", "train_on", "tools", "reasoning",
+                              "expand_turns", "bad_records", "seed", "model_hub"}
     assert list(DATA_KEYS) == [name for name in FIELDS if name in DATA_KEYS]
     assert RESUME_MAY_CHANGE == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
                                  "run_name", "num_train_epochs", "max_steps", "logging_steps", "save_steps",

@@ -82,6 +82,20 @@ class Config:
                           "whole count of records.", group="data", data=True)
     train_on: str = key("assistant", "Which tokens are trained: every assistant answer, only the last one, or "
                         "all tokens.", group="data", choices=("assistant", "last", "all"), data=True)
+    tools: Union[str, None] = key(None, "A JSON file of tool (function) definitions for records that carry no "
+                                  "`tools` of their own; rendered by the chat template as at inference.",
+                                  group="data", data=True)
+    reasoning: str = key("keep", "Which thinking is trained: every assistant turn's (a turn whose thinking the "
+                         "template drops from history trains in a sample of its own), only the last turn's, or "
+                         "none (thinking off, as `enable_thinking: false` at inference).", group="data",
+                         choices=("keep", "last", "drop"), data=True)
+    expand_turns: bool = key(True, "A turn the template renders differently once later turns follow (a moved "
+                             "system prompt, dropped history reasoning) trains in a sample of its own, rendered as "
+                             "inference renders it; false refuses such conversations instead.", group="data",
+                             data=True)
+    bad_records: str = key("error", "What a record that cannot be read as a conversation does: stop with an "
+                           "error naming it, or skip it (counted and named in the data report).", group="data",
+                           choices=("error", "skip"), data=True)
     packing: Union[bool, None] = key(None, "Samples share rows of cutoff_len tokens with restarting position_ids: "
                                      "no padding, same samples per step as unpacked; null = on for architectures "
                                      "where it is exact.", group="speed")

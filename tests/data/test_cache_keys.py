@@ -195,3 +195,11 @@ def test_every_tokenizer_ingredient_changes_the_cache_key(ingredient, origin, ru
     assert cache.cache_key(cfg, copy.deepcopy(tok)) == before
     changed = ingredient(copy.deepcopy(tok), retrained)
     assert cache.cache_key(cfg, changed) != before
+
+
+def test_the_tools_files_bytes_are_in_the_key(run_config, reference, tokenizer, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"name": "get_weather"}]')
+    before = cache.cache_key(run_config(**reference, tools=tools), tokenizer)
+    tools.write_text('[{"name": "get_time"}]')
+    assert cache.cache_key(run_config(**reference, tools=tools), tokenizer) != before

@@ -102,16 +102,33 @@ def test_answer_glued_to_prompt_text_is_split_at_the_boundary(tokenizer):
     assert trained_spans(tok, Encoder(tok).encode(conv)) == ["Seven.<|endoftext|>"]
 
 
-def test_template_that_is_not_prefix_stable_fails_with_the_sample(tokenizer):
+# the system prompt moves to the last user turn, as some real templates (Mistral v3) do
+MOVING_SYSTEM = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                 "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+                 "{% if loop.last or loop.revindex == 2 %}{{ sys }} {% endif %}U: {{ m['content'] }}\n"
+                 "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}A: {% endif %}")
+
+
+def test_a_template_that_is_not_prefix_stable_trains_each_turn_as_inference_renders_it(tokenizer):
     tok = copy.deepcopy(tokenizer)
-    # the system prompt moves to the last user turn, as some real templates do
-    tok.chat_template = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
-                         "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
-                         "{% if loop.last or loop.revindex == 2 %}{{ sys }} {% endif %}U: {{ m['content'] }}\n"
-                         "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}A: {% endif %}")
+    tok.chat_template = MOVING_SYSTEM
+    conv = conversation()
+    whole, first = Encoder(tok).samples(conv)
+    assert whole.input_ids == tok(tok.apply_chat_template(conv.template_messages(), tokenize=False),
+                                  add_special_tokens=False)["input_ids"]
+    assert trained_spans(tok, whole) == ["Seven.<|endoftext|>"]
+    cut = tok.apply_chat_template(conv.template_messages()[:3], tokenize=False)
+    assert first.own_turn and first.source == "test[record 0] turn 2"
+    assert first.input_ids == tok(cut, add_special_tokens=False)["input_ids"]
+    assert trained_spans(tok, first) == ["Ocean blue, 海蓝色.<|endoftext|>"]
+
+
+def test_expand_turns_off_keeps_the_refusal_naming_the_sample(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = MOVING_SYSTEM
     with pytest.raises(TunelabError, match=r"test\[record 0\].*not a prefix"):
-        Encoder(tok).encode(conversation())
+        Encoder(tok, expand_turns=False).encode(conversation())
 
 
 def test_truncation_keeps_the_start_and_flags_it(styled):
@@ -129,7 +146,8 @@ def test_end_of_turn_tokens_are_found_by_probing(styled):
     assert end_of_turn_tokens(styled("alpaca")) == ["<|endoftext|>"]
 
 
-REAL_EOT = {"qwen2.5-instruct": "<|im_end|>", "qwen3": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>",
+# Qwen3 writes a think block into answers; its rules are in test_reasoning.py.
+REAL_EOT = {"qwen2.5-instruct": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>",
             "phi-3-mini-4k-instruct": "<|end|>", "gemma-3-4b-it": "<end_of_turn>", "phi-4": "<|im_end|>",
             "phi-4-mini-instruct": "<|end|>", "mistral-v1": "</s>"}
 
@@ -150,13 +168,29 @@ def test_real_templates_mask_exactly(family, tmp_path):
         assert spans[1] in (f"{lead}Seven.{eot}", f"{lead}Seven.{eot}{tok.eos_token}")
 
 
-@pytest.mark.parametrize("family", ["deepseek-r1-distill-qwen", "mistral-v3"])
-def test_real_templates_that_move_text_between_turns_fail_loudly(family, tmp_path):
-    if not real_tokenizers.available(family):
-        pytest.skip(f"../shared/tokenizers/{family} not present")
-    tok = real_tokenizers.load(family, tmp_path)
+def test_mistral_v3_trains_the_first_turn_apart_where_the_system_prompt_moved(tmp_path):
+    if not real_tokenizers.available("mistral-v3"):
+        pytest.skip("../shared/tokenizers/mistral not present")
+    tok = real_tokenizers.load("mistral-v3", tmp_path)
+    conv = conversation(True)
+    whole, first = Encoder(tok).samples(conv)
+    # the system prompt sits in the last user turn of each rendering, so turn 2 cannot train in the whole
+    assert trained_spans(tok, whole) == [" Seven.</s>"]
+    assert first.input_ids == tok(tok.apply_chat_template(conv.template_messages()[:3], tokenize=False),
+                                  add_special_tokens=False)["input_ids"]
+    assert trained_spans(tok, first) == [" Ocean blue, 海蓝色.</s>"]
     with pytest.raises(TunelabError, match="not a prefix"):
-        Encoder(tok).encode(conversation(True))
+        Encoder(tok, expand_turns=False).encode(conv)
+
+
+def test_deepseek_r1_trains_both_answers_in_one_sample_after_its_assistant_tag(tmp_path):
+    """Its generation prompt opens `<think>`, which its own answers never hold: the answer starts where the two part."""
+    if not real_tokenizers.available("deepseek-r1-distill-qwen"):
+        pytest.skip("../shared/tokenizers/deepseek-r1-distill-qwen not present")
+    tok = real_tokenizers.load("deepseek-r1-distill-qwen", tmp_path)
+    samples = Encoder(tok).samples(conversation(True))
+    assert len(samples) == 1
+    assert trained_spans(tok, samples[0]) == ["Ocean blue, 海蓝色.<｜end▁of▁sentence｜>", "Seven.<｜end▁of▁sentence｜>"]
 
 
 def mixed_conversations():

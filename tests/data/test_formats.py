@@ -166,7 +166,8 @@ def test_openai_content_given_as_text_parts_is_joined():
 def test_content_parts_other_than_text_are_an_error():
     data = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
                          {"role": "assistant", "content": "a"}]}
-    assert error_of(data) == f"{SRC}: message 0 content must be a string or a list of text parts"
+    assert error_of(data) == (f"{SRC}: message 0 content must be a string or a list of parts typed "
+                              "text, reasoning, tool_call")
 
 
 def test_text_format_sets_text_and_no_messages():

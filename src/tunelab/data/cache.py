@@ -73,7 +73,7 @@ def _tokenizer_digest(tokenizer) -> str:
 
 def cache_key(cfg, tokenizer) -> str | None:
     """None when a data source is a hub dataset (its content cannot be fingerprinted offline)."""
-    digests = [_file_digest(s) for s in cfg.datasets + cfg.eval_datasets]
+    digests = [_file_digest(s) for s in cfg.datasets + cfg.eval_datasets + ([cfg.tools] if cfg.tools else [])]
     if any(d.startswith("hub:") for d in digests):
         return None
     options = {k: getattr(cfg, k) for k in DATA_KEYS}

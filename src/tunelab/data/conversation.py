@@ -37,6 +37,8 @@ class Message:
         return cls(data["role"], data.get("content") or "", **known)
 
     def to_template(self) -> dict[str, Any]:
+        # A turn of only tool calls keeps content "": transformers drops None-valued keys before rendering,
+        # and a template then fails on the missing key instead of saying it has no tool support.
         out: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.input:
             out["instruction"] = self.content

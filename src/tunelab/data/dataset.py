@@ -18,6 +18,7 @@ from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from .encode import Encoded, Encoder
 from .formats import detect_format, to_conversation
 from .readers import read_records
+from .tools import parse_tools
 
 log = logging.getLogger("tunelab")
 CHUNK = 4096  # conversations per batched encode; garbage collection is paused only within one
@@ -34,6 +35,10 @@ class DataStats:
     ends_with_eot: int = 0
     literal_text: int = 0  # records whose messages hold special-token text, kept as plain text
     kept: int = 0
+    own_turns: int = 0  # samples of one turn each (see data.turns)
+    own_turn_tokens: int = 0
+    reasoning_lost: int = 0  # turns whose reasoning the template cannot show
+    skipped: list[str] = field(default_factory=list)  # the first records skipped under bad_records: skip
 
 
 @dataclass
@@ -45,13 +50,29 @@ class TokenizedData:
     encoder: Encoder
 
 
+SKIPPED_SHOWN = 5
+
+
+def read_tools(path: str | None) -> list[dict] | None:
+    if path is None:
+        return None
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise TunelabError(f"tools: cannot read {path!r} ({exc.strerror})") from None
+    return parse_tools(text, path)
+
+
 def read_conversations(specs: str | list[str], dataset_format: str = "auto", columns: dict | None = None,
                        system: str | None = None, hub: str = "hf", max_samples: int | None = None,
-                       stats: DataStats | None = None) -> list[Conversation]:
+                       stats: DataStats | None = None, tools: list[dict] | None = None,
+                       skip_bad: bool = False) -> list[Conversation]:
     """Files (or hub datasets) -> conversations: the one read path of training, generate, eval and export.
 
-    Each file's format is detected from its first record unless `dataset_format` names it.
+    Each file's format is detected from its first record unless `dataset_format` names it. A record
+    that is not a valid conversation stops the read, or with `skip_bad` is counted and left out.
     """
+    stats = stats if stats is not None else DataStats()
     conversations = []
     for spec in [specs] if isinstance(specs, str) else specs:
         records = read_records(spec, hub)
@@ -61,14 +82,21 @@ def read_conversations(specs: str | list[str], dataset_format: str = "auto", col
             continue
         fmt = dataset_format if dataset_format != "auto" else detect_format(records[0], columns)
         for rec in records:
-            conversations.append(to_conversation(rec, fmt, columns, system))
-        if stats is not None:
-            stats.records[fmt] += len(records)
+            try:
+                conversations.append(to_conversation(rec, fmt, columns, system, tools))
+            except TunelabError as exc:
+                if not skip_bad:
+                    raise
+                stats.dropped["bad record (bad_records: skip)"] += 1
+                if len(stats.skipped) < SKIPPED_SHOWN:
+                    stats.skipped.append(str(exc))
+        stats.records[fmt] += len(records)
     return conversations
 
 
 def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None = None) -> list[Conversation]:
-    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, stats=stats)
+    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, stats=stats,
+                              tools=read_tools(cfg.tools), skip_bad=cfg.bad_records == "skip")
 
 
 def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -105,6 +133,9 @@ def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataS
         stats.total_tokens += len(sample.input_ids)
         stats.ends_with_eot += encoder.ends_with_eot(sample)
         stats.literal_text += sample.literal_text
+        stats.own_turns += sample.own_turn
+        stats.own_turn_tokens += len(sample.input_ids) if sample.own_turn else 0
+        stats.reasoning_lost += sample.reasoning_lost
         kept.append(sample)
     stats.kept += len(kept)
     return kept
@@ -112,7 +143,7 @@ def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataS
 
 def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
     """Tokenized train/eval samples; the conversations are read only when the cache cannot answer."""
-    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len)
+    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
     key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
     hit = cache.load(key, DataStats) if key else None
     if hit:

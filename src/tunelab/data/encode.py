@@ -5,11 +5,9 @@ tokenized in one piece, as `apply_chat_template` followed by the tokenizer would
 laid on those tokens by their character offsets. The one departure is that text inside messages is
 plain text (see `literal`): a `<|im_end|>` typed into a message is the tokens of its characters.
 
-The trained characters of an assistant turn are its content plus the end-of-turn token(s) after it,
-for any Jinja chat template. The turn is located by rendering: the prompt for turn i (messages
-before it, with the generation prompt) must be a prefix of the whole rendered conversation, and the
-content follows where the template puts an answer. A template that is not prefix-stable cannot be
-split into turns, so it fails with the sample named instead of guessing.
+Which characters are an assistant turn's answer, for any Jinja chat template, is decided by rendering
+(see `turns`); a turn the whole rendering cannot hold as inference renders it becomes a sample of its
+own. Reasoning is kept per the `reasoning` rule (see `reasoning`).
 
 A token is trained when it starts inside an answer span. Where a boundary falls inside a token, the
 token goes to the side it starts on, with one exception: a plain-text token that starts in the
@@ -28,11 +26,14 @@ from dataclasses import dataclass
 
 from ..constants import IGNORE_INDEX
 from ..errors import TunelabError
+from . import reasoning as thinking
 from .conversation import Conversation
 from .literal import PlainTextEncoder, Shield, SpecialText
+from .tools import arguments_as_text, with_text_arguments
+from .turns import TurnLocator
 
 # Part of the tokenization cache key: bump it whenever the same inputs would encode differently.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 _PROBE = "tunelab-probe-answer"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -44,6 +45,8 @@ class Encoded:
     truncated: bool = False
     source: str = ""
     literal_text: bool = False  # the record's text held special-token text, encoded as plain text
+    own_turn: bool = False  # one turn of a conversation, in a sample of its own (see `turns`)
+    reasoning_lost: int = 0  # turns whose reasoning the template could not show
 
     @property
     def n_trained(self) -> int:
@@ -56,6 +59,9 @@ class _Plan:
     spans: list[tuple[int, int]] | None  # trained character spans; None = every token
     raw: bool = False  # plain text for continued pre-training: no template, eos appended
     protected: list[tuple[int, int]] | None = None  # characters that came from messages holding special text
+    source: str = ""
+    own_turn: bool = False
+    reasoning_lost: int = 0
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -102,14 +108,21 @@ class Encoder:
     later is token for token the prompt that was trained.
     """
 
-    def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None):
+    def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None,
+                 reasoning: str = "keep", expand_turns: bool = True):
         self.tokenizer = tokenizer
         self.train_on = train_on
         self.cutoff_len = cutoff_len
-        self.eot_tokens = end_of_turn_tokens(tokenizer) if getattr(tokenizer, "chat_template", None) else (
+        self.reasoning = reasoning
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        self.eot_tokens = end_of_turn_tokens(tokenizer) if templated else (
             [tokenizer.eos_token] if tokenizer.eos_token else [])
+        self.reasoning_mode = thinking.mode(tokenizer) if templated else "none"
+        # drop: the generation prompt says thinking is off, so an empty think block it writes is prompt
+        self.template_kwargs = {"enable_thinking": False} if reasoning == "drop" and thinking.has_switch(tokenizer) else {}
+        self._text_arguments: bool | None = None  # probed on the first conversation with tool calls
+        self._locator = TurnLocator(self.eot_tokens, reasoning, expand_turns)
         self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
-        self._eot_re = re.compile("(?:" + "|".join(map(re.escape, self.eot_tokens)) + ")+") if self.eot_tokens else None
         self._special_text = SpecialText(special_tokens(tokenizer))
         self._backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
         self._plain: PlainTextEncoder | None = None
@@ -117,21 +130,25 @@ class Encoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False, tools=None) -> str:
-        """The template's text for `conv` (or `messages`), exactly as `apply_chat_template` renders it."""
+    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False, tools=None,
+               plain: bool = False, **template_kwargs) -> str:
+        """The template's text for `conv` (or `messages`), exactly as `apply_chat_template` renders it.
+
+        plain: without the reasoning rule's template switches (how the template renders history)."""
+        kwargs = {} if plain else {**self.template_kwargs, **template_kwargs}
         try:
             return self.tokenizer.apply_chat_template(
                 conv.template_messages() if messages is None else messages,
                 tools=conv.tools if tools is None else tools, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt, **kwargs,
             )
         except Exception as exc:  # jinja raise_exception() and template bugs alike
             raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
 
-    def prompt_ids(self, conv: Conversation) -> list[int]:
+    def prompt_ids(self, conv: Conversation, **template_kwargs) -> list[int]:
         """The ids inference feeds the model for `conv` (which ends before the answer to generate)."""
-        shield, messages, tools = self._shielded(conv)
-        text = self.render(conv, messages, add_generation_prompt=True, tools=tools)
+        shield, messages, tools, _ = self._shielded(conv)
+        text = self.render(conv, messages, add_generation_prompt=True, tools=tools, **template_kwargs)
         text, _, protected = shield.unwrap(text, None, conv.source)
         ids, _ = self._tokenize([_Plan(text, None, protected=protected)])[0]
         return ids if ids is not None else self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -139,47 +156,68 @@ class Encoder:
     # ------------------------------------------------------------------ encoding
 
     def encode(self, conv: Conversation) -> Encoded:
+        """The whole conversation's sample (a turn that needs a sample of its own is left out: see `samples`)."""
         return self.encode_many([conv])[0]
+
+    def samples(self, conv: Conversation) -> list[Encoded]:
+        """Every sample of `conv`: the whole conversation first, then each turn trained apart."""
+        return self.encode_many([conv])
 
     def encode_many(self, convs: list[Conversation]) -> list[Encoded]:
         """Encode a batch: templates render one by one, then a single tokenizer call covers every text.
 
-        The batched call lets a fast tokenizer spread the work over its threads; each conversation's
-        tokens are those of its whole text, so the batch equals encoding one at a time.
+        The batched call lets a fast tokenizer spread the work over its threads; each text's tokens are
+        those of the whole text, so the batch equals encoding one at a time. A conversation gives one
+        sample, plus one per turn that must be trained apart, in that order.
         """
         with _gc_paused():  # a few objects per token, all kept: each collection they set off walks the whole heap
-            plans = [self._plan(conv) for conv in convs]
+            plans = [plan for conv in convs for plan in self._plans(conv)]
             tokenized = self._tokenize(plans)
-            return [self._finish(conv, plan, ids, offsets) for conv, plan, (ids, offsets) in zip(convs, plans, tokenized)]
+            return [self._finish(plan, ids, offsets) for plan, (ids, offsets) in zip(plans, tokenized)]
 
-    def _plan(self, conv: Conversation) -> _Plan:
+    def _plans(self, conv: Conversation) -> list[_Plan]:
         if conv.text is not None:
             self._check_text(conv.text, conv.source, "field 'text'")
             # pre-training text is data through and through: any special-token text in it is plain text
-            return _Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))])
-        shield, messages, tools = self._shielded(conv)
+            return [_Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))], source=conv.source)]
+        shield, messages, tools, lost = self._shielded(conv)
         full = self.render(conv, messages, tools=tools)
         if self.train_on == "all":
             text, _, protected = shield.unwrap(full, None, conv.source)
-            return _Plan(text, None, protected=protected)
+            return [_Plan(text, None, protected=protected, source=conv.source)]
         turns = conv.assistant_indices
         if self.train_on == "last":
             turns = turns[-1:]
-        spans = [self._answer_span(conv, messages, tools, full, i) for i in turns]
-        for (_, e0), (s1, _) in zip(spans, spans[1:]):
+
+        def render(msgs, generation_prompt, plain=False):
+            return self.render(conv, msgs, generation_prompt, tools, plain=plain)
+        found = self._locator.locate(render, messages, turns, full, conv.source)
+        for (_, e0), (s1, _) in zip(found.spans, found.spans[1:]):
             if s1 < e0:
                 raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
-        text, spans, protected = shield.unwrap(full, spans, conv.source)
-        return _Plan(text, spans, protected=protected)
+        text, spans, protected = shield.unwrap(full, found.spans, conv.source)
+        plans = [_Plan(text, spans, protected=protected, source=conv.source,
+                       reasoning_lost=lost + found.unrendered_reasoning)]
+        for i, cut, span in found.own:
+            text, spans, protected = shield.unwrap(cut, [span], conv.source)
+            plans.append(_Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True))
+        return plans
 
     def _shielded(self, conv: Conversation):
-        """(shield, messages, tools): the conversation's strings checked, special-token text swapped for sentinels."""
+        """(shield, messages, tools, reasoning lost): the conversation's strings checked, reasoning kept per
+        the rule, special-token text swapped for sentinels."""
         messages = conv.template_messages()
         for i, message in enumerate(messages):
             self._check_text(message, conv.source, f"message {i} ({message['role']})")
         self._check_text(conv.tools, conv.source, "tools")
+        messages, lost = thinking.apply_rule(messages, self.reasoning, self.reasoning_mode)
+        if any(m.get("tool_calls") for m in messages):
+            if self._text_arguments is None:
+                self._text_arguments = arguments_as_text(self.tokenizer)
+            if self._text_arguments:
+                messages = with_text_arguments(messages)
         shield = Shield(self._special_text)
-        return shield, shield.wrap(messages), shield.wrap(conv.tools)
+        return shield, shield.wrap(messages), shield.wrap(conv.tools), lost
 
     def _check_text(self, value, source: str, field: str) -> None:
         """Refuse text that no tokenizer can read as written: a lone surrogate from a JSON escape."""
@@ -193,33 +231,6 @@ class Encoder:
             elif isinstance(item, str) and (bad := _SURROGATE.search(item)) is not None:
                 raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
                                    "(from a JSON \\u escape?); expected valid Unicode text")
-
-    def _answer_span(self, conv: Conversation, messages: list[dict], tools, full: str, i: int) -> tuple[int, int]:
-        prompt = self.render(conv, messages[:i], add_generation_prompt=True, tools=tools)
-        if not full.startswith(prompt):
-            raise TunelabError(
-                f"{conv.source}: the chat template does not render turn by turn (the prompt of assistant "
-                f"message {i} is not a prefix of the whole conversation), so its answer tokens cannot be "
-                "told apart; use a built-in template (template: chatml, llama3, gemma, alpaca, dolly)"
-            )
-        # Where the template puts an answer: found with a probe answer, so that text equal to the answer
-        # elsewhere (a later user message, a template's reasoning block) is never taken for it.
-        probe = [dict(m, content=_PROBE) if j == i else m for j, m in enumerate(messages)]
-        at = self.render(conv, probe, tools=tools).find(_PROBE, len(prompt))
-        content = messages[i]["content"]
-        # the content as written, or as templates that trim render it
-        rendered = [c for c in dict.fromkeys((content, content.lstrip(), content.rstrip(), content.strip()))
-                    if at >= 0 and full.startswith(c, at)]
-        if not rendered:
-            raise TunelabError(f"{conv.source}: the template did not render the content of assistant message {i} "
-                               "where it puts an answer")
-        ends = [at + len(c) for c in rendered]
-        if self._eot_re is not None:  # prefer the reading that the end-of-turn token(s) follow
-            ends = [e for e in ends if self._eot_re.match(full, e)] or ends
-            match = self._eot_re.match(full, ends[0])
-            if match:
-                return at, match.end()
-        return at, ends[0]
 
     def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list | None]]:
         """(ids, character offsets) per plan, from one call to the fast tokenizer's backend.
@@ -239,7 +250,7 @@ class Encoder:
                 out[k] = self._plain.fix(plan.text, *out[k], plan.protected)
         return out
 
-    def _finish(self, conv: Conversation, plan: _Plan, ids, offsets) -> Encoded:
+    def _finish(self, plan: _Plan, ids, offsets) -> Encoded:
         if ids is None:
             ids, labels = self._by_segment(plan)
         elif plan.spans is None:
@@ -252,7 +263,7 @@ class Encoder:
         if truncated:
             ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
         literal = bool(plan.protected) and not plan.raw
-        return Encoded(ids, labels, truncated, conv.source, literal)
+        return Encoded(ids, labels, truncated, plan.source, literal, plan.own_turn, plan.reasoning_lost)
 
     def _labels(self, ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
         """A token is trained when it starts inside a span, or is plain text running into one (module doc)."""

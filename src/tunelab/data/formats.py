@@ -1,5 +1,9 @@
 """Data formats (alpaca, dolly, sharegpt, messages, text) -> `Conversation`.
 
+Tool use and reasoning ride in the message formats: OpenAI `tools` / `tool_calls` / role `tool` /
+`reasoning_content`, the glaive layout's `function_call` / `observation` turns, and typed content
+parts (`text`, `reasoning`, `tool_call`) as LLaMA-Factory's newer data writes them.
+
 The format is detected from the first record's keys unless `dataset_format` names it; `columns`
 maps our field names to the file's (e.g. `{instruction: question, output: answer}`, or
 `{role: from, content: value}` for the message keys).
@@ -12,6 +16,8 @@ from typing import Any
 from ..errors import TunelabError
 from .conversation import ROLES, Conversation, Message
 from .readers import Record
+from .reasoning import split_think
+from .tools import link_calls, parse_calls, parse_tools
 
 FIELDS = {
     "alpaca": ("instruction", "output"),
@@ -23,7 +29,7 @@ FIELDS = {
 # Either turn list key is accepted for both message formats; the format's own name is tried first.
 TURN_KEYS = {"sharegpt": ("conversations", "messages"), "messages": ("messages", "conversations")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "observation": "tool", "tool": "tool"}
+                  "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 def detect_format(record: Record, columns: dict | None = None) -> str:
@@ -45,7 +51,9 @@ def detect_format(record: Record, columns: dict | None = None) -> str:
     )
 
 
-def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None) -> Conversation:
+def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None,
+                    tools: list[dict] | None = None) -> Conversation:
+    """`tools`: the config's file-level tools, for records that carry none of their own."""
     data = _rename(record.data, columns)
     src = record.source
     turns = next((data[k] for k in TURN_KEYS.get(fmt, ()) if data.get(k) is not None), None)
@@ -66,8 +74,9 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
     if system and (not messages or messages[0].role != "system"):
         messages.insert(0, Message("system", system))
     _check_order(messages, src)
-    tools = data.get("tools")
-    return Conversation(messages=messages, tools=tools if isinstance(tools, list) else None, source=src)
+    tools = parse_tools(data.get("tools"), src) or tools
+    link_calls(messages, tools, src)
+    return Conversation(messages=messages, tools=tools, source=src)
 
 
 def _rename(data: dict, columns: dict | None) -> dict:
@@ -114,17 +123,29 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _content(value: Any, src: str, i: int) -> str:
-    """OpenAI content may be a list of typed parts; only text parts are supported here."""
+PART_TYPES = ("text", "reasoning", "tool_call")
+
+
+def _content(value: Any, src: str, i: int) -> tuple[str, str | None, list[dict]]:
+    """(text, reasoning, tool calls) of a message's content: a string, or a list of typed parts
+    (OpenAI `{"type": "text", "text"}`, or `{"type", "value"}` parts that may also be reasoning or a call)."""
     if isinstance(value, str):
-        return value
+        return value, None, []
     if value is None:
-        return ""
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        if all(isinstance(p.get("text", ""), str) for p in value):
-            return "".join(p.get("text", "") for p in value)
-        raise TunelabError(f"{src}: message {i} content: the 'text' of each text part must be a string")
-    raise TunelabError(f"{src}: message {i} content must be a string or a list of text parts")
+        return "", None, []
+    if not isinstance(value, list) or not all(isinstance(p, dict) and p.get("type") in PART_TYPES for p in value):
+        raise TunelabError(f"{src}: message {i} content must be a string or a list of parts typed "
+                           f"{', '.join(PART_TYPES)}")
+    texts, thoughts, calls = [], [], []
+    for j, part in enumerate(value):
+        body = part.get("text", part.get("value", ""))
+        if part["type"] == "tool_call":
+            calls += parse_calls(body, f"{src}: message {i} part {j}")
+            continue
+        if not isinstance(body, str):
+            raise TunelabError(f"{src}: message {i} content: the 'text' of each text part must be a string")
+        (thoughts if part["type"] == "reasoning" else texts).append(body)
+    return "".join(texts), "\n\n".join(thoughts) if thoughts else None, calls
 
 
 def _turns(turns: Any, fmt: str, src: str, columns: dict | None) -> list[Message]:
@@ -145,14 +166,37 @@ def _turns(turns: Any, fmt: str, src: str, columns: dict | None) -> list[Message
             allowed = ", ".join(ROLES)
         if role is None:
             raise TunelabError(f"{src}: message {i} has unknown role {_short(raw_role)}; allowed: {allowed}")
-        msg = Message(role, _content(turn.get(content_key), src, i))
+        text, reasoning, calls = _content(turn.get(content_key), src, i)
+        if raw_role == "function_call" and fmt == "sharegpt":
+            text, calls = "", parse_calls(text, f"{src}: message {i} (function_call)")
+        msg = Message(role, text)
         for key in ("reasoning_content", "tool_call_id", "name"):
             if isinstance(turn.get(key), str):
                 setattr(msg, key, turn[key])
-        if isinstance(turn.get("tool_calls"), list):
-            msg.tool_calls = turn["tool_calls"]
+        if turn.get("tool_calls") is not None:
+            calls += parse_calls(turn["tool_calls"], f"{src}: message {i} tool_calls")
+        if role == "assistant":
+            thought, msg.content = split_think(msg.content)
+            reasoning = "\n\n".join(r for r in (msg.reasoning_content, reasoning, thought) if r) or None
+            msg.reasoning_content = reasoning
+            msg.tool_calls = calls or None
+        elif calls:
+            raise TunelabError(f"{src}: message {i} ({role}) holds tool calls; only assistant messages may")
         messages.append(msg)
-    return messages
+    return _merge_calls(messages)
+
+
+def _merge_calls(messages: list[Message]) -> list[Message]:
+    """An assistant text turn followed by a turn of only its tool calls (the sharegpt layout) is one turn."""
+    out: list[Message] = []
+    for m in messages:
+        prev = out[-1] if out else None
+        if (prev is not None and prev.role == m.role == "assistant" and m.tool_calls and not prev.tool_calls
+                and not m.content and not m.reasoning_content):
+            prev.tool_calls = m.tool_calls
+            continue
+        out.append(m)
+    return out
 
 
 def _check_order(messages: list[Message], src: str) -> None:
@@ -164,5 +208,5 @@ def _check_order(messages: list[Message], src: str) -> None:
     if body[-1].role != "assistant":
         raise TunelabError(f"{src}: the conversation must end with an assistant message")
     for i, m in enumerate(messages):
-        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
+        if m.role == "assistant" and not m.content.strip() and not m.tool_calls and not m.reasoning_content:
             raise TunelabError(f"{src}: message {i} (assistant) is empty")

@@ -64,7 +64,15 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     ok = "yes" if s.ends_with_eot == s.kept else f"NO ({s.kept - s.ends_with_eot} samples do not)"
     lines.append(f"labels end in an end-of-turn token {data.encoder.eot_tokens}: {ok}")
     lines.append(f"records whose messages hold special-token text (encoded as plain text): {s.literal_text}")
-    lines.append(f"template: {template}   train_on: {cfg.train_on}")
+    lines.append(f"template: {template}   train_on: {cfg.train_on}   reasoning: {cfg.reasoning} "
+                 f"(the template shows reasoning: {data.encoder.reasoning_mode})")
+    lines.append(f"turns trained in samples of their own (rendered as inference would, cut at that turn): "
+                 f"{s.own_turns} samples, {s.own_turn_tokens} extra tokens")
+    if s.reasoning_lost:
+        lines.append(f"WARNING: {s.reasoning_lost} turns keep reasoning the template cannot show; they train "
+                     "without it")
+    for message in s.skipped:
+        lines.append(f"skipped: {message}")
     for i, sample in enumerate(data.train[:n_samples]):
         lines.append(f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---")
         lines.append(highlight(tokenizer, sample, color))

@@ -30,8 +30,9 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
               progress: bool = True) -> tuple[float, int]:
     """Mean cross-entropy per trained token, and how many tokens it covered."""
     settings = run_config(Path(variant.adapter_dir or im.base_path))
-    encoder = Encoder(variant.tokenizer, settings.get("train_on", "assistant"), settings.get("cutoff_len", 1024))
-    samples = [s for s in (encoder.encode(c.conversation) for c in cases) if s.n_trained]
+    encoder = Encoder(variant.tokenizer, settings.get("train_on", "assistant"), settings.get("cutoff_len", 1024),
+                      settings.get("reasoning", "keep"), settings.get("expand_turns", True))
+    samples = [s for s in encoder.encode_many([c.conversation for c in cases]) if s.n_trained]
     pad = variant.tokenizer.pad_token_id if variant.tokenizer.pad_token_id is not None else 0
     collate = PadCollator(pad)
     total, count = 0.0, 0

@@ -1,0 +1,141 @@
+"""The reasoning rule (`reasoning: keep | last | drop`) on real thinking templates, checked against
+`apply_chat_template` and against transformers' own assistant masks on TRL's `{% generation %}`-marked
+Qwen3 training template."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tunelab.constants import IGNORE_INDEX
+from tunelab.data.conversation import Conversation, Message
+from tunelab.data.encode import Encoder
+
+_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
+real_tokenizers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real_tokenizers)
+
+
+def real(family, tmp_path):
+    if not real_tokenizers.available(family):
+        pytest.skip(f"../shared/tokenizers/{family} not present")
+    return real_tokenizers.load(family, tmp_path)
+
+
+def chat(reasoning=("Blue is calm.", "Count: seven.")) -> Conversation:
+    return Conversation([Message("system", "Be brief."), Message("user", "A colour?"),
+                         Message("assistant", "Blue.", reasoning_content=reasoning[0]),
+                         Message("user", "A number?"), Message("assistant", "Seven.", reasoning_content=reasoning[1])],
+                        source="r.jsonl:1")
+
+
+def runs(tok, sample) -> list[str]:
+    out, run = [], []
+    for tid, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            run.append(tid)
+        elif run:
+            out.append(tok.decode(run))
+            run = []
+    return out + ([tok.decode(run)] if run else [])
+
+
+def ids(tok, messages, **kw) -> list[int]:
+    return tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"]
+
+
+def think(text):
+    return f"<think>\n{text}\n</think>\n\n"
+
+
+def test_keep_trains_every_turns_thinking_each_where_inference_shows_it(tmp_path):
+    tok = real("qwen3", tmp_path)
+    conv = chat()
+    whole, first = Encoder(tok, reasoning="keep").samples(conv)
+    assert runs(tok, whole) == [f"{think('Count: seven.')}Seven.<|im_end|>"]
+    # Qwen3 drops history reasoning, so turn 2 trains in the conversation cut after it, as inference renders it
+    assert first.source == "r.jsonl:1 turn 2" and first.own_turn
+    assert first.input_ids == ids(tok, conv.template_messages()[:3])
+    assert runs(tok, first) == [f"{think('Blue is calm.')}Blue.<|im_end|>"]
+
+
+def test_last_trains_only_the_last_thinking_and_history_as_rendered(tmp_path):
+    tok = real("qwen3", tmp_path)
+    samples = Encoder(tok, reasoning="last").samples(chat())
+    assert len(samples) == 1
+    assert runs(tok, samples[0]) == ["Blue.<|im_end|>", f"{think('Count: seven.')}Seven.<|im_end|>"]
+
+
+def test_drop_makes_the_empty_think_block_prompt_as_with_thinking_off(tmp_path):
+    tok = real("qwen3", tmp_path)
+    conv = chat()
+    encoder = Encoder(tok, reasoning="drop")
+    (sample,) = encoder.samples(conv)
+    assert runs(tok, sample) == ["Blue.<|im_end|>", "Seven.<|im_end|>"]
+    plain = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in conv.template_messages()]
+    assert sample.input_ids == ids(tok, plain)
+    prompt = encoder.prompt_ids(Conversation(conv.messages[:4]))
+    assert prompt == ids(tok, plain[:4], add_generation_prompt=True, enable_thinking=False)
+    assert sample.input_ids[:len(prompt)] == prompt
+
+
+def test_a_turn_without_reasoning_is_taught_the_empty_think_block_its_template_writes(tmp_path):
+    tok = real("qwen3", tmp_path)
+    conv = Conversation([Message("user", "A colour?"), Message("assistant", "Blue.")], source="r:1")
+    assert runs(tok, Encoder(tok).encode(conv)) == ["<think>\n\n</think>\n\nBlue.<|im_end|>"]
+
+
+def test_inline_reasoning_for_a_template_without_a_reasoning_field(tmp_path):
+    tok = real("qwen2.5-instruct", tmp_path)
+    encoder = Encoder(tok, reasoning="keep")
+    assert encoder.reasoning_mode == "inline"
+    whole = encoder.encode(chat())
+    assert runs(tok, whole) == [f"{think('Blue is calm.')}Blue.<|im_end|>", f"{think('Count: seven.')}Seven.<|im_end|>"]
+    assert runs(tok, Encoder(tok, reasoning="drop").encode(chat())) == ["Blue.<|im_end|>", "Seven.<|im_end|>"]
+
+
+def test_a_template_that_cuts_reasoning_away_counts_the_turns_it_lost(tmp_path):
+    tok = real("deepseek-r1-distill-qwen", tmp_path)
+    encoder = Encoder(tok, reasoning="keep")
+    assert encoder.reasoning_mode == "none"
+    samples = encoder.samples(chat())
+    assert sum(s.reasoning_lost for s in samples) == 2
+    assert Encoder(tok, reasoning="last").encode(chat()).reasoning_lost == 1
+    assert Encoder(tok, reasoning="drop").encode(chat()).reasoning_lost == 0
+
+
+def trl_template(name: str) -> str:
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        pytest.skip("trl is not installed")
+    path = Path(spec.origin).parent / "chat_templates" / name
+    if not path.exists():
+        pytest.skip(f"trl has no {name}")
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("conv", [
+    chat(),
+    chat(reasoning=("", "")),
+    Conversation([Message("user", "Weather in Oslo?"),
+                  Message("assistant", "", reasoning_content="Use the tool.",
+                          tool_calls=[{"type": "function", "id": "c1",
+                                       "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]),
+                  Message("tool", '{"temp_c": -3}', tool_call_id="c1"),
+                  Message("assistant", "-3 °C.", reasoning_content="Report it.")], source="t:1"),
+], ids=["reasoning", "no-reasoning", "tool-call"])
+def test_trained_text_agrees_with_transformers_assistant_masks_on_trls_qwen3_training_template(tmp_path, conv):
+    """TRL's training template renders every turn as Qwen3 renders a last turn, so each turn's masked text there
+    equals what tunelab trains for that turn (up to the newline after <|im_end|>, which TRL also masks in)."""
+    tok = real("qwen3", tmp_path)
+    ours = sorted(r for s in Encoder(tok, reasoning="keep").samples(conv) for r in runs(tok, s))
+    trl = __import__("copy").deepcopy(tok)
+    trl.chat_template = trl_template("qwen3_training.jinja")
+    out = trl.apply_chat_template(conv.template_messages(), tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    marked = {"input_ids": out["input_ids"], "labels": [t if m else IGNORE_INDEX
+                                                        for t, m in zip(out["input_ids"], out["assistant_masks"])]}
+    theirs = sorted(r.removesuffix("\n") for r in runs(tok, type("S", (), marked)))
+    assert ours == theirs and len(ours) == len(conv.assistant_indices)
