@@ -49,6 +49,22 @@ def qwen2_dir(tmp_path_factory, tokenizer):
     return _build(tmp_path_factory, tokenizer, "qwen2")
 
 
+@pytest.fixture(scope="session")
+def qwen3_tiny(tmp_path_factory):
+    """A tiny Qwen3 with Qwen3's real tokenizer and thinking/tool template (../shared/tokenizers/qwen3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_tokenizers", ROOT / "tests" / "data" / "real_tokenizers.py")
+    real_tokenizers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_tokenizers)
+    if not real_tokenizers.available("qwen3"):
+        pytest.skip("../shared/tokenizers/qwen3 not present")
+    root = tmp_path_factory.mktemp("qwen3-tiny")
+    # a 151k vocabulary: a narrow tied embedding keeps the model small
+    return _build(tmp_path_factory, real_tokenizers.load("qwen3", root), "qwen3", hidden=16, heads=2,
+                  tie_word_embeddings=True)
+
+
 @pytest.fixture()
 def chat_file(tmp_path):
     rows = [

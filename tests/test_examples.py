@@ -33,7 +33,11 @@ EXPECTED = {
                                            lora_target="all-linear", template="auto"),
     "qwen2.5-3b-full-sft.yaml": dict(model="Qwen/Qwen2.5-3B", finetuning_type="full", template="chatml",
                                      save_total_limit=2),
+    "qwen2.5-7b-instruct-tools.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", template="auto"),
+    "qwen3-8b-reasoning.yaml": dict(model="Qwen/Qwen3-8B", template="auto", reasoning="keep"),
 }
+# Recipes whose data needs a template with tools and thinking: trained on a tiny Qwen3 with Qwen3's own tokenizer.
+NEEDS_QWEN3 = {"qwen2.5-7b-instruct-tools.yaml", "qwen3-8b-reasoning.yaml"}
 
 # Small and fast on a CPU; everything else comes from the file (all records are still read and encoded).
 OVERRIDES = dict(max_steps=1, save_steps=1000, logging_steps=1, per_device_train_batch_size=2,
@@ -58,10 +62,10 @@ def test_example_is_valid_as_shipped(path):
     cfg = load_config(path)  # no overrides: the file as a user would run it
     assert HUB_ID.match(cfg.model) and not Path(cfg.model).exists(), f"model should be a hub id: {cfg.model!r}"
     assert cfg.finetuning_type in ("lora", "full")
-    for data in cfg.datasets + cfg.eval_datasets:
+    for data in cfg.datasets + cfg.eval_datasets + ([cfg.tools] if cfg.tools else []):
         assert Path(data).is_file(), f"{data} does not resolve to a file next to the example"
     for key, value in raw.items():
-        if key in ("dataset", "eval_dataset"):
+        if key in ("dataset", "eval_dataset", "tools"):
             continue
         got = getattr(cfg, key)
         assert got == (float(value) if isinstance(got, float) else value), key
@@ -70,10 +74,11 @@ def test_example_is_valid_as_shipped(path):
 
 
 @pytest.mark.parametrize("path", FILES, ids=ids)
-def test_example_trains_on_a_tiny_model(path, llama_dir, tmp_path):
+def test_example_trains_on_a_tiny_model(path, request, tmp_path):
     from tunelab.train.run import train
 
-    cfg = load_config(path, dict(OVERRIDES, model=llama_dir, output_dir=str(tmp_path / "run")))
+    model = request.getfixturevalue("qwen3_tiny" if path.name in NEEDS_QWEN3 else "llama_dir")
+    cfg = load_config(path, dict(OVERRIDES, model=model, output_dir=str(tmp_path / "run")))
     shipped = load_config(path)
     for key in ("dataset", "eval_dataset", "template", "finetuning_type", "lora_target", "lora_r", "cutoff_len",
                 "gradient_checkpointing", "load_in_4bit", "load_in_8bit"):

@@ -44,7 +44,16 @@ def _chat_args(p):
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    _agent_args(p)
     _trust_arg(p)
+
+
+def _agent_args(p) -> None:
+    p.add_argument("--tools", metavar="FILE.json", help="tool (function) definitions the template renders")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="enable_thinking on, where the template has that switch")
+    think.add_argument("--no-think", dest="think", action="store_false", help="enable_thinking off")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +66,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt added to records that have none")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    _agent_args(p)
     _trust_arg(p)
 
 
@@ -128,11 +138,15 @@ def _data(args) -> int:
 
 
 def _chat(args) -> int:
-    from .infer.chat import ChatSession, interactive
+    from .data.dataset import read_tools
+    from .infer.chat import ChatSession, interactive, show
+    from .infer.replies import parse_reply
 
-    session = ChatSession.load(args.model, args.adapter, system=args.system, trust_remote_code=args.trust_remote_code)
+    session = ChatSession.load(args.model, args.adapter, system=args.system, trust_remote_code=args.trust_remote_code,
+                               tools=read_tools(args.tools), think=args.think)
     if args.prompt is not None:
-        print(session.ask(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+        print(show(parse_reply(session.ask(args.prompt, max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature))))
         return 0
     interactive(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return 0
@@ -145,7 +159,8 @@ def _cases_and_model(args):
     for flag in ("max_new_tokens", "batch_size"):
         if getattr(args, flag) <= 0:
             raise TunelabError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be greater than 0")
-    cases = read_cases(args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples)
+    cases = read_cases(args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples,
+                       tools=args.tools)
     return cases, load_inference(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
 
 
@@ -154,7 +169,7 @@ def _generate(args) -> int:
 
     cases, im = _cases_and_model(args)
     run_generate(im, cases, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 batch_size=args.batch_size)
+                 batch_size=args.batch_size, think=args.think)
     write_predictions(cases, [v.label for v in im.variants], args.output)
     print(f"wrote {len(cases)} predictions to {args.output}")
     return 0

@@ -393,7 +393,7 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
             return str(base / p)
         return p
     out = dict(data)
-    for key in ("dataset", "eval_dataset", "model"):
+    for key in ("dataset", "eval_dataset", "model", "tools", "deepspeed"):
         if key in out:
             out[key] = [fix(p) for p in out[key]] if isinstance(out[key], list) else fix(out[key])
     return out

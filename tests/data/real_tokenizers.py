@@ -83,3 +83,23 @@ def builtin_styled(tokenizer, name: str):
                                replace_extra_special_tokens=False)
     tok.chat_template = BUILTIN[name]
     return tok
+
+
+def trl_template(name: str) -> str | None:
+    """A chat template TRL ships (its `{% generation %}`-marked training variants among them), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    path = Path(spec.origin).parent / "chat_templates" / name if spec is not None else None
+    return path.read_text(encoding="utf-8") if path is not None and path.exists() else None
+
+
+def trained_runs(tok, sample) -> list[str]:
+    """The decoded runs of consecutive trained tokens of a sample."""
+    out, run = [], []
+    for tid, label in zip(sample.input_ids, sample.labels):
+        if label != -100:
+            run.append(tid)
+        elif run:
+            out, run = out + [tok.decode(run)], []
+    return out + ([tok.decode(run)] if run else [])

@@ -31,15 +31,7 @@ def chat(reasoning=("Blue is calm.", "Count: seven.")) -> Conversation:
                         source="r.jsonl:1")
 
 
-def runs(tok, sample) -> list[str]:
-    out, run = [], []
-    for tid, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE_INDEX:
-            run.append(tid)
-        elif run:
-            out.append(tok.decode(run))
-            run = []
-    return out + ([tok.decode(run)] if run else [])
+runs = real_tokenizers.trained_runs
 
 
 def ids(tok, messages, **kw) -> list[int]:
@@ -107,13 +99,10 @@ def test_a_template_that_cuts_reasoning_away_counts_the_turns_it_lost(tmp_path):
 
 
 def trl_template(name: str) -> str:
-    spec = importlib.util.find_spec("trl")
-    if spec is None:
-        pytest.skip("trl is not installed")
-    path = Path(spec.origin).parent / "chat_templates" / name
-    if not path.exists():
-        pytest.skip(f"trl has no {name}")
-    return path.read_text(encoding="utf-8")
+    text = real_tokenizers.trl_template(name)
+    if text is None:
+        pytest.skip(f"trl (with its {name}) is not installed")
+    return text
 
 
 @pytest.mark.parametrize("conv", [

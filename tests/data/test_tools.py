@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.constants import IGNORE_INDEX
 from tunelab.data.dataset import DataStats, read_conversations
 from tunelab.data.encode import Encoder
 from tunelab.data.formats import detect_format, to_conversation
@@ -130,15 +129,7 @@ def test_bad_records_skip_counts_and_names_what_it_left_out(write_data):
     assert stats.skipped == [f"{path}:2: message 1 is a tool result with no tool call before it"]
 
 
-def trained_runs(tok, sample) -> list[str]:
-    runs, run = [], []
-    for tid, label in zip(sample.input_ids, sample.labels):
-        if label != IGNORE_INDEX:
-            run.append(tid)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    return runs + ([tok.decode(run)] if run else [])
+trained_runs = real_tokenizers.trained_runs
 
 
 def real(family, tmp_path):
@@ -187,11 +178,24 @@ def test_tools_are_rendered_as_the_template_puts_them(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["deepseek-r1-distill-qwen", "phi-4", "phi-3-mini-4k-instruct"])
-def test_a_template_without_tool_support_says_so(family, tmp_path):
+@pytest.mark.parametrize("mention", [False, True])
+def test_a_template_without_tool_support_says_so(family, mention, tmp_path):
+    """Also when the turn's text or thinking names the tool: a name in prose is not the call rendered."""
     tok = real(family, tmp_path)
+    record = openai_record(tools=())  # with tools, the tools are refused first (next test)
+    if mention:
+        record["messages"][2].update(content="Calling get_weather now.", reasoning_content="Use get_weather.")
     with pytest.raises(TunelabError, match=r"calls.jsonl:4: the chat template does not render the tool calls of "
                                            r"assistant message 2 \(no 'get_weather' in its answer\)"):
-        Encoder(tok).samples(convert(openai_record()))
+        Encoder(tok).samples(convert(record))
+
+
+@pytest.mark.parametrize("family", ["deepseek-r1-distill-qwen", "phi-4"])
+def test_tools_a_template_cannot_show_are_an_error_not_a_silent_loss(family, tmp_path):
+    tok = real(family, tmp_path)
+    record = {"tools": [WEATHER], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    with pytest.raises(TunelabError, match=r"calls.jsonl:4: the chat template does not render tools"):
+        Encoder(tok).encode(convert(record))
 
 
 SETS = {"glaive_toolcall_en_demo.json": (300, 0), "glaive_toolcall_zh_demo.json": (298, 2),

@@ -3,33 +3,17 @@ tokenizer and template: read, reported (rule, expanded samples), one optimizer s
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
 
+from tunelab.cli import main
 from tunelab.data.report import data_report
 from tunelab.train.run import train
 
-_spec = importlib.util.spec_from_file_location(
-    "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py")
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
-
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "llama-factory"
-
-
-@pytest.fixture(scope="module")
-def qwen3_tiny(tmp_path_factory):
-    if not real_tokenizers.available("qwen3"):
-        pytest.skip("../shared/tokenizers/qwen3 not present")
-    from tunelab.demo.build import build_tiny_model
-
-    root = tmp_path_factory.mktemp("qwen3-tiny")
-    tok = real_tokenizers.load("qwen3", root)
-    # a 151k vocabulary: a narrow tied embedding keeps the model small
-    return str(build_tiny_model(root / "model", tok, "qwen3", hidden=16, heads=2, tie_word_embeddings=True))
 
 
 @pytest.mark.parametrize("name, reasoning, own", [
@@ -50,3 +34,22 @@ def test_shared_agent_data_reports_and_trains_a_step(qwen3_tiny, run_config, tmp
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses and all(math.isfinite(x) for x in losses)
     assert (result.output_dir / "adapter_model.safetensors").exists()
+
+
+def test_chat_and_generate_take_tools_and_the_thinking_switch(qwen3_tiny, run_config, tmp_path, capsys):
+    if not (SHARED / "glaive_toolcall_en_demo.json").exists():
+        pytest.skip("../shared/datasets/llama-factory not present")
+    result = train(run_config(model=qwen3_tiny, dataset=str(SHARED / "glaive_toolcall_en_demo.json"), max_samples=8,
+                              max_steps=1, per_device_train_batch_size=2, output_dir=tmp_path / "run"))
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]))
+    run = str(result.output_dir)
+    assert main(["chat", "--model", run, "--tools", str(tools), "--no-think", "--prompt", "Weather?",
+                 "--max-new-tokens", "4"]) == 0
+    assert main(["generate", "--model", run, "--dataset", str(SHARED / "glaive_toolcall_en_demo.json"),
+                 "--max-samples", "2", "--max-new-tokens", "4", "--think", "--output", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("prediction" in r for r in rows)
+    capsys.readouterr()
+    assert main(["chat", "--model", run, "--tools", str(tmp_path / "missing.json"), "--prompt", "x"]) == 2
+    assert "tools: cannot read" in capsys.readouterr().err

@@ -97,10 +97,12 @@ class TurnLocator:
         if content and content not in answer:
             raise TunelabError(f"{source}: the chat template did not render the content of assistant message {i} "
                                "where it puts an answer")
+        reasoning = (message.get("reasoning_content") or "").strip()
+        # a call's name in the text or the thinking ("I'll call get_weather") is not the call rendered
+        markup = answer.replace(content, "").replace(reasoning, "")
         for call in message.get("tool_calls") or ():
             name = call["function"]["name"]
-            if name not in answer:
+            if name not in markup:
                 raise TunelabError(f"{source}: the chat template does not render the tool calls of assistant "
                                    f"message {i} (no {name!r} in its answer); use a template with tool support")
-        reasoning = (message.get("reasoning_content") or "").strip()
         return int(bool(reasoning) and reasoning[:64] not in answer)

@@ -14,10 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.conversation import Conversation
-from ..data.dataset import read_conversations
+from ..data.dataset import read_conversations, read_tools
 from ..data.encode import Encoder
 from ..errors import TunelabError
-from .load import InferenceModel, Variant
+from .load import InferenceModel, Variant, run_config, thinking_switch
+from .replies import parse_reply
 
 
 @dataclass
@@ -30,11 +31,14 @@ class Case:
     predictions: dict = field(default_factory=dict)  # label -> text
     stopped: dict = field(default_factory=dict)  # label -> ended on a stop id before max_new_tokens
     new_tokens: dict = field(default_factory=dict)
+    replies: dict = field(default_factory=dict)  # label -> the prediction's reasoning and tool calls, where any
 
 
 def read_cases(path: str, dataset_format: str = "auto", columns: dict | None = None, system: str | None = None,
-               max_samples: int | None = None) -> list[Case]:
-    conversations = read_conversations(path, dataset_format, columns, system, max_samples=max_samples)
+               max_samples: int | None = None, tools: str | None = None) -> list[Case]:
+    """`tools`: a JSON file of tool definitions for records that carry none of their own."""
+    conversations = read_conversations(path, dataset_format, columns, system, max_samples=max_samples,
+                                       tools=read_tools(tools))
     if not conversations:
         raise TunelabError(f"{path}: the dataset is empty")
     if any(conv.text is not None for conv in conversations):
@@ -53,11 +57,16 @@ def _batches(order: list[int], size: int):
 
 
 def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_new_tokens: int = 256,
-                   temperature: float = 0.0, batch_size: int = 8, progress: bool = True) -> None:
-    """Fill `case.predictions[variant.label]`; prompts are left-padded and batched by length."""
+                   temperature: float = 0.0, batch_size: int = 8, progress: bool = True,
+                   think: bool | None = None) -> None:
+    """Fill `case.predictions[variant.label]`; prompts are left-padded and batched by length.
+
+    think: `enable_thinking` for templates with that switch; None keeps what training did."""
     tok = variant.tokenizer
-    encoder = Encoder(tok)
-    prompts = [encoder.prompt_ids(c.prompt) for c in cases]
+    settings = run_config(Path(variant.adapter_dir or im.base_path))
+    encoder = Encoder(tok, reasoning=settings.get("reasoning", "keep"))
+    switch = thinking_switch(tok, think)
+    prompts = [encoder.prompt_ids(c.prompt, **switch) for c in cases]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (variant.stop_ids or [0])[0]
     stops = set(variant.stop_ids)
     order = sorted(range(len(cases)), key=lambda i: -len(prompts[i]))
@@ -81,7 +90,12 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
                 case = cases[i]
                 case.stopped[variant.label] = cut is not None
                 case.new_tokens[variant.label] = len(new) if cut is None else cut + 1
-                case.predictions[variant.label] = tok.decode(new[:cut], skip_special_tokens=True)
+                text = tok.decode(new[:cut], skip_special_tokens=True)
+                reply = parse_reply(text)
+                case.predictions[variant.label] = reply.content if (reply.reasoning or reply.tool_calls) else text
+                if reply.reasoning is not None or reply.tool_calls:
+                    case.replies[variant.label] = {k: v for k, v in (("reasoning", reply.reasoning),
+                                                                     ("tool_calls", reply.tool_calls)) if v}
             bar.update(len(batch))
     bar.close()
 
@@ -96,8 +110,11 @@ def case_record(case: Case, labels: list[str]) -> dict:
     row = {"source": case.source, "prompt": case.prompt.template_messages(), "reference": case.reference}
     if len(labels) == 1:
         row.update(prediction=case.predictions[labels[0]], stopped=case.stopped[labels[0]])
+        row.update(case.replies.get(labels[0], {}))
     else:
         row.update(predictions={k: case.predictions[k] for k in labels}, stopped={k: case.stopped[k] for k in labels})
+        if case.replies:
+            row["replies"] = case.replies
     return row
 
 

@@ -48,6 +48,19 @@ def adapter_base(adapter_dir: Path) -> str | None:
     return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
 
 
+def thinking_switch(tokenizer, think: bool | None) -> dict:
+    """The template kwargs for `--think` / `--no-think`: `enable_thinking` where the template reads it."""
+    from ..data.reasoning import has_switch
+
+    if think is None:
+        return {}
+    if not has_switch(tokenizer):
+        log.warning("--%s: this chat template has no thinking switch (enable_thinking); ignored",
+                    "think" if think else "no-think")
+        return {}
+    return {"enable_thinking": think}
+
+
 def run_config(folder: Path) -> dict:
     path = folder / "tunelab_config.yaml"
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.exists() else {}

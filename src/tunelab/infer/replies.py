@@ -1,0 +1,75 @@
+"""A generated answer split the way its template wrote it: reasoning, text, and tool calls.
+
+Tool calls come back in the format the model was taught by its own template: Qwen / Hermes
+`<tool_call>{json}</tool_call>` blocks, Llama 3's bare `{"name", "parameters"}` object, Mistral's
+`[TOOL_CALLS] [...]` list (its control token is dropped on decoding, the list stays). They are returned
+as OpenAI tool calls, so a reply can go back into the conversation as the assistant turn it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+@dataclass
+class Reply:
+    content: str
+    reasoning: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)
+
+    def message(self) -> dict:
+        """The reply as the assistant message of a conversation (OpenAI form)."""
+        out: dict = {"role": "assistant", "content": self.content}
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
+
+
+def _as_call(obj, k: int) -> dict | None:
+    if not isinstance(obj, dict):
+        return None
+    fn = obj.get("function") if isinstance(obj.get("function"), dict) else obj
+    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters"))
+    if not isinstance(name, str) or not isinstance(args, (dict, str)):
+        return None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return {"id": obj.get("id") or f"call{k:05d}", "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _json_calls(text: str) -> list[dict] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = [_as_call(item, k + 1) for k, item in enumerate(items)]
+    return calls if calls and all(calls) else None
+
+
+def parse_reply(text: str) -> Reply:
+    """Reasoning first (a `<think>` block, or text up to `</think>` when the prompt opened the block), then
+    tool calls; what is left is the answer's text."""
+    reasoning = None
+    head, sep, tail = text.partition("</think>")
+    if sep:
+        reasoning = head.split("<think>", 1)[-1].strip("\n")
+        text = tail.lstrip("\n")
+    blocks = _HERMES.findall(text)
+    if blocks:
+        calls = [_json_calls(b) for b in blocks]
+        if all(calls):
+            return Reply(_HERMES.sub("", text).strip(), reasoning, [c for group in calls for c in group])
+    stripped = text.strip()
+    if stripped[:1] in "{[" and (calls := _json_calls(stripped.removeprefix("[TOOL_CALLS]").strip())):
+        return Reply("", reasoning, calls)
+    return Reply(text, reasoning)
