@@ -48,6 +48,13 @@ def init(timeout_s: int) -> None:
         logging.getLogger("tunelab").setLevel(logging.WARNING)
 
 
+def shutdown() -> None:
+    """Ends the process group before the interpreter does: a gloo group torn down at exit can abort the
+    process ("terminate called without an active exception") after the run has finished and saved."""
+    if active():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

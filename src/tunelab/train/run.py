@@ -307,6 +307,7 @@ def train(cfg: Config) -> TrainResult:
     os.replace(staged, out / SUMMARY)  # last, and whole: its presence marks the run finished
     log.info("saved to %s (%.1fs)", out, summary["seconds"])
     distributed.barrier()
+    distributed.shutdown()
     return TrainResult(out, metrics, summary, trainer.model)
 
 
