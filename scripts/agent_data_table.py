@@ -34,6 +34,17 @@ CHAT = Conversation([Message("system", "Be brief."), Message("user", "A colour?"
                      Message("user", "A number?"), Message("assistant", "Seven.")], source="chat")
 
 
+def reason(message: str) -> str:
+    """A refusal in a few words: tunelab's own check, or the template's raise_exception text."""
+    if "does not render tools" in message:
+        return "template has no tools"
+    if "does not render the tool calls" in message:
+        return "template has no tool calls"
+    if "refused this conversation (" in message:
+        return "template: " + message.split("refused this conversation (", 1)[1].rstrip(")")[:48]
+    return message.split(": ", 1)[-1][:60]
+
+
 def cell(encoder: Encoder, convs: list[Conversation]) -> str:
     samples, refused, first = [], 0, ""
     for conv in convs:
@@ -41,11 +52,11 @@ def cell(encoder: Encoder, convs: list[Conversation]) -> str:
             samples += encoder.samples(conv)
         except TunelabError as exc:
             refused += 1
-            first = first or str(exc).split(": ", 1)[1][:70]
+            first = first or reason(str(exc))
     own = sum(s.own_turn for s in samples)
     lost = sum(s.reasoning_lost for s in samples)
-    text = f"{len(samples)} ({own} apart, {lost} lost, {sum(len(s.input_ids) for s in samples)} tok)"
-    return text + (f"; {refused} refused: {first}" if refused else "")
+    text = f"{len(samples)} samples, {own} apart, {lost} lost, {sum(len(s.input_ids) for s in samples)} tokens"
+    return text + (f"; {refused} refused ({first})" if refused else "")
 
 
 def main() -> int:

@@ -182,9 +182,9 @@ class Encoder:
             return [_Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))], source=conv.source)]
         shield, messages, tools, lost = self._shielded(conv)
         full = self.render(conv, messages, tools=tools)
-        if conv.tools and not any(t["function"]["name"] in full for t in conv.tools):
-            raise TunelabError(f"{conv.source}: the chat template does not render tools (none of the record's tool "
-                               "names is in its rendering); use a template with tool support, or no `tools`")
+        if conv.tools and full == self.render(conv, messages, tools=[]):
+            raise TunelabError(f"{conv.source}: the chat template does not render tools (the conversation renders "
+                               "the same without them); use a template with tool support, or no `tools`")
         if self.train_on == "all":
             text, _, protected = shield.unwrap(full, None, conv.source)
             return [_Plan(text, None, protected=protected, source=conv.source)]

@@ -21,6 +21,7 @@ from os.path import commonprefix
 from typing import Callable
 
 from ..errors import TunelabError
+from .reasoning import split_think
 
 Render = Callable[..., str]  # (messages, add_generation_prompt, plain=False) -> text
 
@@ -93,11 +94,12 @@ class TurnLocator:
     @staticmethod
     def _check(message: dict, answer: str, source: str, i: int) -> int:
         """Refuse an answer missing the turn's text or calls; 1 when only its reasoning is missing."""
-        content = (message.get("content") or "").strip()
+        inline, content = split_think(message.get("content") or "")  # reasoning the rule put in the content
+        content = content.strip()
         if content and content not in answer:
             raise TunelabError(f"{source}: the chat template did not render the content of assistant message {i} "
                                "where it puts an answer")
-        reasoning = (message.get("reasoning_content") or "").strip()
+        reasoning = (message.get("reasoning_content") or inline or "").strip()
         # a call's name in the text or the thinking ("I'll call get_weather") is not the call rendered
         markup = answer.replace(content, "").replace(reasoning, "")
         for call in message.get("tool_calls") or ():
