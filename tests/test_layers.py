@@ -1,4 +1,4 @@
-"""Imports run one way down the pipeline: config -> data -> model -> train -> infer -> eval/export -> sweep -> cli.
+"""Imports run one way down the pipeline: config -> data -> model -> train -> infer -> eval/export -> sweep/serve -> cli.
 
 Every `import` in the package, at module level or inside a function, is read from the source; one that
 reaches a later stage fails the test, naming the file and line. What two stages share lives below both.
@@ -22,7 +22,7 @@ STAGES = {
     "train": 4,
     "infer": 5,
     "eval": 6, "export": 6,
-    "sweep": 7, "demo": 7,
+    "sweep": 7, "demo": 7, "serve": 7,
     "cli": 8, "__main__": 8,
 }
 

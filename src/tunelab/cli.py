@@ -1,4 +1,4 @@
-"""`tunelab train | data | chat | generate | eval | export | sweep | estimate | demo`: argument parsing only.
+"""`tunelab train | data | chat | generate | eval | export | sweep | estimate | serve | demo`: argument parsing only.
 
 Each command is one row of `COMMANDS`: a function that adds its arguments and one that calls the
 Python API. The work is in the API, so a notebook gets the same behaviour.
@@ -255,6 +255,31 @@ def _keys_epilog() -> str:
     return "config keys (YAML, or key=value after CONFIG):\n" + keys_help()
 
 
+def _serve_args(p):
+    p.add_argument("--model", required=True, help="a base model, a full fine-tune, or a LoRA run folder; served "
+                   "under this name")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a LoRA run folder served as model NAME; repeat for several, switched per request")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 unless told; another host wants --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=32, help="requests that share one forward pass at most")
+    _trust_arg(p)
+
+
+def _serve(args) -> int:
+    try:
+        from .serve.run import serve
+    except ImportError as exc:
+        raise TunelabError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): "
+                           "pip install 'tunelab[serve]'") from None
+
+    if args.max_batch <= 0:
+        raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
+    serve(args.model, args.adapter, args.host, args.port, args.api_key, args.trust_remote_code, args.max_batch)
+    return 0
+
+
 # name -> (help, add arguments, run, epilog or None)
 COMMANDS: dict[str, tuple[str, Callable, Callable[..., int], Callable[[], str] | None]] = {
     "train": ("fine-tune as CONFIG.yaml says (key=value overrides win)", _train_args, _train, _keys_epilog),
@@ -266,6 +291,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[..., int], Callable[[], str] |
     "sweep": ("train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md", _sweep_args, _sweep, None),
     "estimate": ("parameters and per-GPU memory of a config, from config.json alone", _estimate_args, _estimate,
                  None),
+    "serve": ("the OpenAI API (chat, completions, models) over a base and its adapters", _serve_args, _serve,
+              None),
     "demo": ("build a tiny model, fine-tune it on the persona data, and chat with it", _demo_args, _demo, None),
 }
 

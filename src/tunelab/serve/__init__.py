@@ -1,0 +1,1 @@
+"""Serving: the OpenAI API over base + adapters."""

@@ -1,0 +1,57 @@
+"""Load what `tunelab serve` names and run the server (uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import TunelabError
+from ..infer.load import BASE, load_inference, split_run_folder
+from .app import Server, create_app
+
+log = logging.getLogger("tunelab")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_adapters(specs: list[str] | None) -> dict[str, str]:
+    """`NAME=DIR` (or `DIR`, named after its folder) -> {name: dir}."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, folder = spec.partition("=")
+        name, folder = (name, folder) if sep else (Path(spec).name, spec)
+        if not name or not folder:
+            raise TunelabError(f"--adapter: {spec!r} is not NAME=DIR")
+        if name in out:
+            raise TunelabError(f"--adapter: the name {name!r} is given twice")
+        out[name] = folder
+    return out
+
+
+def build_server(model: str, adapters: list[str] | None = None, api_key: str | None = None,
+                 trust_remote_code: bool = False, max_batch: int = 32) -> Server:
+    """The base is served under the `--model` name; each adapter under its own (a LoRA run folder given as
+    `--model` serves its base and itself)."""
+    named = parse_adapters(adapters)
+    base, implied = split_run_folder(model, None if named else adapters)
+    if implied:
+        named = {Path(implied[0]).name: implied[0]}
+        model_id = base
+    else:
+        model_id = model
+    if model_id in named:
+        raise TunelabError(f"--adapter: the name {model_id!r} is the base model's; pick another")
+    im = load_inference(base if implied else model, [BASE, *named.values()] if named else None,
+                        trust_remote_code=trust_remote_code)
+    variants = dict(zip([model_id, *named], im.variants))
+    return Server(im, variants, api_key=api_key, max_batch=max_batch)
+
+
+def serve(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, trust_remote_code: bool = False, max_batch: int = 32) -> None:
+    import uvicorn
+
+    if host not in LOCAL_HOSTS and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the models", host)
+    server = build_server(model, adapters, api_key, trust_remote_code, max_batch)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(server.models), host, port)
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
