@@ -264,20 +264,37 @@ def _serve_args(p):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
     p.add_argument("--max-batch", type=int, default=32, help="requests that share one forward pass at most")
+    p.add_argument("--check", metavar="DATASET", help="instead of serving: send DATASET's prompts to the server at "
+                   "--url and prove it serves what was trained (the run: --model, or the one --adapter)")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the OpenAI-compatible server --check asks")
+    p.add_argument("--max-samples", type=int, help="--check only the first N records")
     _trust_arg(p)
 
 
 def _serve(args) -> int:
+    if args.check:
+        return _serve_check(args)
+    if args.max_batch <= 0:
+        raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
     try:
         from .serve.run import serve
     except ImportError as exc:
         raise TunelabError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): "
                            "pip install 'tunelab[serve]'") from None
-
-    if args.max_batch <= 0:
-        raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
     serve(args.model, args.adapter, args.host, args.port, args.api_key, args.trust_remote_code, args.max_batch)
     return 0
+
+
+def _serve_check(args) -> int:
+    from .serve.check import check, parse_adapters, report
+
+    named = parse_adapters(args.adapter)
+    if len(named) > 1:
+        raise TunelabError("--check: one model at a time; give one --adapter NAME=DIR, or none for --model")
+    model_id, folder = next(iter(named.items())) if named else (args.model, args.model)
+    text, passed = report(check(args.url, model_id, folder, args.check, args.api_key, max_samples=args.max_samples))
+    print(text)
+    return 0 if passed else 1
 
 
 # name -> (help, add arguments, run, epilog or None)

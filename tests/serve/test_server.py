@@ -190,3 +190,27 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
         time.sleep(0.05)
     assert server[1].batcher.abandoned == before + 1  # its row stopped before its 500 tokens
     assert ask(client, "a", "Two plus two?")  # and the server serves on
+
+
+def test_serve_check_passes_on_the_training_data_and_fails_when_the_served_template_changed(
+        server, memorised, adapters, capsys):
+    import copy
+
+    from tunelab.cli import main
+    from tunelab.data.encode import Encoder
+
+    data = str(memorised / "qa.jsonl")
+    args = ["serve", "--check", data, "--url", f"{server[0]}/v1", "--api-key", KEY, "--model", str(memorised / "full")]
+    assert main(args + ["--adapter", f"b={adapters['b']}"]) == 0
+    assert "3 records: prompt tokens equal to training's: 3; stopped on a stop id: 3" in capsys.readouterr().out
+    served = server[1].models["b"]
+    original = served.encoder
+    changed = copy.deepcopy(served.variant.tokenizer)
+    changed.chat_template = changed.chat_template.replace("<|im_start|>assistant", "<|im_start|>bot")
+    served.encoder = Encoder(changed)
+    try:
+        assert main(args + ["--adapter", f"b={adapters['b']}"]) == 1
+    finally:
+        served.encoder = original
+    out = capsys.readouterr().out
+    assert "check FAILED: 3 of 3 records" in out and "prompt tokens equal to training's: 0" in out

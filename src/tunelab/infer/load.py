@@ -105,7 +105,7 @@ def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
     return stops
 
 
-def _tokenizer_for(folder: Path, base_path: str, trust: bool):
+def tokenizer_for(folder: Path, base_path: str, trust: bool):
     source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
     tok = load_tokenizer(str(source), trust_remote_code=trust)
     if not getattr(tok, "chat_template", None):
@@ -185,15 +185,15 @@ def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.d
 
     variants, taken = [], set()
     if not adapters:
-        tok = _tokenizer_for(Path(base_path), base_path, trust)
+        tok = tokenizer_for(Path(base_path), base_path, trust)
         variants.append(Variant(_label(base_path, taken), tok, _stop_ids(Path(base_path), tok, notes)))
     base_tok = None
     for i, a in enumerate(adapters):
         if a == BASE:
-            base_tok = base_tok or _tokenizer_for(Path(base_path), base_path, trust)
+            base_tok = base_tok or tokenizer_for(Path(base_path), base_path, trust)
             variants.append(Variant(_label("base", taken), base_tok, _stop_ids(Path(base_path), base_tok, notes)))
             continue
-        tok = _tokenizer_for(Path(a), base_path, trust)
+        tok = tokenizer_for(Path(a), base_path, trust)
         lm = load_adapter(lm, a, f"adapter{i}", len(tok))
         variants.append(Variant(_label(a, taken), tok, _stop_ids(Path(a), tok, notes), a, f"adapter{i}"))
     return InferenceModel(lm.to(device), base_path, variants, trust, notes)

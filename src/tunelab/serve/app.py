@@ -221,4 +221,7 @@ async def _answer(server: Server, served: Served, req, prompts: list[list[int]],
         else:
             choices.append({"index": index, "text": r["text"], "finish_reason": r["finish"], "logprobs": None})
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage}
+    body = {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, "usage": usage}
+    if req.return_token_ids:
+        body["prompt_token_ids"] = prompts[0] if len(prompts) == 1 else prompts
+    return body

@@ -35,6 +35,7 @@ class _Sampling(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension
+    return_token_ids: bool = False  # vLLM's extension: the prompt's ids in the response (see `serve --check`)
 
     @property
     def stops(self) -> list[str]:

@@ -8,23 +8,10 @@ from pathlib import Path
 from ..errors import TunelabError
 from ..infer.load import BASE, load_inference, split_run_folder
 from .app import Server, create_app
+from .check import parse_adapters
 
 log = logging.getLogger("tunelab")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def parse_adapters(specs: list[str] | None) -> dict[str, str]:
-    """`NAME=DIR` (or `DIR`, named after its folder) -> {name: dir}."""
-    out: dict[str, str] = {}
-    for spec in specs or []:
-        name, sep, folder = spec.partition("=")
-        name, folder = (name, folder) if sep else (Path(spec).name, spec)
-        if not name or not folder:
-            raise TunelabError(f"--adapter: {spec!r} is not NAME=DIR")
-        if name in out:
-            raise TunelabError(f"--adapter: the name {name!r} is given twice")
-        out[name] = folder
-    return out
 
 
 def build_server(model: str, adapters: list[str] | None = None, api_key: str | None = None,
