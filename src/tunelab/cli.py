@@ -267,6 +267,9 @@ def _serve_args(p):
     p.add_argument("--check", metavar="DATASET", help="instead of serving: send DATASET's prompts to the server at "
                    "--url and prove it serves what was trained (the run: --model, or the one --adapter)")
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the OpenAI-compatible server --check asks")
+    p.add_argument("--backend", choices=("tunelab", "vllm"), default="tunelab",
+                   help="vllm: run vLLM with the same adapters, template and stop ids (a GPU machine with vLLM)")
+    p.add_argument("--print-vllm", action="store_true", help="print that vLLM command and exit")
     p.add_argument("--max-samples", type=int, help="--check only the first N records")
     _trust_arg(p)
 
@@ -274,6 +277,20 @@ def _serve_args(p):
 def _serve(args) -> int:
     if args.check:
         return _serve_check(args)
+    if args.print_vllm or args.backend == "vllm":
+        import os
+        import shutil
+
+        from .serve.vllm import printable, vllm_command
+
+        cmd = vllm_command(args.model, args.adapter, args.host, args.port, args.api_key)
+        if args.print_vllm:
+            print(printable(cmd))
+            return 0
+        if shutil.which("vllm") is None:
+            raise TunelabError("--backend vllm: no `vllm` command here (pip install vllm on a GPU machine); "
+                               "--print-vllm shows the command to run there")
+        os.execvp(cmd[0], cmd)
     if args.max_batch <= 0:
         raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
     try:

@@ -5,6 +5,7 @@ requests that share forward passes, and every bad request a 4xx in OpenAI's erro
 from __future__ import annotations
 
 import http.client
+from pathlib import Path
 import json
 import threading
 import time
@@ -214,3 +215,24 @@ def test_serve_check_passes_on_the_training_data_and_fails_when_the_served_templ
         served.encoder = original
     out = capsys.readouterr().out
     assert "check FAILED: 3 of 3 records" in out and "prompt tokens equal to training's: 0" in out
+
+
+def test_the_vllm_hand_off_names_the_same_adapters_template_and_stop_ids(memorised, adapters, capsys):
+    import shlex
+
+    from tunelab.cli import main
+
+    base = str(memorised / "full")
+    assert main(["serve", "--model", base, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+                 "--print-vllm", "--api-key", KEY]) == 0
+    cmd = shlex.split(capsys.readouterr().out.replace("\\\n", " "))
+    assert cmd[:3] == ["vllm", "serve", base]
+    flags = {cmd[i]: cmd[i + 1] for i in range(3, len(cmd) - 1) if cmd[i].startswith("--")}
+    assert flags["--served-model-name"] == base and flags["--api-key"] == KEY and flags["--max-loras"] == "2"
+    assert flags["--max-lora-rank"] == "8"  # r 8 trained; vLLM takes 8, 16, 32 ...
+    at = cmd.index("--lora-modules")
+    assert cmd[at + 1:at + 3] == [f"a={Path(adapters['a']).resolve()}", f"b={Path(adapters['b']).resolve()}"]
+    template = Path(flags["--chat-template"])
+    assert template.read_text() == (Path(adapters["a"]) / "chat_template.jinja").read_text()
+    stops = json.loads((Path(flags["--generation-config"]) / "generation_config.json").read_text())["eos_token_id"]
+    assert ChatSession.load(base, adapter=adapters["a"]).tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
