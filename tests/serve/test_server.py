@@ -5,11 +5,11 @@ requests that share forward passes, and every bad request a 4xx in OpenAI's erro
 from __future__ import annotations
 
 import http.client
-from pathlib import Path
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
