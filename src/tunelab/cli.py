@@ -270,6 +270,8 @@ def _serve_args(p):
     p.add_argument("--backend", choices=("tunelab", "vllm"), default="tunelab",
                    help="vllm: run vLLM with the same adapters, template and stop ids (a GPU machine with vLLM)")
     p.add_argument("--print-vllm", action="store_true", help="print that vLLM command and exit")
+    p.add_argument("--ui", action="store_true", help="also serve the web page at / : chat side by side, runs, training")
+    p.add_argument("--runs", default=".", help="the folder whose run folders the web page shows and trains into")
     p.add_argument("--max-samples", type=int, help="--check only the first N records")
     _trust_arg(p)
 
@@ -298,7 +300,8 @@ def _serve(args) -> int:
     except ImportError as exc:
         raise TunelabError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): "
                            "pip install 'tunelab[serve]'") from None
-    serve(args.model, args.adapter, args.host, args.port, args.api_key, args.trust_remote_code, args.max_batch)
+    serve(args.model, args.adapter, args.host, args.port, args.api_key, args.trust_remote_code, args.max_batch,
+          args.runs if args.ui else None)
     return 0
 
 

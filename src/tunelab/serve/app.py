@@ -138,7 +138,8 @@ async def _stream(jobs: list[Job], out: asyncio.Queue, chunk, usage: dict):
             j.cancelled = True
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, ui_runs: str | None = None) -> FastAPI:
+    """The API; with `ui_runs` (a folder of run folders) also the web page at `/` (see `ui`)."""
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -181,6 +182,10 @@ def create_app(server: Server) -> FastAPI:
         tok = served.variant.tokenizer
         return await _answer(server, served, req, [tok(t)["input_ids"] for t in texts], chat=False)
 
+    if ui_runs is not None:
+        from .ui import add_ui
+
+        add_ui(app, authorized, ui_runs, bool(server.api_key))
     return app
 
 

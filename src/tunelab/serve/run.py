@@ -34,11 +34,15 @@ def build_server(model: str, adapters: list[str] | None = None, api_key: str | N
 
 
 def serve(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, trust_remote_code: bool = False, max_batch: int = 32) -> None:
+          api_key: str | None = None, trust_remote_code: bool = False, max_batch: int = 32,
+          ui_runs: str | None = None) -> None:
+    """ui_runs: also serve the web page, over the run folders under this folder."""
     import uvicorn
 
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the models", host)
     server = build_server(model, adapters, api_key, trust_remote_code, max_batch)
     log.info("serving %s on http://%s:%d/v1", ", ".join(server.models), host, port)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    if ui_runs is not None:
+        log.info("web UI on http://%s:%d/ (runs under %s)", host, port, Path(ui_runs).resolve())
+    uvicorn.run(create_app(server, ui_runs), host=host, port=port, log_level="warning")
