@@ -149,6 +149,7 @@ class Encoder:
         """The ids inference feeds the model for `conv` (which ends before the answer to generate)."""
         shield, messages, tools, _ = self._shielded(conv)
         text = self.render(conv, messages, add_generation_prompt=True, tools=tools, **template_kwargs)
+        self._check_tools_rendered(conv, messages, text, add_generation_prompt=True, **template_kwargs)
         text, _, protected = shield.unwrap(text, None, conv.source)
         ids, _ = self._tokenize([_Plan(text, None, protected=protected)])[0]
         return ids if ids is not None else self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -182,9 +183,7 @@ class Encoder:
             return [_Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))], source=conv.source)]
         shield, messages, tools, lost = self._shielded(conv)
         full = self.render(conv, messages, tools=tools)
-        if conv.tools and full == self.render(conv, messages, tools=[]):
-            raise TunelabError(f"{conv.source}: the chat template does not render tools (the conversation renders "
-                               "the same without them); use a template with tool support, or no `tools`")
+        self._check_tools_rendered(conv, messages, full)
         if self.train_on == "all":
             text, _, protected = shield.unwrap(full, None, conv.source)
             return [_Plan(text, None, protected=protected, source=conv.source)]
@@ -205,6 +204,11 @@ class Encoder:
             text, spans, protected = shield.unwrap(cut, [span], conv.source)
             plans.append(_Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True))
         return plans
+
+    def _check_tools_rendered(self, conv: Conversation, messages, text: str, **render_kwargs) -> None:
+        if conv.tools and text == self.render(conv, messages, tools=[], **render_kwargs):
+            raise TunelabError(f"{conv.source}: the chat template does not render tools (the conversation renders "
+                               "the same without them); use a template with tool support, or no `tools`")
 
     def _shielded(self, conv: Conversation):
         """(shield, messages, tools, reasoning lost): the conversation's strings checked, reasoning kept per
