@@ -1,6 +1,7 @@
 """The web page in a real browser (Debian's Chromium driven by Playwright): two adapters answer side by side
-as the API answers, a run's plot and config show, and a 3-step training run started from the page finishes.
-A screenshot is kept under test-artifacts/ (or $TUNELAB_ARTIFACTS)."""
+as the API answers; a run's plot, config and data report show; a 3-step training run started from the page
+finishes, and a long one stopped from it saves a checkpoint. Screenshots are kept under test-artifacts/ (or
+$TUNELAB_ARTIFACTS)."""
 
 from __future__ import annotations
 
@@ -68,13 +69,16 @@ def test_two_adapters_answer_side_by_side_as_the_api_does(ui, page, pairs):
     page.screenshot(path=str(ARTIFACTS / "ui-chat.png"))
 
 
-def test_a_run_shows_its_plot_and_config_and_a_training_started_here_finishes(ui, page):
+def test_a_run_shows_its_plot_config_and_data_and_a_training_started_here_finishes_or_stops(ui, page):
     url, runs, llama_dir = ui
     page.goto(url)
     page.click("#tab-runs")
     page.click("#runs-list li >> text=lora")
     page.wait_for_function("document.getElementById('run-config').textContent.includes('finetuning_type')")
     page.wait_for_function("document.getElementById('loss').naturalWidth > 0")
+    page.click("#data-report")
+    page.wait_for_function("document.getElementById('run-data').textContent.includes('records read: 3')",
+                           timeout=60_000)
     page.click("#tab-train")
     page.fill("#yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in {
         "model": llama_dir, "dataset": str(runs / "qa.jsonl"), "output_dir": str(runs / "from-ui"), "max_steps": 3,
@@ -85,3 +89,16 @@ def test_a_run_shows_its_plot_and_config_and_a_training_started_here_finishes(ui
     assert (runs / "from-ui" / "run_summary.json").is_file()
     assert page.locator("#curve polyline").count() == 1  # the live loss curve was drawn
     page.screenshot(path=str(ARTIFACTS / "ui-train.png"))
+
+    # a long run, stopped from the page: it saves a checkpoint and says how to resume, as Ctrl-C does
+    page.fill("#yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in {
+        "model": llama_dir, "dataset": str(runs / "qa.jsonl"), "output_dir": str(runs / "stopped"),
+        "max_steps": 100000, "per_device_train_batch_size": 3, "logging_steps": 1, "save_steps": 100000}.items()))
+    page.click("#start")
+    page.wait_for_function("/^running, step [0-9]+/.test(document.getElementById('train-status').textContent)",
+                           timeout=120_000)
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('stopped')",
+                           timeout=120_000)
+    assert list((runs / "stopped").glob("checkpoint-*")), "stopping saved no checkpoint"
+    assert "resume_from_checkpoint=auto" in page.inner_text("#train-log")
