@@ -258,6 +258,20 @@ MUTATIONS = [
     Mutation("replies: Llama-style parameters not read as arguments", "infer/replies.py",
              "fn.get(\"arguments\", fn.get(\"parameters\"))", "fn.get(\"arguments\")",
              ("tests/infer/test_replies.py",)),
+    # --- serving ----------------------------------------------------------------------------------------------
+    Mutation("serve: every request answered by the first model", "serve/app.py",
+             "        return self.models[name]", "        return next(iter(self.models.values()))",
+             ("tests/serve/test_server.py",)),
+    Mutation("serve: a client that left keeps its row generating", "serve/batcher.py",
+             "        return torch.tensor([job.done or job.cancelled for job in self.jobs], device=input_ids.device)",
+             "        return torch.tensor([job.done for job in self.jobs], device=input_ids.device)",
+             ("tests/serve/test_server.py",)),
+    Mutation("serve: requests served one by one", "serve/batcher.py",
+             "        while len(jobs) < self.max_batch:", "        while False:",
+             ("tests/serve/test_server.py",)),
+    Mutation("serve: the API key is not checked", "serve/app.py",
+             "        if server.api_key and request.headers.get", "        if False and request.headers.get",
+             ("tests/serve/test_server.py",)),
 ]
 
 
