@@ -80,3 +80,18 @@ def test_a_reply_with_a_call_goes_back_as_the_turn_training_renders(tmp_path):
     assert session.prompt_ids(messages) == Encoder(tok).prompt_ids(conv)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in \
         tok.decode(session.prompt_ids(messages))
+
+
+def test_history_calls_with_json_string_arguments_render_as_the_object_form(tmp_path):
+    """OpenAI clients send a call's arguments back as a JSON string; the template must not quote it twice."""
+    tok = _real("qwen2.5-instruct", tmp_path)
+    session = ChatSession(torch.nn.Linear(1, 1), tok)
+
+    def history(arguments):
+        return [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "content": "-3", "tool_call_id": "c1"}]
+    as_text = session.prompt_ids(history('{"city": "Oslo"}'))
+    assert as_text == session.prompt_ids(history({"city": "Oslo"}))
+    assert '"arguments": {"city": "Oslo"}' in tok.decode(as_text)

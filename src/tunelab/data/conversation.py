@@ -32,8 +32,13 @@ class Message:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Message":
-        """An OpenAI-style message dict (what chat history and serving hold) as a Message."""
-        known = {k: data[k] for k in ("reasoning_content", "tool_calls", "tool_call_id", "name") if data.get(k) is not None}
+        """An OpenAI-style message dict (what chat history and serving hold) as a Message; tool calls get
+        object arguments, as OpenAI clients send them as JSON strings."""
+        from .tools import parse_calls
+
+        known = {k: data[k] for k in ("reasoning_content", "tool_call_id", "name") if data.get(k) is not None}
+        if data.get("tool_calls"):
+            known["tool_calls"] = parse_calls(data["tool_calls"], f"{data['role']} message tool_calls")
         return cls(data["role"], data.get("content") or "", **known)
 
     def to_template(self) -> dict[str, Any]:
