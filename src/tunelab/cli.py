@@ -306,7 +306,8 @@ def _serve(args) -> int:
 
 
 def _serve_check(args) -> int:
-    from .serve.check import check, parse_adapters, report
+    from .serve.check import check, report
+    from .serve.names import parse_adapters
 
     named = parse_adapters(args.adapter)
     if len(named) > 1:

@@ -6,6 +6,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -57,7 +58,7 @@ def read_tools(path: str | None) -> list[dict] | None:
     if path is None:
         return None
     try:
-        text = open(path, encoding="utf-8").read()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise TunelabError(f"tools: cannot read {path!r} ({exc.strerror})") from None
     return parse_tools(text, path)

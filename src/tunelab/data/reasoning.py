@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 
-RULES = ("keep", "last", "drop")
 _THINK = re.compile(r"\A\s*<think>(.*?)</think>\s*", re.DOTALL)
 _PROBE = "tunelab-probe-reasoning"
 

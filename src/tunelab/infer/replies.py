@@ -12,6 +12,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from ..data.tools import parse_call
+from ..errors import TunelabError
+
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -32,18 +35,15 @@ class Reply:
 
 
 def _as_call(obj, k: int) -> dict | None:
-    if not isinstance(obj, dict):
+    """A call the model wrote, or None when the object is not one (a call names its arguments)."""
+    fn = obj.get("function") if isinstance(obj, dict) and isinstance(obj.get("function"), dict) else obj
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments", fn.get("parameters")), (dict, str)):
         return None
-    fn = obj.get("function") if isinstance(obj.get("function"), dict) else obj
-    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters"))
-    if not isinstance(name, str) or not isinstance(args, (dict, str)):
+    try:
+        call = parse_call(obj, "reply")
+    except TunelabError:
         return None
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    return {"id": obj.get("id") or f"call{k:05d}", "type": "function", "function": {"name": name, "arguments": args}}
+    return {"id": call.pop("id", None) or f"call{k:05d}", **call}
 
 
 def _json_calls(text: str) -> list[dict] | None:

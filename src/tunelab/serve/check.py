@@ -45,20 +45,6 @@ def _post(url: str, body: dict, api_key: str | None) -> dict:
         raise TunelabError(f"{url}: no server answers ({exc.reason})") from None
 
 
-def parse_adapters(specs: list[str] | None) -> dict[str, str]:
-    """`NAME=DIR` (or `DIR`, named after its folder) -> {name: dir}."""
-    out: dict[str, str] = {}
-    for spec in specs or []:
-        name, sep, folder = spec.partition("=")
-        name, folder = (name, folder) if sep else (Path(spec).name, spec)
-        if not name or not folder:
-            raise TunelabError(f"--adapter: {spec!r} is not NAME=DIR")
-        if name in out:
-            raise TunelabError(f"--adapter: the name {name!r} is given twice")
-        out[name] = folder
-    return out
-
-
 def trained_encoder(folder: str) -> Encoder:
     """The encoder training used for the run in `folder` (its saved tokenizer, template and rule)."""
     path = Path(folder)

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from ..errors import TunelabError
-from ..infer.load import BASE, load_inference, split_run_folder
+from ..infer.load import BASE, load_inference
 from .app import Server, create_app
-from .check import parse_adapters
+from .names import served_names
 
 log = logging.getLogger("tunelab")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -16,19 +16,11 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def build_server(model: str, adapters: list[str] | None = None, api_key: str | None = None,
                  trust_remote_code: bool = False, max_batch: int = 32) -> Server:
-    """The base is served under the `--model` name; each adapter under its own (a LoRA run folder given as
-    `--model` serves its base and itself)."""
-    named = parse_adapters(adapters)
-    base, implied = split_run_folder(model, None if named else adapters)
-    if implied:
-        named = {Path(implied[0]).name: implied[0]}
-        model_id = base
-    else:
-        model_id = model
+    """The base and every adapter `served_names` names, loaded once and served under their ids."""
+    base, model_id, named = served_names(model, adapters)
     if model_id in named:
         raise TunelabError(f"--adapter: the name {model_id!r} is the base model's; pick another")
-    im = load_inference(base if implied else model, [BASE, *named.values()] if named else None,
-                        trust_remote_code=trust_remote_code)
+    im = load_inference(base, [BASE, *named.values()] if named else None, trust_remote_code=trust_remote_code)
     variants = dict(zip([model_id, *named], im.variants))
     return Server(im, variants, api_key=api_key, max_batch=max_batch)
 

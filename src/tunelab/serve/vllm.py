@@ -13,8 +13,8 @@ import shlex
 from pathlib import Path
 
 from ..errors import TunelabError
-from ..infer.load import adapter_base, run_config, split_run_folder
-from .check import parse_adapters
+from ..infer.load import adapter_base, run_config
+from .names import served_names
 
 log = logging.getLogger("tunelab")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
@@ -48,12 +48,7 @@ def _parsers(template: str) -> list[str]:
 
 def vllm_command(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None) -> list[str]:
-    named = parse_adapters(adapters)
-    base, implied = split_run_folder(model, None if named else adapters)
-    if implied:
-        named, model_id = {Path(implied[0]).name: implied[0]}, base
-    else:
-        model_id = model
+    base, model_id, named = served_names(model, adapters)
     runs = [Path(d) for d in named.values()] or [Path(model)]
     cmd = ["vllm", "serve", base, "--served-model-name", model_id, "--host", host, "--port", str(port)]
     if named:
