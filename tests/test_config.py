@@ -240,7 +240,8 @@ def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
     assert RESUME_MAY_CHANGE == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
                                  "run_name", "num_train_epochs", "max_steps", "logging_steps", "save_steps",
                                  "save_total_limit", "eval_steps", "per_device_eval_batch_size", "on_bad_loss",
-                                 "loss_spike_factor", "node_rank", "master_addr", "master_port", "ddp_timeout"}
+                                 "loss_spike_factor", "node_rank", "master_addr", "master_port", "ddp_timeout",
+                                 "preprocessing_num_workers"}
     assert not set(DATA_KEYS) & RESUME_MAY_CHANGE
 
 

@@ -96,6 +96,10 @@ class Config:
     bad_records: str = key("error", "What a record that cannot be read as a conversation does: stop with an "
                            "error naming it, or skip it (counted and named in the data report).", group="data",
                            choices=("error", "skip"), data=True)
+    preprocessing_num_workers: Union[int, None] = key(None, "Processes that read, render and tokenize the data, "
+                                                      "chunk by chunk, with the same samples in the same order as "
+                                                      "one; null = every core (up to 32).", group="data",
+                                                      positive=True, resume_may_change=True)
     packing: Union[bool, None] = key(None, "Samples share rows of cutoff_len tokens with restarting position_ids: "
                                      "no padding, same samples per step as unpacked; null = on for architectures "
                                      "where it is exact.", group="speed")

@@ -20,7 +20,7 @@ def _forbid_tokenizing(monkeypatch):
 
 def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, run_config, tokenizer, monkeypatch):
     first = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
-    assert len(list(fresh_cache.glob("*.npz"))) == 1
+    assert len(list(fresh_cache.glob("*.samples"))) == 1
     _forbid_tokenizing(monkeypatch)
     again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert [(s.input_ids, s.labels, s.source) for s in again.train] == \
@@ -56,7 +56,8 @@ def test_cache_can_be_switched_off(tmp_path, run_config, tokenizer, monkeypatch)
 
 def test_an_unreadable_entry_is_re_tokenized(fresh_cache, run_config, tokenizer):
     first = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
-    entry = next(fresh_cache.glob("*.npz"))
+    entry = next(fresh_cache.glob("*.samples"))
+    entry.unlink()  # a new file, as a writer's os.replace makes: the first run's arrays still map the old one
     entry.write_bytes(b"garbage")
     again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
     assert [s.input_ids for s in again.train] == [s.input_ids for s in first.train]
@@ -79,3 +80,59 @@ def test_a_tokenizer_loaded_from_a_folder_is_keyed_on_its_files_and_its_changes_
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
     edited = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert cache._tokenizer_digest(edited) != before
+
+
+def test_a_cached_run_maps_the_entry_instead_of_reading_it_into_memory(fresh_cache, run_config, tokenizer):
+    import numpy as np
+
+    build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
+    again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
+    for name in ("ids", "trained", "offsets"):
+        assert isinstance(again.train.arrays[name], np.memmap), name
+        assert again.train.arrays[name] is again.eval.arrays[name], "train and eval are rows of one storage"
+    assert not again.train.arrays["ids"].flags.writeable
+
+
+RACE = """
+import hashlib, logging, sys, time
+from tunelab.config import from_dict
+from tunelab.data import cache
+from tunelab.data.dataset import build_datasets
+from transformers import AutoTokenizer
+
+cfg = from_dict(dict(model="m", dataset=sys.argv[1], output_dir="o", val_size=0.25, preprocessing_num_workers=1))
+tok = AutoTokenizer.from_pretrained(sys.argv[2])
+logging.basicConfig(level=logging.INFO)
+while time.time() < float(sys.argv[3]):  # both start building at the same moment
+    time.sleep(0.001)
+data = build_datasets(cfg, tok)
+digest = hashlib.sha256()
+for sample in data.train:
+    digest.update(repr((sample.input_ids, sample.labels, sample.source)).encode())
+print(digest.hexdigest(), len(data.train), flush=True)
+"""
+
+
+def test_two_processes_building_one_entry_leave_one_valid_entry_and_agree(fresh_cache, tokenizer, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}?" * (1 + i % 7)},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(3000)]
+    data = tmp_path / "race.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    start = time.time() + 3
+    env = dict(os.environ, TUNELAB_CACHE=str(fresh_cache.parent))
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(data), str(tmp_path / "tok"), str(start)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
+    answers = [out.split() for out, _ in outs]
+    assert answers[0] == answers[1] and int(answers[0][1]) == 2250
+    assert [p.suffix for p in fresh_cache.iterdir() if p.suffix != ".lock"] == [".samples"], "one entry, no parts"
+    from_cache = ["tokenized samples from the cache" in err for _, err in outs]
+    assert sorted(from_cache) == [False, True], "one process built the entry, the other waited and read it"

@@ -225,13 +225,11 @@ def test_a_boundary_inside_a_token_goes_to_the_side_the_token_starts_on(tokenize
     assert encoder._labels([5, 9, 9, 6], [(0, 2), (2, 3), (2, 3), (3, 6)], [(2, 6)]) == [IGNORE_INDEX, 9, 9, 6]
 
 
-def test_a_dataset_encoded_in_chunks_equals_one_batch(tokenizer, monkeypatch):
-    from tunelab.data import dataset
-
+def test_a_dataset_encoded_in_chunks_equals_one_batch(tokenizer):
     encoder, convs = Encoder(tokenizer, cutoff_len=40), mixed_conversations()
-    whole = [(s.input_ids, s.labels, s.truncated) for s in dataset._encoded(convs, encoder)]
-    monkeypatch.setattr(dataset, "CHUNK", 4)
-    chunked = [(s.input_ids, s.labels, s.truncated) for s in dataset._encoded(convs, encoder)]
+    whole = [(s.input_ids, s.labels, s.truncated) for s in encoder.encode_many(convs)]
+    chunked = [(s.input_ids, s.labels, s.truncated) for k in range(0, len(convs), 4)
+               for s in encoder.encode_many(convs[k:k + 4])]
     assert chunked == whole and len(whole) == len(convs)
 
 

@@ -2,24 +2,26 @@
 
 The key covers everything the samples depend on: the bytes of every data file, the tokenizer
 (vocabulary, merges, added tokens), the chat template, every data option of the config and the
-tunelab version. Entries are plain arrays (npz) plus JSON, never pickles.
+tunelab version. An entry is flat arrays and a JSON header in one file, never pickles, read back
+memory-mapped: a sweep, a resumed run and every rank share the pages of one entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from ..config import DATA_KEYS
-from .encode import ENCODING_VERSION, Encoded
+from .encode import ENCODING_VERSION
 
 log = logging.getLogger("tunelab")
 
@@ -82,53 +84,75 @@ def cache_key(cfg, tokenizer) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _pack(prefix: str, samples: list[Encoded]) -> dict:
-    return {f"{prefix}_ids": np.array([t for s in samples for t in s.input_ids], dtype=np.int64),
-            f"{prefix}_labels": np.array([t for s in samples for t in s.labels], dtype=np.int64),
-            f"{prefix}_lens": np.array([len(s.input_ids) for s in samples], dtype=np.int64),
-            f"{prefix}_trunc": np.array([s.truncated for s in samples], dtype=bool)}
+MAGIC = b"TLSAMP01"
+ALIGN = 64
 
 
-def _unpack(arrays, prefix: str, sources: list[str]) -> list[Encoded]:
-    ids, labels = arrays[f"{prefix}_ids"].tolist(), arrays[f"{prefix}_labels"].tolist()
-    out, at = [], 0
-    for n, trunc, src in zip(arrays[f"{prefix}_lens"].tolist(), arrays[f"{prefix}_trunc"].tolist(), sources):
-        out.append(Encoded(ids[at:at + n], labels[at:at + n], bool(trunc), src))
-        at += n
-    return out
+def entry(key: str) -> Path:
+    return cache_dir() / f"{key}.samples"
 
 
-def save(key: str, train: list[Encoded], eval_samples: list[Encoded], stats) -> None:
+@contextlib.contextmanager
+def building(key: str):
+    """Held while an entry is built: a second process building the same key waits, then reads the first's entry."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"train_sources": [s.source for s in train], "eval_sources": [s.source for s in eval_samples],
-                "stats": {f.name: (dict(getattr(stats, f.name)) if f.name in ("records", "dropped")
-                                   else getattr(stats, f.name)) for f in fields(stats)}}
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
+        handle = open(folder / f"{key}.lock", "a+b")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no advisory locks here: both build, os.replace keeps one whole entry
+            pass
+        yield
+
+
+def save(key: str, arrays: dict, meta: dict) -> None:
+    """Arrays laid end to end (64-byte aligned, so each maps as it is), then a JSON header, then its offset."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        layout = {}
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     **_pack("train", train), **_pack("eval", eval_samples))
-        os.replace(tmp, folder / f"{key}.npz")  # readers never see a half-written entry
+            f.write(MAGIC)
+            for name, array in arrays.items():
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                layout[name] = [np.dtype(array.dtype).str, list(array.shape), f.tell()]
+                f.write(np.ascontiguousarray(array).tobytes())
+            header = f.tell()
+            f.write(json.dumps({"arrays": layout, "meta": meta}).encode())
+            f.write(struct.pack("<Q", header) + MAGIC)
+        os.replace(tmp, entry(key))  # readers never see a half-written entry
     except OSError as exc:
         log.info("tokenization cache not written (%s)", exc)
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
 
 
-def load(key: str, stats_type):
-    path = cache_dir() / f"{key}.npz"
+def load(key: str) -> tuple[dict, dict] | None:
+    """(arrays memory-mapped read-only, meta), or None when there is no readable entry."""
+    path = entry(key)
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            meta = json.loads(arrays["meta"].tobytes().decode())
-            train = _unpack(arrays, "train", meta["train_sources"])
-            eval_samples = _unpack(arrays, "eval", meta["eval_sources"])
-    except (OSError, ValueError, KeyError) as exc:
+        with path.open("rb") as f:
+            f.seek(-16, os.SEEK_END)
+            header, magic = struct.unpack("<Q8s", f.read(16))
+            if magic != MAGIC:
+                raise ValueError("not a samples file")
+            f.seek(header)
+            head = json.loads(f.read(path.stat().st_size - 16 - header))
+        arrays = {}
+        for name, (dtype, shape, offset) in head["arrays"].items():
+            arrays[name] = (np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+                            if np.prod(shape) else np.zeros(shape, dtype=np.dtype(dtype)))
+    except (OSError, ValueError, KeyError, struct.error) as exc:
         log.info("tokenization cache entry unreadable, re-tokenizing (%s)", exc)
         return None
-    stats = stats_type()
-    for name, value in meta["stats"].items():
-        current = getattr(stats, name)
-        setattr(stats, name, type(current)(value) if isinstance(current, dict) else value)
-    return train, eval_samples, stats
-
+    return arrays, head["meta"]

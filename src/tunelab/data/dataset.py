@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -16,13 +18,14 @@ from ..errors import TunelabError
 from . import cache
 from .conversation import Conversation
 from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
-from .encode import Encoded, Encoder
+from .encode import Encoder
 from .formats import detect_format, to_conversation
-from .readers import read_records
+from .pool import Job, default_workers, run_chunks
+from .readers import CHUNK_RECORDS, count_lines, read_records, record_chunks
+from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Samples, concat
 from .tools import parse_tools
 
 log = logging.getLogger("tunelab")
-CHUNK = 4096  # conversations per batched encode; garbage collection is paused only within one
 
 
 @dataclass
@@ -30,23 +33,45 @@ class DataStats:
     records: Counter = field(default_factory=Counter)  # per format
     dropped: Counter = field(default_factory=Counter)  # per reason
     truncated: int = 0
-    lengths: list[int] = field(default_factory=list)
     trained_tokens: int = 0
     total_tokens: int = 0
     ends_with_eot: int = 0
-    literal_text: int = 0  # records whose messages hold special-token text, kept as plain text
+    literal_text: int = 0  # samples whose messages hold special-token text, kept as plain text
     kept: int = 0
     own_turns: int = 0  # samples of one turn each (see data.turns)
     own_turn_tokens: int = 0
     reasoning_lost: int = 0  # turns whose reasoning the template cannot show
     skipped: list[str] = field(default_factory=list)  # the first records skipped under bad_records: skip
 
+    def count(self, samples: Samples) -> None:
+        """The sample counts, from the arrays: no sample is made a Python object for them."""
+        lengths = samples.lengths
+        self.kept = len(samples)
+        self.total_tokens = int(lengths.sum())
+        self.trained_tokens = int(samples.trained_per_sample().sum())
+        self.truncated = samples.flag_count(TRUNCATED)
+        self.ends_with_eot = samples.flag_count(ENDS_WITH_EOT)
+        self.literal_text = samples.flag_count(LITERAL)
+        own = (samples.arrays["flags"][samples.rows] & OWN_TURN) > 0
+        self.own_turns = int(own.sum())
+        self.own_turn_tokens = int(lengths[own].sum())
+        self.reasoning_lost = int(samples.arrays["lost"][samples.rows].sum())
+
+    def to_json(self) -> dict:
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), Counter) else v for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DataStats":
+        stats = cls(**data)
+        stats.records, stats.dropped = Counter(stats.records), Counter(stats.dropped)
+        return stats
+
 
 @dataclass
 class TokenizedData:
-    train: list[Encoded]
-    eval: list[Encoded]
-    conversations: list[Conversation]
+    train: Samples
+    eval: Samples
+    conversations: int  # read and kept (after max_samples), before the train/eval split
     stats: DataStats
     encoder: Encoder
 
@@ -100,91 +125,146 @@ def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None 
                               tools=read_tools(cfg.tools), skip_bad=cfg.bad_records == "skip")
 
 
-def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
-    """Deterministic by seed; `val_size` below 1 is a fraction, otherwise a count."""
-    if not val_size or len(items) < 2:
-        return items, []
-    n_val = int(round(val_size * len(items))) if val_size < 1 else int(val_size)
-    n_val = max(1, min(n_val, len(items) - 1))
-    order = list(range(len(items)))
+def held_out(n: int, val_size: float, seed: int) -> np.ndarray:
+    """Which of n items are held out for evaluation; deterministic by seed. `val_size` below 1 is a fraction,
+    otherwise a count."""
+    held = np.zeros(n, dtype=bool)
+    if not val_size or n < 2:
+        return held
+    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    n_val = max(1, min(n_val, n - 1))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+    held[order[:n_val]] = True
+    return held
 
 
-def _encoded(conversations: list[Conversation], encoder: Encoder):
-    """Samples in chunks: each is one batched tokenizer call, and a bar shows progress on large data."""
-    with tqdm(total=len(conversations), desc="tokenize", unit="sample", disable=len(conversations) <= CHUNK,
-              leave=False) as bar:
-        for start in range(0, len(conversations), CHUNK):
-            chunk = conversations[start:start + CHUNK]
-            yield from encoder.encode_many(chunk)
-            bar.update(len(chunk))
+def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
+    held = held_out(len(items), val_size, seed)
+    return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
-def encode_all(conversations: list[Conversation], encoder: Encoder, stats: DataStats) -> list[Encoded]:
-    kept = []
-    for sample in _encoded(conversations, encoder):
-        if sample.n_trained == 0:
-            stats.dropped["no trainable token left after cutoff_len" if sample.truncated else "no trainable token"] += 1
-            continue
-        stats.truncated += sample.truncated
-        stats.lengths.append(len(sample.input_ids))
-        stats.trained_tokens += sample.n_trained
-        stats.total_tokens += len(sample.input_ids)
-        stats.ends_with_eot += encoder.ends_with_eot(sample)
-        stats.literal_text += sample.literal_text
-        stats.own_turns += sample.own_turn
-        stats.own_turn_tokens += len(sample.input_ids) if sample.own_turn else 0
-        stats.reasoning_lost += sample.reasoning_lost
-        kept.append(sample)
-    stats.kept += len(kept)
-    return kept
+def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int):
+    """(chunk, format) pairs of every spec; the format is detected once per spec, from its first record."""
+    for spec in specs:
+        fmt = None
+        for chunk in record_chunks(spec, cfg.model_hub):
+            if fmt is None:
+                records = chunk.read()
+                if not records:
+                    continue
+                fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0], cfg.columns)
+            wheres.append(chunk.where)
+            groups.append((group, fmt))
+            yield chunk, fmt
 
 
-def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
-    """Tokenized train/eval samples; the conversations are read only when the cache cannot answer."""
-    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
-    key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
-    hit = cache.load(key, DataStats) if key else None
-    if hit:
-        log.info("data: tokenized samples from the cache (%s)", cache.cache_dir() / f"{key}.npz")
-        return TokenizedData(hit[0], hit[1], [], hit[2], encoder)
+def _bar(cfg: Config):
+    counts = [count_lines(s) for s in cfg.datasets + cfg.eval_datasets]
+    total = None if None in counts else sum(counts)
+    return tqdm(total=total, desc="encode", unit="record", leave=False, mininterval=1,
+                disable=total is not None and total <= 2 * CHUNK_RECORDS)
+
+
+def encode_all(cfg: Config, encoder: Encoder) -> tuple[Samples, Samples, int, DataStats]:
+    """Every record read, converted and encoded (on `preprocessing_num_workers` processes), then split."""
+    job = Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
+    workers = cfg.preprocessing_num_workers or default_workers()
+    wheres: list = []
+    groups: list = []  # per chunk: (0 = training data, 1 = eval_datasets; format)
+    chunks = chain(_chunks(cfg, cfg.datasets, wheres, groups, 0), _chunks(cfg, cfg.eval_datasets, wheres, groups, 1))
     stats = DataStats()
-    conversations = config_conversations(cfg, cfg.datasets, stats)
-    if not conversations:
+    parts, dropped, n_train = [], [], 0
+    base = 0  # conversations before this chunk
+    with _bar(cfg) as bar:
+        for k, part in enumerate(run_chunks(job, chunks, workers)):
+            group, fmt = groups[k]
+            if group == 0:
+                stats.records[fmt] += part.records
+                stats.dropped["bad record (bad_records: skip)"] += len(part.skipped)
+                stats.skipped += part.skipped[: max(0, SKIPPED_SHOWN - len(stats.skipped))]
+                n_train += part.conversations
+            dropped += [(base + c, why) for c, why in part.dropped]
+            base += part.conversations
+            parts.append(part)
+            bar.update(part.records)
+    stats.dropped = +stats.dropped  # no zero counts
+    if not n_train:
         raise TunelabError(f"{', '.join(cfg.datasets)}: the dataset is empty")
-    if cfg.max_samples:
-        conversations = conversations[: cfg.max_samples]
+    storage = Samples(concat(parts, list(range(len(parts)))), wheres)
+    del parts
+    conv = storage.arrays["conv"]
+    limit = min(n_train, cfg.max_samples or n_train)
     if cfg.eval_datasets:
-        train_convs, eval_convs = conversations, config_conversations(cfg, cfg.eval_datasets)
+        train_convs, eval_convs = np.arange(base) < limit, np.arange(base) >= n_train
     else:
-        train_convs, eval_convs = split(conversations, cfg.val_size, cfg.seed)
-    train = encode_all(train_convs, encoder, stats)
+        held = np.concatenate([held_out(limit, cfg.val_size, cfg.seed), np.zeros(base - limit, dtype=bool)])
+        train_convs, eval_convs = (np.arange(base) < limit) & ~held, held
+    for c, why in dropped:
+        if train_convs[c]:
+            stats.dropped[why] += 1
+    train, eval_samples = storage.select(train_convs[conv]), storage.select(eval_convs[conv])
     if not train:
         reasons = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
         raise TunelabError(f"every training sample was dropped ({reasons}); raise cutoff_len (now {cfg.cutoff_len})")
-    eval_samples = encode_all(eval_convs, encoder, DataStats())
-    if key:
-        cache.save(key, train, eval_samples, stats)
+    stats.count(train)
+    return train, eval_samples, limit, stats
+
+
+def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
+    """Tokenized train/eval samples; the data is read only when the cache cannot answer.
+
+    With the cache on, the samples are written to it and read back memory-mapped, so what training
+    holds is pages of one file that later runs and other ranks share.
+    """
+    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+    key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
+    if not key:
+        return _fresh(cfg, encoder)
+    with cache.building(key):
+        hit = cache.load(key)
+        if hit is None:
+            data = _fresh(cfg, encoder)
+            cache.save(key, {**data.train.arrays, "train_rows": data.train.rows, "eval_rows": data.eval.rows},
+                       {"where": data.train.where, "conversations": data.conversations,
+                        "stats": data.stats.to_json()})
+            hit = cache.load(key)
+            if hit is None:  # not writable: keep what is in memory
+                return data
+        else:
+            log.info("data: tokenized samples from the cache (%s)", cache.entry(key))
+    arrays, meta = hit
+    where = [tuple(w) for w in meta["where"]]
+    train_rows, eval_rows = np.asarray(arrays.pop("train_rows")), np.asarray(arrays.pop("eval_rows"))
+    return TokenizedData(Samples(arrays, where, train_rows), Samples(arrays, where, eval_rows),
+                         meta["conversations"], DataStats.from_json(meta["stats"]), encoder)
+
+
+def _fresh(cfg: Config, encoder: Encoder) -> TokenizedData:
+    train, eval_samples, conversations, stats = encode_all(cfg, encoder)
     return TokenizedData(train, eval_samples, conversations, stats, encoder)
 
 
 class SampleDataset(torch.utils.data.Dataset):
     """The tokenized samples; index None is a filler: one pad token, nothing trained (see WholeGlobalBatches)."""
 
-    def __init__(self, samples: list[Encoded], pad_token_id: int = 0):
+    def __init__(self, samples: Samples, pad_token_id: int = 0):
         self.samples = samples
         self.pad_token_id = pad_token_id
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample, for length-grouped sampling without reading every sample."""
+        return self.samples.lengths.tolist()
+
     def __getitem__(self, i: int | None) -> dict:
         if i is None:
             return {"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}
-        s = self.samples[i]
-        return {"input_ids": s.input_ids, "labels": s.labels}
+        ids, trained = self.samples.tokens(i)
+        return {"input_ids": ids.tolist(), "labels": np.where(trained, ids, IGNORE_INDEX).tolist()}
 
 
 class PadCollator:

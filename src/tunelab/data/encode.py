@@ -47,6 +47,7 @@ class Encoded:
     literal_text: bool = False  # the record's text held special-token text, encoded as plain text
     own_turn: bool = False  # one turn of a conversation, in a sample of its own (see `turns`)
     reasoning_lost: int = 0  # turns whose reasoning the template could not show
+    turn: int = -1  # the message index of an own turn's answer
 
     @property
     def n_trained(self) -> int:
@@ -62,6 +63,7 @@ class _Plan:
     source: str = ""
     own_turn: bool = False
     reasoning_lost: int = 0
+    turn: int = -1
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -202,7 +204,8 @@ class Encoder:
                        reasoning_lost=lost + found.unrendered_reasoning)]
         for i, cut, span in found.own:
             text, spans, protected = shield.unwrap(cut, [span], conv.source)
-            plans.append(_Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True))
+            plans.append(_Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True,
+                               turn=i))
         return plans
 
     def _check_tools_rendered(self, conv: Conversation, messages, text: str, **render_kwargs) -> None:
@@ -270,7 +273,7 @@ class Encoder:
         if truncated:
             ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
         literal = bool(plan.protected) and not plan.raw
-        return Encoded(ids, labels, truncated, plan.source, literal, plan.own_turn, plan.reasoning_lost)
+        return Encoded(ids, labels, truncated, plan.source, literal, plan.own_turn, plan.reasoning_lost, plan.turn)
 
     def _labels(self, ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
         """A token is trained when it starts inside a span, or is plain text running into one (module doc)."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from itertools import islice
+from typing import Iterable, Iterator
 
 from ..errors import TunelabError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+CHUNK_RECORDS = 1024  # records per chunk: the unit a worker encodes and the progress bar counts
 
 
 @dataclass
@@ -23,18 +26,121 @@ class Record:
     source: str  # "file:line 12" or "file[record 3]"
 
 
+@dataclass
+class Chunk:
+    """Consecutive records of one file; JSONL lines stay unparsed so that a worker, not the reader, parses them.
+
+    `where` and `at` say where each record came from without a string per record: record k's source
+    is where[0] + str(at[k]) + where[1] (a line number, or an index in the file).
+    """
+    where: tuple[str, str]
+    lines: list[bytes] = field(default_factory=list)  # raw JSONL lines, blank ones included
+    first_line: int = 1
+    first_byte: int = 0
+    records: list[Record] | None = None  # parsed already (JSON, CSV, Parquet, hub)
+    at: list[int] = field(default_factory=list)
+
+    def read(self) -> list[Record]:
+        if self.records is not None:
+            return self.records
+        records, self.at = [], []
+        byte = self.first_byte
+        for lineno, raw in enumerate(self.lines, self.first_line):
+            if raw.strip():
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise TunelabError(f"{self.where[0].rstrip(':')}: not UTF-8 text (byte {byte + exc.start})") from None
+                where = f"{self.where[0]}{lineno}"
+                obj = _loads(line, where)
+                if not isinstance(obj, dict):
+                    raise TunelabError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                records.append(Record(obj, where))
+                self.at.append(lineno)
+            byte += len(raw)
+        return records
+
+    def first_record(self) -> Record | None:
+        """The chunk's first record, parsing no more than it (format detection needs only that)."""
+        if self.records is not None:
+            return self.records[0] if self.records else None
+        for k, raw in enumerate(self.lines):
+            if raw.strip():
+                return Chunk(self.where, [raw], self.first_line + k, self.first_byte).read()[0]
+        return None
+
+
 def read_records(spec: str, hub: str = "hf") -> list[Record]:
+    return [r for chunk in record_chunks(spec, hub) for r in chunk.read()]
+
+
+def record_chunks(spec: str, hub: str = "hf", size: int | None = None, stream: bool = False) -> Iterator[Chunk]:
+    """The records of a file, folder or hub dataset, a chunk at a time. JSONL and Parquet are read lazily;
+    a hub dataset too with `stream` (the hub's streaming mode); JSON arrays and CSV are read whole."""
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         if not files:
             raise TunelabError(f"{path}: folder holds no data file ({', '.join(SUFFIXES)})")
-        return [r for f in files for r in _read_file(f)]
-    if path.is_file():
-        return _read_file(path)
-    if _looks_like_hub_name(spec):
-        return _read_hub(spec, hub)
-    raise TunelabError(f"{spec}: data file not found")
+        for f in files:
+            yield from _file_chunks(f, size or CHUNK_RECORDS)
+    elif path.is_file():
+        yield from _file_chunks(path, size or CHUNK_RECORDS)
+    elif _looks_like_hub_name(spec):
+        rows = _stream_hub(spec, hub) if stream else _read_hub(spec, hub)
+        yield from _split(rows, (f"{spec}[row ", "]"), size or CHUNK_RECORDS)
+    else:
+        raise TunelabError(f"{spec}: data file not found")
+
+
+def count_lines(spec: str) -> int | None:
+    """Lines in a JSONL file or folder (a quick upper bound on its records, for the progress bar)."""
+    path = Path(spec)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES) if path.is_dir() else [path]
+    if not all(f.is_file() and f.suffix.lower() == ".jsonl" for f in files):
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as stream:
+            total += sum(block.count(b"\n") for block in iter(lambda: stream.read(1 << 22), b""))
+    return total
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[Chunk]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_chunks(path, size)
+    elif suffix == ".parquet":
+        yield from _split(_parquet_rows(path, size), (f"{path}[row ", "]"), size)
+    else:
+        where = (f"{path}:", "") if suffix == ".csv" else (f"{path}[record ", "]")
+        yield from _split(_read_file(path), where, size)
+
+
+def _split(records: Iterable[Record], where: tuple[str, str], size: int) -> Iterator[Chunk]:
+    records = iter(records)
+    while part := list(islice(records, size)):
+        yield Chunk(where, records=part, at=[_position(r.source, where) for r in part])
+
+
+def _position(source: str, where: tuple[str, str]) -> int:
+    return int(source[len(where[0]):len(source) - len(where[1])])
+
+
+def _jsonl_chunks(path: Path, size: int) -> Iterator[Chunk]:
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() breaks on
+    with path.open("rb") as stream:
+        lines, first_line, first_byte, byte = [], 1, 0, 0
+        for n, raw in enumerate(stream, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, byte, first_byte = raw[3:], 3, 3
+            lines.append(raw)
+            byte += len(raw)
+            if len(lines) >= size:
+                yield Chunk((f"{path}:", ""), lines=lines, first_line=first_line, first_byte=first_byte)
+                lines, first_line, first_byte = [], n + 1, byte
+        if lines:
+            yield Chunk((f"{path}:", ""), lines=lines, first_line=first_line, first_byte=first_byte)
 
 
 def _looks_like_hub_name(spec: str) -> bool:
@@ -44,8 +150,6 @@ def _looks_like_hub_name(spec: str) -> bool:
 
 def _read_file(path: Path) -> list[Record]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
@@ -60,19 +164,6 @@ def _text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise TunelabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-
-
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() breaks on
-    for lineno, line in enumerate(_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        obj = _loads(line, f"{path}:{lineno}")
-        if not isinstance(obj, dict):
-            raise TunelabError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        records.append(Record(obj, f"{path}:{lineno}"))
-    return records
 
 
 def _loads(text: str, where: str, multiline: bool = False):
@@ -125,13 +216,41 @@ def _read_csv(path: Path) -> list[Record]:
 
 
 def _read_parquet(path: Path) -> list[Record]:
+    return list(_parquet_rows(path, CHUNK_RECORDS))
+
+
+def _parquet_rows(path: Path, size: int) -> Iterator[Record]:
+    """Row batches as they are read, so a file larger than memory never is whole in it."""
     import pyarrow.parquet as pq
 
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
+        batches = pq.ParquetFile(path).iter_batches(batch_size=size)
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Record(row, f"{path}[row {i}]")
+                i += 1
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise TunelabError(f"{path}: cannot read parquet ({exc})") from None
-    return [Record(row, f"{path}[row {i}]") for i, row in enumerate(rows)]
+
+
+def _stream_hub(name: str, hub: str) -> Iterator[Record]:
+    """A hub dataset's train split in the hub's streaming mode: rows as they download."""
+    if hub == "modelscope":
+        yield from _read_hub(name, hub)
+        return
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, split="train", streaming=True)
+    except ImportError as exc:
+        raise TunelabError(f"{name}: the {hub} dataset hub needs an extra package ({exc.name}); "
+                           f"pip install 'tunelab[{hub}]'") from None
+    except Exception as exc:
+        raise TunelabError(f"{name}: not a local file and could not be streamed from the {hub} hub "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for i, row in enumerate(rows):
+        yield Record(dict(row), f"{name}[row {i}]")
 
 
 def _read_hub(name: str, hub: str) -> list[Record]:

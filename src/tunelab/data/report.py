@@ -10,6 +10,8 @@ import json
 import sys
 from typing import TextIO
 
+import numpy as np
+
 from ..config import Config
 from .dataset import TokenizedData, build_datasets
 from ..constants import IGNORE_INDEX
@@ -19,9 +21,8 @@ from .tokenizer import prepare_tokenizer
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
 
 
-def _percentile(values: list[int], q: float) -> int:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0
+def _percentile(ordered, q: float) -> int:
+    return int(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]) if len(ordered) else 0
 
 
 def highlight(tokenizer, sample: Encoded, color: bool = True) -> str:
@@ -51,14 +52,15 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     lines = [f"records read: {sum(s.records.values())} ("
              + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")"]
     if cfg.max_samples:
-        lines.append(f"max_samples: first {len(data.conversations)} kept")
+        lines.append(f"max_samples: first {data.conversations} kept")
     lines.append(f"train samples: {len(data.train)}   eval samples: {len(data.eval)}")
     dropped = sum(s.dropped.values())
     lines.append(f"dropped: {dropped}" + (" (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")"
                                           if dropped else ""))
     lines.append(f"truncated to cutoff_len {cfg.cutoff_len}: {s.truncated}")
+    lengths = np.sort(data.train.lengths)
     lines.append("tokens per sample: p50 {} / p90 {} / p99 {} / max {}".format(
-        *(_percentile(s.lengths, q) for q in (0.5, 0.9, 0.99)), max(s.lengths, default=0)))
+        *(_percentile(lengths, q) for q in (0.5, 0.9, 0.99)), int(lengths[-1]) if len(lengths) else 0))
     share = s.trained_tokens / max(s.total_tokens, 1)
     lines.append(f"trained tokens: {s.trained_tokens} of {s.total_tokens} ({share:.1%})")
     ok = "yes" if s.ends_with_eot == s.kept else f"NO ({s.kept - s.ends_with_eot} samples do not)"
@@ -82,6 +84,8 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
 def write_jsonl(cfg: Config, stream: TextIO = sys.stdout) -> int:
     """One {"input_ids", "labels"} object per training sample; labels unshifted, masked positions -100."""
     data, _, _ = load(cfg)
-    for sample in data.train:
-        stream.write(json.dumps({"input_ids": sample.input_ids, "labels": sample.labels}) + "\n")
+    for i in range(len(data.train)):
+        ids, trained = data.train.tokens(i)
+        labels = np.where(trained, ids, IGNORE_INDEX)
+        stream.write(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist()}) + "\n")
     return len(data.train)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import checkpoints, distributed
 from .guards import LossGuard
@@ -162,7 +163,13 @@ class TunelabTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            # transformers would read every sample to learn its length; the dataset knows them all already
+            sampler = LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                           dataset=dataset, lengths=dataset.lengths)
+        else:
+            sampler = super()._get_train_sampler(train_dataset)
         if sampler is None or self.args.world_size <= 1:
             return sampler
         if type(sampler) is torch.utils.data.RandomSampler:  # what accelerate makes of it, as one process gets

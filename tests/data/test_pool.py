@@ -1,0 +1,185 @@
+"""Encoding on several processes gives the samples of one process, byte for byte and in the same order.
+
+Chunks are made small here (a few records) so that even the shared demo sets spread over many chunks
+and both workers; the comparison is of the whole flat storage (ids, trained mask, offsets, flags,
+conversation and record numbers) and of the train/eval rows and the data report's counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunelab.data import dataset, pool, readers
+from tunelab.data.encode import Encoder
+from tunelab.errors import TunelabError
+
+_spec = importlib.util.spec_from_file_location("fuzz_agents", Path(__file__).with_name("test_fuzz_agents.py"))
+_agents = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_agents)
+fuzz, records, real_tokenizers = _agents.fuzz, _agents._fuzz.records, _agents.real_tokenizers
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+
+@pytest.fixture()
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(readers, "CHUNK_RECORDS", 5)
+
+
+@pytest.fixture()
+def worker_pids(monkeypatch, tmp_path):
+    """The pids that ran a chunk: a file each worker appends to (fork carries the patch into the workers)."""
+    log = tmp_path / "pids"
+    run = pool.Job.run
+
+    def logged(self, chunk, fmt):
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
+        return run(self, chunk, fmt)
+    monkeypatch.setattr(pool.Job, "run", logged)
+
+    def pids() -> set[int]:
+        found = {int(p) for p in log.read_text().split()} if log.exists() else set()
+        log.unlink(missing_ok=True)
+        return found
+    return pids
+
+
+def encode(cfg, tokenizer, workers: int):
+    cfg.preprocessing_num_workers = workers
+    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+    return dataset.encode_all(cfg, encoder)
+
+
+def outcome(cfg, tokenizer, workers: int):
+    """The encoded data, or the error's text (every record bad, every sample dropped)."""
+    try:
+        return encode(cfg, tokenizer, workers)
+    except TunelabError as exc:
+        return str(exc)
+
+
+def assert_same(one, many) -> None:
+    if isinstance(one, str) or isinstance(many, str):
+        assert one == many
+        return
+    (train1, eval1, n1, stats1), (train2, eval2, n2, stats2) = one, many
+    assert set(train1.arrays) == set(train2.arrays)
+    for name in train1.arrays:
+        assert train1.arrays[name].dtype == train2.arrays[name].dtype, name
+        assert train1.arrays[name].tobytes() == train2.arrays[name].tobytes(), name
+    assert np.array_equal(train1.rows, train2.rows) and np.array_equal(eval1.rows, eval2.rows)
+    assert train1.where == train2.where and n1 == n2 and stats1 == stats2
+
+
+SETS = [("llama-factory/alpaca_en_demo.json", "qwen2.5-instruct", {}),
+        ("llama-factory/glaive_toolcall_en_demo.json", "qwen3", {"max_samples": 60}),
+        ("llama-factory/reason_tool_use_demo_50.jsonl", "qwen3", {"reasoning": "keep", "cutoff_len": 4096}),
+        ("fastchat/dummy_conversation.json", "llama-3.2-3b-instruct", {"max_samples": 120, "cutoff_len": 512}),
+        ("self-llm/huanhuan.jsonl", "qwen2.5-instruct", {"max_samples": 300})]
+
+
+@pytest.mark.parametrize("name,family,keys", SETS, ids=[s[0].split("/")[1] for s in SETS])
+def test_two_workers_give_one_workers_samples_on_the_shared_sets(name, family, keys, small_chunks, worker_pids,
+                                                                 run_config, tmp_path):
+    if not (SHARED / name).exists() or not real_tokenizers.available(family):
+        pytest.skip(f"../shared has no {name} or no {family} tokenizer")
+    tok = real_tokenizers.load(family, tmp_path / "tok")
+    cfg = run_config(model="m", dataset=str(SHARED / name), val_size=0.1, bad_records="skip",
+                     **{"cutoff_len": 256, **keys})
+    one = encode(cfg, tok, 1)
+    assert worker_pids() == {os.getpid()}
+    many = encode(cfg, tok, 2)
+    assert len(worker_pids() - {os.getpid()}) == 2, "both workers encoded chunks"
+    assert_same(one, many)
+    assert len(one[0]) > 20 and one[1], "a train and an eval set, over many chunks"
+
+
+def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_chunks, run_config, tokenizer,
+                                                                         tmp_path):
+    good = st.builds(lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                     _agents._fuzz.plain_text, _agents._fuzz.plain_text)
+    compared = []
+
+    @fuzz(6)
+    @given(rows=st.lists(st.one_of(records, good), min_size=12, max_size=40))
+    def check(rows):
+        path = tmp_path / "fuzz.jsonl"
+        path.write_text("".join(json.dumps(r, default=repr) + "\n" for r in rows), encoding="utf-8")
+        cfg = run_config(model="m", dataset=str(path), dataset_format="messages", bad_records="skip",
+                         cutoff_len=40, val_size=0)
+        outcomes = [outcome(cfg, tokenizer, workers) for workers in (1, 2)]
+        assert_same(*outcomes)
+        if not isinstance(outcomes[0], str):
+            compared.append(len(outcomes[0][0]))
+    check()
+    assert len(compared) >= 3, compared
+
+
+def test_fuzzed_tool_and_reasoning_records_encode_the_same_on_two_workers(small_chunks, run_config, tmp_path):
+    if not real_tokenizers.available("qwen3"):
+        pytest.skip("../shared/tokenizers/qwen3 not present")
+    tok = real_tokenizers.load("qwen3", tmp_path / "tok")
+
+    @fuzz(3)
+    @given(rows=st.lists(_agents.agent_records(), min_size=15, max_size=30))
+    def check(rows):
+        path = tmp_path / "agents.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        cfg = run_config(model="m", dataset=str(path), bad_records="skip", val_size=3)
+        assert_same(outcome(cfg, tok, 1), outcome(cfg, tok, 2))
+    check()
+
+
+def test_a_bad_record_in_a_late_chunk_stops_with_the_error_one_worker_gives(small_chunks, run_config, tokenizer,
+                                                                           tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(40)]
+    rows[33] = {"messages": [{"role": "assistant", "content": "an answer to nothing"}, {"role": "user", "content": "?"}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = run_config(model="m", dataset=str(path))
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(TunelabError) as caught:
+            encode(cfg, tokenizer, workers)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{path}:34:")
+
+
+def test_the_progress_bar_counts_records_across_workers(small_chunks, run_config, tokenizer, tmp_path, monkeypatch):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(57)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is no record
+    seen = {}
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            seen["total"], seen["counted"] = total, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            seen["counted"] += n
+    monkeypatch.setattr(dataset, "tqdm", Bar)
+    encode(run_config(model="m", dataset=str(path)), tokenizer, 2)
+    assert seen["counted"] == 57 and seen["total"] >= 57
+
+
+def test_the_default_is_every_core_up_to_a_cap(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(6)), raising=False)
+    assert pool.default_workers() == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(200)), raising=False)
+    assert pool.default_workers() == pool.MAX_WORKERS
