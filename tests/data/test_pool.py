@@ -71,13 +71,12 @@ def assert_same(one, many) -> None:
     if isinstance(one, str) or isinstance(many, str):
         assert one == many
         return
-    (train1, eval1, n1, stats1), (train2, eval2, n2, stats2) = one, many
-    assert set(train1.arrays) == set(train2.arrays)
-    for name in train1.arrays:
-        assert train1.arrays[name].dtype == train2.arrays[name].dtype, name
-        assert train1.arrays[name].tobytes() == train2.arrays[name].tobytes(), name
-    assert np.array_equal(train1.rows, train2.rows) and np.array_equal(eval1.rows, eval2.rows)
-    assert train1.where == train2.where and n1 == n2 and stats1 == stats2
+    assert set(one.arrays) == set(many.arrays)
+    for name in one.arrays:
+        assert one.arrays[name].dtype == many.arrays[name].dtype, name
+        assert one.arrays[name].tobytes() == many.arrays[name].tobytes(), name
+    assert np.array_equal(one.train_rows, many.train_rows) and np.array_equal(one.eval_rows, many.eval_rows)
+    assert one.where == many.where and one.conversations == many.conversations and one.stats == many.stats
 
 
 SETS = [("llama-factory/alpaca_en_demo.json", "qwen2.5-instruct", {}),
@@ -100,7 +99,7 @@ def test_two_workers_give_one_workers_samples_on_the_shared_sets(name, family, k
     many = encode(cfg, tok, 2)
     assert len(worker_pids() - {os.getpid()}) == 2, "both workers encoded chunks"
     assert_same(one, many)
-    assert len(one[0]) > 20 and one[1], "a train and an eval set, over many chunks"
+    assert len(one.train_rows) > 20 and len(one.eval_rows), "a train and an eval set, over many chunks"
 
 
 def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_chunks, run_config, tokenizer,
@@ -119,7 +118,7 @@ def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_c
         outcomes = [outcome(cfg, tokenizer, workers) for workers in (1, 2)]
         assert_same(*outcomes)
         if not isinstance(outcomes[0], str):
-            compared.append(len(outcomes[0][0]))
+            compared.append(len(outcomes[0].train_rows))
     check()
     assert len(compared) >= 3, compared
 

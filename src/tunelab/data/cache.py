@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from .. import __version__
 from ..config import DATA_KEYS
 from .encode import ENCODING_VERSION
+from .samples import Spilled
 
 log = logging.getLogger("tunelab")
 
@@ -112,6 +114,22 @@ def building(key: str):
         yield
 
 
+@contextlib.contextmanager
+def spill_dir(key: str):
+    """A scratch folder beside the entry for token columns written while encoding; removed after."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=folder, prefix=f"{key}.building-"))
+    except OSError:
+        yield None
+        return
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def save(key: str, arrays: dict, meta: dict) -> None:
     """Arrays laid end to end (64-byte aligned, so each maps as it is), then a JSON header, then its offset."""
     folder = cache_dir()
@@ -123,8 +141,12 @@ def save(key: str, arrays: dict, meta: dict) -> None:
             f.write(MAGIC)
             for name, array in arrays.items():
                 f.write(b"\0" * (-f.tell() % ALIGN))
-                layout[name] = [np.dtype(array.dtype).str, list(array.shape), f.tell()]
-                f.write(np.ascontiguousarray(array).tobytes())
+                layout[name] = [np.dtype(array.dtype).str, [len(array)], f.tell()]
+                if isinstance(array, Spilled):  # copied in blocks: never whole in memory
+                    with array.path.open("rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 24)
+                else:
+                    f.write(np.ascontiguousarray(array).tobytes())
             header = f.tell()
             f.write(json.dumps({"arrays": layout, "meta": meta}).encode())
             f.write(struct.pack("<Q", header) + MAGIC)

@@ -22,7 +22,7 @@ from .encode import Encoder
 from .formats import detect_format, to_conversation
 from .pool import Job, default_workers, run_chunks
 from .readers import CHUNK_RECORDS, count_lines, read_records, record_chunks
-from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Samples, concat
+from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Builder, Samples, Spilled
 from .tools import parse_tools
 
 log = logging.getLogger("tunelab")
@@ -166,16 +166,30 @@ def _bar(cfg: Config):
                 disable=total is not None and total <= 2 * CHUNK_RECORDS)
 
 
-def encode_all(cfg: Config, encoder: Encoder) -> tuple[Samples, Samples, int, DataStats]:
-    """Every record read, converted and encoded (on `preprocessing_num_workers` processes), then split."""
+@dataclass
+class Encoding:
+    """What encoding produced, before it is mapped: one storage (token columns maybe spilled to files),
+    the train and eval rows over it, and the counts."""
+    arrays: dict
+    where: list
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    conversations: int
+    stats: DataStats
+
+
+def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None) -> Encoding:
+    """Every record read, converted and encoded (on `preprocessing_num_workers` processes), then split.
+
+    With `spill`, token ids go to files there as chunks come back, so the data is never whole in memory."""
     job = Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
     workers = cfg.preprocessing_num_workers or default_workers()
     wheres: list = []
     groups: list = []  # per chunk: (0 = training data, 1 = eval_datasets; format)
     chunks = chain(_chunks(cfg, cfg.datasets, wheres, groups, 0), _chunks(cfg, cfg.eval_datasets, wheres, groups, 1))
     stats = DataStats()
-    parts, dropped, n_train = [], [], 0
-    base = 0  # conversations before this chunk
+    builder = Builder(spill)
+    dropped, n_train = [], 0
     with _bar(cfg) as bar:
         for k, part in enumerate(run_chunks(job, chunks, workers)):
             group, fmt = groups[k]
@@ -184,55 +198,56 @@ def encode_all(cfg: Config, encoder: Encoder) -> tuple[Samples, Samples, int, Da
                 stats.dropped["bad record (bad_records: skip)"] += len(part.skipped)
                 stats.skipped += part.skipped[: max(0, SKIPPED_SHOWN - len(stats.skipped))]
                 n_train += part.conversations
-            dropped += [(base + c, why) for c, why in part.dropped]
-            base += part.conversations
-            parts.append(part)
+            dropped += [(builder.n_conversations + c, why) for c, why in part.dropped]
+            builder.add(part, k)
             bar.update(part.records)
     stats.dropped = +stats.dropped  # no zero counts
     if not n_train:
         raise TunelabError(f"{', '.join(cfg.datasets)}: the dataset is empty")
-    storage = Samples(concat(parts, list(range(len(parts)))), wheres)
-    del parts
-    conv = storage.arrays["conv"]
+    total = builder.n_conversations
+    arrays = builder.finish()
+    conv = arrays["conv"]
     limit = min(n_train, cfg.max_samples or n_train)
     if cfg.eval_datasets:
-        train_convs, eval_convs = np.arange(base) < limit, np.arange(base) >= n_train
+        train_convs, eval_convs = np.arange(total) < limit, np.arange(total) >= n_train
     else:
-        held = np.concatenate([held_out(limit, cfg.val_size, cfg.seed), np.zeros(base - limit, dtype=bool)])
-        train_convs, eval_convs = (np.arange(base) < limit) & ~held, held
+        held = np.concatenate([held_out(limit, cfg.val_size, cfg.seed), np.zeros(total - limit, dtype=bool)])
+        train_convs, eval_convs = (np.arange(total) < limit) & ~held, held
     for c, why in dropped:
         if train_convs[c]:
             stats.dropped[why] += 1
-    train, eval_samples = storage.select(train_convs[conv]), storage.select(eval_convs[conv])
-    if not train:
+    train_rows, eval_rows = np.flatnonzero(train_convs[conv]), np.flatnonzero(eval_convs[conv])
+    if not len(train_rows):
         reasons = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
         raise TunelabError(f"every training sample was dropped ({reasons}); raise cutoff_len (now {cfg.cutoff_len})")
-    stats.count(train)
-    return train, eval_samples, limit, stats
+    stats.count(Samples(arrays, wheres, train_rows))  # per-sample columns only: spilled tokens stay on disk
+    return Encoding(arrays, wheres, train_rows, eval_rows, limit, stats)
 
 
 def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
     """Tokenized train/eval samples; the data is read only when the cache cannot answer.
 
-    With the cache on, the samples are written to it and read back memory-mapped, so what training
-    holds is pages of one file that later runs and other ranks share.
+    With the cache on, token ids go straight to it while encoding and the samples are read back
+    memory-mapped, so what a run holds is pages of one file that later runs and other ranks share.
     """
     encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
     key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
     if not key:
-        return _fresh(cfg, encoder)
+        return _in_memory(encode_all(cfg, encoder), encoder)
     with cache.building(key):
         hit = cache.load(key)
-        if hit is None:
-            data = _fresh(cfg, encoder)
-            cache.save(key, {**data.train.arrays, "train_rows": data.train.rows, "eval_rows": data.eval.rows},
-                       {"where": data.train.where, "conversations": data.conversations,
-                        "stats": data.stats.to_json()})
-            hit = cache.load(key)
-            if hit is None:  # not writable: keep what is in memory
-                return data
-        else:
+        if hit is not None:
             log.info("data: tokenized samples from the cache (%s)", cache.entry(key))
+        else:
+            with cache.spill_dir(key) as spill:
+                encoding = encode_all(cfg, encoder, spill)
+                cache.save(key, {**encoding.arrays, "train_rows": encoding.train_rows,
+                                 "eval_rows": encoding.eval_rows},
+                           {"where": encoding.where, "conversations": encoding.conversations,
+                            "stats": encoding.stats.to_json()})
+                hit = cache.load(key)
+                if hit is None:  # not writable: keep it in memory
+                    return _in_memory(encoding, encoder)
     arrays, meta = hit
     where = [tuple(w) for w in meta["where"]]
     train_rows, eval_rows = np.asarray(arrays.pop("train_rows")), np.asarray(arrays.pop("eval_rows"))
@@ -240,9 +255,11 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
                          meta["conversations"], DataStats.from_json(meta["stats"]), encoder)
 
 
-def _fresh(cfg: Config, encoder: Encoder) -> TokenizedData:
-    train, eval_samples, conversations, stats = encode_all(cfg, encoder)
-    return TokenizedData(train, eval_samples, conversations, stats, encoder)
+def _in_memory(encoding: Encoding, encoder: Encoder) -> TokenizedData:
+    arrays = {k: v.read() if isinstance(v, Spilled) else v for k, v in encoding.arrays.items()}
+    return TokenizedData(Samples(arrays, encoding.where, encoding.train_rows),
+                         Samples(arrays, encoding.where, encoding.eval_rows), encoding.conversations,
+                         encoding.stats, encoder)
 
 
 class SampleDataset(torch.utils.data.Dataset):

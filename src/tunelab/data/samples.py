@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,8 @@ TRUNCATED, LITERAL, OWN_TURN, ENDS_WITH_EOT = 1, 2, 4, 8
 
 # per token: ids, trained; per sample: the rest (offsets has one more entry than there are samples)
 COLUMNS = {"ids": np.int32, "trained": np.uint8, "offsets": np.int64, "flags": np.uint8, "lost": np.int32,
-           "conv": np.int64, "file": np.int32, "pos": np.int64, "turn": np.int32}
+           "conv": np.int64, "file": np.int32, "pos": np.int64, "turn": np.int32, "n_trained": np.int32}
+TOKEN_COLUMNS = ("ids", "trained")
 
 
 @dataclass
@@ -47,7 +49,7 @@ def part_of(samples: list[Encoded], conv: list[int], pos: list[int], eot_ids: se
             continue
         flags = (TRUNCATED * s.truncated | LITERAL * s.literal_text | OWN_TURN * s.own_turn
                  | ENDS_WITH_EOT * (trained[-1] in eot_ids))
-        kept.append((s, flags, conv[k], pos[k]))
+        kept.append((s, flags, conv[k], pos[k], len(trained)))
     lengths = np.fromiter((len(s.input_ids) for s, *_ in kept), dtype=np.int64, count=len(kept))
     total = int(lengths.sum())
     labels = np.fromiter(chain.from_iterable(s.labels for s, *_ in kept), dtype=np.int64, count=total)
@@ -57,33 +59,80 @@ def part_of(samples: list[Encoded], conv: list[int], pos: list[int], eot_ids: se
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         "flags": np.array([f for _, f, *_ in kept], dtype=np.uint8),
         "lost": np.array([s.reasoning_lost for s, *_ in kept], dtype=np.int32),
-        "conv": np.array([c for *_, c, _ in kept], dtype=np.int64),
+        "conv": np.array([c for _, _, c, _, _ in kept], dtype=np.int64),
         "file": np.zeros(len(kept), dtype=np.int32),
-        "pos": np.array([p for *_, p in kept], dtype=np.int64),
+        "pos": np.array([p for _, _, _, p, _ in kept], dtype=np.int64),
         "turn": np.array([s.turn for s, *_ in kept], dtype=np.int32),
+        "n_trained": np.array([n for *_, n in kept], dtype=np.int32),
     }
     return Part(arrays, conversations, records, dropped, skipped)
 
 
-def concat(parts: list[Part], files: list[int]) -> dict:
-    """One storage from the chunks' parts, in order: offsets and conversation numbers run on."""
-    if not parts:
-        return {name: np.zeros(1 if name == "offsets" else 0, dtype=dtype) for name, dtype in COLUMNS.items()}
-    token_base = np.cumsum([0] + [len(p.arrays["ids"]) for p in parts])
-    conv_base = np.cumsum([0] + [p.conversations for p in parts])
-    out = {}
-    for name, dtype in COLUMNS.items():
-        if name == "offsets":
-            pieces = [p.arrays["offsets"][1:] + token_base[k] for k, p in enumerate(parts)]
-            out[name] = np.concatenate([np.zeros(1, dtype=np.int64)] + pieces).astype(dtype)
-        elif name == "conv":
-            out[name] = np.concatenate([p.arrays["conv"] + conv_base[k] for k, p in enumerate(parts)]).astype(dtype)
-        elif name == "file":
-            out[name] = np.concatenate([np.full(len(p.arrays["flags"]), files[k], dtype=dtype)
-                                        for k, p in enumerate(parts)])
-        else:
-            out[name] = np.concatenate([p.arrays[name] for p in parts]).astype(dtype, copy=False)
-    return out
+@dataclass
+class Spilled:
+    """A token column written to a file while encoding, so that it is never whole in memory."""
+    path: Path
+    dtype: type
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * np.dtype(self.dtype).itemsize
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self) -> np.ndarray:
+        return np.fromfile(self.path, dtype=self.dtype, count=self.length)
+
+
+class Builder:
+    """One storage from the chunks' parts, in order: offsets and conversation numbers run on.
+
+    With `spill`, token columns go to files in that folder as parts arrive and only the per-sample
+    columns (a few dozen bytes a sample) stay in memory."""
+
+    def __init__(self, spill: Path | None = None):
+        self.spill = spill
+        self.parts: list[dict] = []  # per-sample columns of each part
+        self.tokens: dict[str, list] = {name: [] for name in TOKEN_COLUMNS}
+        self.n_tokens = 0
+        self.n_conversations = 0
+        self._files = {name: (spill / f"{name}.bin").open("wb") for name in TOKEN_COLUMNS} if spill else None
+
+    def add(self, part: Part, file: int) -> None:
+        arrays = dict(part.arrays)
+        for name in TOKEN_COLUMNS:
+            column = arrays.pop(name)
+            if self._files:
+                self._files[name].write(np.ascontiguousarray(column, dtype=COLUMNS[name]).tobytes())
+            else:
+                self.tokens[name].append(column)
+        arrays["offsets"] = arrays["offsets"][1:] + self.n_tokens
+        arrays["conv"] = arrays["conv"] + self.n_conversations
+        arrays["file"] = np.full(len(arrays["flags"]), file, dtype=np.int32)
+        self.parts.append(arrays)
+        self.n_tokens += int(part.arrays["offsets"][-1])
+        self.n_conversations += part.conversations
+
+    def finish(self) -> dict:
+        out = {}
+        for name in TOKEN_COLUMNS:
+            if self._files:
+                self._files[name].close()
+                out[name] = Spilled(self.spill / f"{name}.bin", COLUMNS[name], self.n_tokens)
+            else:
+                out[name] = np.concatenate(self.tokens[name]).astype(COLUMNS[name], copy=False) \
+                    if self.tokens[name] else np.zeros(0, dtype=COLUMNS[name])
+        for name, dtype in COLUMNS.items():
+            if name in TOKEN_COLUMNS:
+                continue
+            pieces = [p[name] for p in self.parts]
+            if name == "offsets":
+                pieces = [np.zeros(1, dtype=np.int64)] + pieces
+            out[name] = np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype=dtype)
+        self.parts, self.tokens = [], {}
+        return out
 
 
 class Samples:
@@ -131,11 +180,7 @@ class Samples:
         return offsets[self.rows + 1] - offsets[self.rows]
 
     def trained_per_sample(self) -> np.ndarray:
-        offsets = self.arrays["offsets"]
-        if not len(self.arrays["ids"]):
-            return np.zeros(len(self.rows), dtype=np.int64)
-        per_row = np.add.reduceat(self.arrays["trained"], offsets[:-1], dtype=np.int64)
-        return per_row[self.rows]
+        return self.arrays["n_trained"][self.rows].astype(np.int64)
 
     def flag_count(self, flag: int) -> int:
         return int(np.count_nonzero(self.arrays["flags"][self.rows] & flag))
