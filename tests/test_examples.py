@@ -35,6 +35,7 @@ EXPECTED = {
                                      save_total_limit=2),
     "qwen2.5-7b-instruct-tools.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", template="auto"),
     "qwen3-8b-reasoning.yaml": dict(model="Qwen/Qwen3-8B", template="auto", reasoning="keep"),
+    "qwen2.5-7b-instruct-streaming.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", streaming=True, max_steps=2000),
 }
 # Recipes whose data needs a template with tools and thinking: trained on a tiny Qwen3 with Qwen3's own tokenizer.
 NEEDS_QWEN3 = {"qwen2.5-7b-instruct-tools.yaml", "qwen3-8b-reasoning.yaml"}

@@ -96,6 +96,10 @@ class Config:
     bad_records: str = key("error", "What a record that cannot be read as a conversation does: stop with an "
                            "error naming it, or skip it (counted and named in the data report).", group="data",
                            choices=("error", "skip"), data=True)
+    streaming: bool = key(False, "Reads the training data as it trains, chunk by chunk, never whole (JSONL and "
+                          "Parquet lazily, hub datasets in streaming mode): for data larger than memory. Needs "
+                          "max_steps; trains in file order, pass after pass; no val_size (use eval_dataset).",
+                          group="data")
     preprocessing_num_workers: Union[int, None] = key(None, "Processes that read, render and tokenize the data, "
                                                       "chunk by chunk, with the same samples in the same order as "
                                                       "one; null = every core (up to 32).", group="data",
@@ -337,6 +341,15 @@ def _check_combinations(cfg: dict) -> list[str]:
         problems.append(f"learning_rate: {cfg['learning_rate']!r} must be greater than 0")
     if cfg.get("num_train_epochs", 1.0) <= 0 and cfg.get("max_steps", -1) <= 0:
         problems.append("num_train_epochs: must be greater than 0 unless max_steps is set")
+    if cfg.get("streaming"):
+        if cfg.get("max_steps", -1) <= 0:
+            problems.append("streaming: true needs max_steps (a stream's length is not known before it is read)")
+        if cfg.get("val_size"):
+            problems.append(f"val_size: {cfg['val_size']!r} holds records out of the whole data, which streaming "
+                            "never holds; use eval_dataset with streaming: true")
+        if cfg.get("group_by_length"):
+            problems.append("group_by_length: true sorts the whole data by length, which streaming never holds; "
+                            "leave it null or false with streaming: true")
     columns = cfg.get("columns")
     if columns is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         problems.append(f"columns: {columns!r} must map field names to column names (strings)")

@@ -182,3 +182,24 @@ def test_the_default_is_every_core_up_to_a_cap(monkeypatch):
     assert pool.default_workers() == 6
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(200)), raising=False)
     assert pool.default_workers() == pool.MAX_WORKERS
+
+
+def test_many_small_chunks_give_the_samples_and_split_of_one_chunk(run_config, tokenizer, tmp_path, monkeypatch):
+    """Chunking is invisible: conversation numbers run on across chunks, so the train/eval split, max_samples
+    and every sample (its source included) are those of the data read in one piece."""
+    from tunelab.data.samples import Samples
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i} " * (1 + i % 6)},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(90)]
+    rows[17] = {"messages": [{"role": "assistant", "content": "no question"}]}  # skipped: numbers shift after it
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = run_config(model="m", dataset=str(path), val_size=0.2, max_samples=70, bad_records="skip", seed=5)
+    views = []
+    for size in (readers.CHUNK_RECORDS, 4):
+        monkeypatch.setattr(readers, "CHUNK_RECORDS", size)
+        got = encode(cfg, tokenizer, 2)
+        views.append([[s for s in Samples(got.arrays, got.where, r)] for r in (got.train_rows, got.eval_rows)]
+                     + [got.stats, got.conversations])
+    assert views[0] == views[1]
+    assert len(views[0][0]) == 56 and len(views[0][1]) == 14 and views[0][3] == 70

@@ -2,7 +2,8 @@
 
 STEP_PAUSE (seconds before each micro-step) spreads the run out so that kills land where a test
 wants them; KILL_DURING_SAVE_AT=N makes the process SIGKILL itself in the middle of saving
-checkpoint N (its weights are on disk, its optimizer state is not).
+checkpoint N (its weights are on disk, its optimizer state is not); CHUNK_RECORDS sets the records per
+data chunk (small, so a short streamed run spans many chunks).
 """
 
 import json
@@ -14,6 +15,7 @@ import time
 from transformers import Trainer
 
 from tunelab.config import from_dict
+from tunelab.data import readers
 from tunelab.errors import Interrupted
 from tunelab.train import run, trainer
 
@@ -36,6 +38,7 @@ def dying(self, output_dir):
     return save_rest(self, output_dir)
 
 
+readers.CHUNK_RECORDS = int(os.environ.get("CHUNK_RECORDS", readers.CHUNK_RECORDS))
 trainer.TunelabTrainer.training_step = slowed
 Trainer._save_optimizer_and_scheduler = dying
 try:

@@ -77,6 +77,7 @@ class TokenizedData:
 
 
 SKIPPED_SHOWN = 5
+STREAM_REPORT_RECORDS = 10_000  # what `tunelab data` reads of a streaming config
 
 
 def read_tools(path: str | None) -> list[dict] | None:
@@ -144,11 +145,18 @@ def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
-def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int):
-    """(chunk, format) pairs of every spec; the format is detected once per spec, from its first record."""
+def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int, max_records: int | None = None):
+    """(chunk, format) pairs of every spec; the format is detected once per spec, from its first record.
+    With `max_records`, reading stops after the chunk that reaches it (the rest is never read)."""
+    read = 0
     for spec in specs:
         fmt = None
-        for chunk in record_chunks(spec, cfg.model_hub):
+        for chunk in record_chunks(spec, cfg.model_hub, stream=max_records is not None):
+            if max_records is not None:
+                if read >= max_records:
+                    return
+                chunk = chunk.head(max_records - read)
+                read += len(chunk)
             if fmt is None:
                 records = chunk.read()
                 if not records:
@@ -178,15 +186,17 @@ class Encoding:
     stats: DataStats
 
 
-def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None) -> Encoding:
+def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None, max_records: int | None = None) -> Encoding:
     """Every record read, converted and encoded (on `preprocessing_num_workers` processes), then split.
 
-    With `spill`, token ids go to files there as chunks come back, so the data is never whole in memory."""
+    With `spill`, token ids go to files there as chunks come back, so the data is never whole in memory;
+    with `max_records`, only about that many records of the training data are read (a streaming report)."""
     job = Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
     workers = cfg.preprocessing_num_workers or default_workers()
     wheres: list = []
     groups: list = []  # per chunk: (0 = training data, 1 = eval_datasets; format)
-    chunks = chain(_chunks(cfg, cfg.datasets, wheres, groups, 0), _chunks(cfg, cfg.eval_datasets, wheres, groups, 1))
+    chunks = chain(_chunks(cfg, cfg.datasets, wheres, groups, 0, max_records),
+                   _chunks(cfg, cfg.eval_datasets, wheres, groups, 1))
     stats = DataStats()
     builder = Builder(spill)
     dropped, n_train = [], 0
@@ -231,7 +241,9 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
     memory-mapped, so what a run holds is pages of one file that later runs and other ranks share.
     """
     encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
-    key = cache.cache_key(cfg, tokenizer) if cache.enabled() else None
+    key = cache.cache_key(cfg, tokenizer) if cache.enabled() and not cfg.streaming else None
+    if cfg.streaming:  # a look at the stream's start; training reads it all as it goes (data.stream)
+        return _in_memory(encode_all(cfg, encoder, max_records=STREAM_REPORT_RECORDS), encoder)
     if not key:
         return _in_memory(encode_all(cfg, encoder), encoder)
     with cache.building(key):

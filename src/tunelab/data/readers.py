@@ -60,6 +60,21 @@ class Chunk:
             byte += len(raw)
         return records
 
+    def __len__(self) -> int:
+        return len(self.records) if self.records is not None else sum(1 for raw in self.lines if raw.strip())
+
+    def head(self, n: int) -> "Chunk":
+        """The chunk cut after its n-th record (blank lines do not count)."""
+        if self.records is not None:
+            return Chunk(self.where, records=self.records[:n], at=self.at[:n])
+        keep, count = [], 0
+        for raw in self.lines:
+            if count == n:
+                break
+            keep.append(raw)
+            count += bool(raw.strip())
+        return Chunk(self.where, keep, self.first_line, self.first_byte)
+
     def first_record(self) -> Record | None:
         """The chunk's first record, parsing no more than it (format detection needs only that)."""
         if self.records is not None:

@@ -51,6 +51,9 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     s = data.stats
     lines = [f"records read: {sum(s.records.values())} ("
              + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")"]
+    if cfg.streaming:
+        lines.append(f"streaming: this report reads the first {sum(s.records.values())} records only; training "
+                     "reads the whole data as it goes")
     if cfg.max_samples:
         lines.append(f"max_samples: first {data.conversations} kept")
     lines.append(f"train samples: {len(data.train)}   eval samples: {len(data.eval)}")

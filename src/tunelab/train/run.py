@@ -22,6 +22,7 @@ from .. import __version__
 from ..config import RESUME_MAY_CHANGE, Config, dump_config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
 from ..data.packing import PackCollator, packing_is_exact
+from ..data.stream import Position, stream_data
 from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
 from ..model.adapters import attach_lora
@@ -203,11 +204,16 @@ def train(cfg: Config) -> TrainResult:
     check_world(resume, distributed.world_size())
     tokenizer, model_path, template = prepare_tokenizer(cfg)
     data_started = time.perf_counter()
-    with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it
-        data = build_datasets(cfg, tokenizer)
+    if cfg.streaming:
+        data = stream_data(cfg, tokenizer)
+        log.info("data: streamed from %s, %d steps; %d eval samples", ", ".join(cfg.datasets), cfg.max_steps,
+                 len(data.eval))
+    else:
+        with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it
+            data = build_datasets(cfg, tokenizer)
+        log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
+                 data.stats.trained_tokens)
     data_seconds = time.perf_counter() - data_started
-    log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
-             data.stats.trained_tokens)
     world = distributed.world_size()
     engine = engines.choose(cfg, world, engines.fits_one_device(cfg, world) if world > 1 else None)
     if engine.name != "single":
@@ -216,7 +222,7 @@ def train(cfg: Config) -> TrainResult:
         model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path,
                                                                 empty=engines.loads_empty(cfg, engine))
     reads_weights = engines.reads_weights(model)
-    check_disk(cfg, model, len(data.train))
+    check_disk(cfg, model, 0 if cfg.streaming else len(data.train))
     callbacks = _callbacks(cfg, counter := TokenCounter())
 
     out = Path(cfg.output_dir)
@@ -236,9 +242,11 @@ def train(cfg: Config) -> TrainResult:
         log.info("packing: each batch's samples share rows of up to %d tokens, no padding", cfg.cutoff_len)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
-    grouped = not packing if cfg.group_by_length is None else cfg.group_by_length
+    grouped = not (packing or cfg.streaming) if cfg.group_by_length is None else cfg.group_by_length
     args = training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped, moe=is_moe(model),
                               engine_keys=engines.training_arguments(cfg, engine, model))
+    if cfg.streaming:
+        args.ignore_data_skip = True  # the stream itself starts where the checkpoint says (data.stream)
     if main:
         engines.write_engine_config(args, out)
     log.info("global batch: %d per device x %d accumulation x %d process%s = %d samples per step",
@@ -247,7 +255,7 @@ def train(cfg: Config) -> TrainResult:
     trainer = TunelabTrainer(
         model=model,
         args=args,
-        train_dataset=SampleDataset(data.train, tokenizer.pad_token_id),
+        train_dataset=data.train if cfg.streaming else SampleDataset(data.train, tokenizer.pad_token_id),
         eval_dataset=SampleDataset(data.eval, tokenizer.pad_token_id) if data.eval else None,
         data_collator=collator,
         processing_class=tokenizer,
@@ -262,6 +270,8 @@ def train(cfg: Config) -> TrainResult:
     if resume:
         log.info("resuming from %s", resume)
         guard.restore(resume)
+        if cfg.streaming:
+            data.train.resume_from(Position.load(resume))
     signals = SignalCheckpoint(together=distributed.active())
     trainer.signals = signals
     trainer.add_callback(signals)
@@ -292,8 +302,8 @@ def train(cfg: Config) -> TrainResult:
         "tunelab_version": __version__, "model_path": model_path, "template": template,
         "stop_ids": list(model.generation_config.eos_token_id),
         "stop_tokens": data.encoder.eot_tokens, "dtype": str(dtype).replace("torch.", ""),
-        "trainable_params": trainable, "total_params": total, "train_samples": len(data.train),
-        "eval_samples": len(data.eval), "trained_tokens": data.stats.trained_tokens, "tokens_trained_seen": seen,
+        "trainable_params": trainable, "total_params": total, "train_samples": None if cfg.streaming else len(data.train),
+        "eval_samples": len(data.eval), "trained_tokens": None if cfg.streaming else data.stats.trained_tokens, "tokens_trained_seen": seen,
         "processes": distributed.world_size(), "engine": engine.name, "ranks_reading_weights": reading_ranks,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),

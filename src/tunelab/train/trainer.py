@@ -179,6 +179,15 @@ class TunelabTrainer(Trainer):
         self._whole_batches = WholeGlobalBatches(sampler, self.args.per_device_train_batch_size * self.args.world_size)
         return self._whole_batches
 
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            # a loader draws a seed from the global RNG each time it starts; a resumed stream starts at
+            # another step than the uninterrupted run did, so that draw would shift every dropout mask after
+            base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the loader it holds
+            base.generator = torch.Generator().manual_seed(self.args.seed)
+        return loader
+
     def _run_epoch(self, *args, **kwargs):
         # a mid-epoch resume puts accelerate's batch skipper above the per-rank batch sampler, and its
         # set_epoch stops there: the resumed epoch would replay epoch 0's order. Told here, whatever wraps it.
@@ -244,6 +253,10 @@ class TunelabTrainer(Trainer):
         distributed.barrier()  # every rank's files (its RNG state, shards) are written before rank 0 publishes
         if self.args.should_save:
             self.loss_guard.save(staged)
+            if hasattr(self.train_dataset, "save_position"):  # a stream: where the next step's data starts
+                args = self.args
+                consumed = step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                self.train_dataset.save_position(staged, consumed)
             checkpoints.save_world(staged, self.args.world_size)
             checkpoints.publish(staged, run_dir / f"{checkpoints.PREFIX}{step}")
             shutil.rmtree(staging, ignore_errors=True)
