@@ -83,17 +83,22 @@ def _tunelab(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> 
         from tunelab.data.tokenizer import prepare_tokenizer
 
         tok = prepare_tokenizer(cfg)[0]
+        before = _status("VmRSS")
         built = build_datasets(cfg, tok)
         served = SampleDataset(built.train, tok.pad_token_id)
         lengths = served.lengths
         assert len(lengths) == len(served)
         for i in range(len(served)):  # every sample read once, as an epoch reads them
             served[i]
+        resident = (_status("VmRSS") - before) * 2**20  # what the data adds to a training process, all read
     arrays = built.train.arrays
     tokens = int(len(arrays["ids"]))
     storage = sum(a.nbytes for a in arrays.values())
-    return {"tokens": tokens, "samples": len(built.train), "bytes_per_token": round(storage / tokens, 2),
-            "rss_anon_mb": _status("RssAnon"), "rss_file_mb": _status("RssFile")}
+    out = {"tokens": tokens, "samples": len(built.train), "bytes_per_token": round(storage / tokens, 2),
+           "rss_anon_mb": _status("RssAnon"), "rss_file_mb": _status("RssFile")}
+    if kind != "tunelab-data":
+        out["resident_bytes_per_token"] = round(resident / tokens, 2)
+    return out
 
 
 def _peer(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> dict:
@@ -197,12 +202,16 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", default=str(TOKENIZER))
     p.add_argument("--work", default=str(HERE / ".work" / "data_scale"))
     p.add_argument("--out", default=str(HERE / "data_scale.json"))
+    p.add_argument("--table", action="store_true", help="print the table of --out's results and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one, Path(args.data), args.tokenizer, int(args.cores), Path(args.cache))))
+        return
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -228,14 +237,14 @@ def main(argv=None) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| records | cores | path | state | seconds | records/s | vs datasets.map | peak RSS main (MB) | "
-             "peak PSS all (MB) | bytes/token |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak PSS all (MB) | stored bytes/token | resident bytes/token |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["records"], r["cores"], r["state"]): r for r in results if r["kind"] == "datasets-map"}
     for r in results:
         ref = base.get((r["records"], r["cores"], r["state"]))
         ratio = f"{r['records_per_s'] / ref['records_per_s']:.2f}x" if ref else "-"
         lines.append(f"| {r['records']:,} | {r['cores']} | {r['kind']} | {r['state']} | {r['seconds']} | "
                      f"{r['records_per_s']:,.0f} | {ratio} | {r['peak_rss_main_mb']:,.0f} | {r['peak_pss_tree_mb']:,.0f} | "
-                     f"{r['bytes_per_token']} |")
+                     f"{r['bytes_per_token']} | {r.get('resident_bytes_per_token', '-')} |")
     return "\n".join(lines)
 
 

@@ -136,3 +136,16 @@ def test_two_processes_building_one_entry_leave_one_valid_entry_and_agree(fresh_
     assert [p.suffix for p in fresh_cache.iterdir() if p.suffix != ".lock"] == [".samples"], "one entry, no parts"
     from_cache = ["tokenized samples from the cache" in err for _, err in outs]
     assert sorted(from_cache) == [False, True], "one process built the entry, the other waited and read it"
+
+
+def test_what_a_killed_build_left_behind_is_cleared_by_the_next_build(fresh_cache, run_config, tokenizer):
+    cfg = run_config(model="m", output_dir="o", val_size=0.25)
+    key = cache.cache_key(cfg, tokenizer)
+    fresh_cache.mkdir(parents=True)
+    (fresh_cache / f"{key}.building-abc").mkdir()
+    (fresh_cache / f"{key}.building-abc" / "ids.bin").write_bytes(b"\0" * 4096)
+    (fresh_cache / f"{key}.xyz.part").write_bytes(b"half an entry")
+    (fresh_cache / "another-key.building-1").mkdir()  # another key's build may be running: left alone
+    build_datasets(cfg, tokenizer)
+    assert sorted(p.name for p in fresh_cache.iterdir()) == sorted(
+        [f"{key}.samples", f"{key}.lock", "another-key.building-1"])

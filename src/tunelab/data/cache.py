@@ -111,6 +111,9 @@ def building(key: str):
             fcntl.flock(handle, fcntl.LOCK_EX)
         except (ImportError, OSError):  # no advisory locks here: both build, os.replace keeps one whole entry
             pass
+        else:  # nobody else builds this key now: what a killed builder left of it goes
+            for stale in [*folder.glob(f"{key}.building-*"), *folder.glob(f"{key}.*.part")]:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         yield
 
 
@@ -135,7 +138,7 @@ def save(key: str, arrays: dict, meta: dict) -> None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{key}.", suffix=".part")
         layout = {}
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC)
