@@ -98,7 +98,8 @@ class Config:
                            choices=("error", "skip"), data=True)
     streaming: bool = key(False, "Reads the training data as it trains, chunk by chunk, never whole (JSONL and "
                           "Parquet lazily, hub datasets in streaming mode): for data larger than memory. Needs "
-                          "max_steps; trains in file order, pass after pass; no val_size (use eval_dataset).",
+                          "max_steps; trains in file order, pass after pass, in one process; no val_size (use "
+                          "eval_dataset).",
                           group="data")
     preprocessing_num_workers: Union[int, None] = key(None, "Processes that read, render and tokenize the data, "
                                                       "chunk by chunk, with the same samples in the same order as "
@@ -350,6 +351,9 @@ def _check_combinations(cfg: dict) -> list[str]:
         if cfg.get("group_by_length"):
             problems.append("group_by_length: true sorts the whole data by length, which streaming never holds; "
                             "leave it null or false with streaming: true")
+        if (cfg.get("nproc_per_node") or 1) > 1 or cfg.get("nnodes", 1) > 1:
+            problems.append("streaming: true trains in one process for now (each process would need its own share "
+                            "of the stream); set nproc_per_node: 1 and nnodes: 1, or streaming: false")
     columns = cfg.get("columns")
     if columns is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         problems.append(f"columns: {columns!r} must map field names to column names (strings)")

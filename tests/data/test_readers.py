@@ -169,3 +169,28 @@ def test_a_non_utf8_file_names_the_file_and_the_byte(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
     assert error_of(path) == f"{path}: not UTF-8 text (byte 13)"
+
+
+def test_a_hub_dataset_is_read_whole_or_streamed_and_a_failure_is_one_error(monkeypatch):
+    import datasets
+
+    from tunelab.data.readers import record_chunks
+
+    calls = []
+
+    def fake_load(name, split, streaming=False):
+        calls.append((name, split, streaming))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
+        rows = ({"text": f"row {i}"} for i in range(5))
+        return rows if streaming else list(rows)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+
+    records = read_records("org/set")
+    assert [r.source for r in records] == [f"org/set[row {i}]" for i in range(5)] and records[4].data == {"text": "row 4"}
+    streamed = [r for chunk in record_chunks("org/set", size=2, stream=True) for r in chunk.read()]
+    assert [r.data for r in streamed] == [r.data for r in records]
+    assert calls == [("org/set", "train", False), ("org/set", "train", True)]
+    with pytest.raises(TunelabError, match=r"org/missing: not a local file and could not be loaded from the hf hub "
+                                           r"\(FileNotFoundError: Dataset 'org/missing' doesn't exist"):
+        read_records("org/missing")

@@ -119,7 +119,24 @@ def test_the_report_of_a_stream_reads_its_first_records_and_says_so(run_config, 
     ({"max_steps": -1}, "streaming: true needs max_steps"),
     ({"max_steps": 5, "val_size": 0.1}, "val_size: 0.1 holds records out of the whole data"),
     ({"max_steps": 5, "group_by_length": True}, "group_by_length: true sorts the whole data"),
+    ({"max_steps": 5, "nproc_per_node": 2}, "streaming: true trains in one process for now"),
+    ({"max_steps": 5, "nnodes": 2}, "streaming: true trains in one process for now"),
 ])
 def test_what_a_stream_cannot_do_is_refused_naming_the_key(keys, message, chat_file):
     with pytest.raises(TunelabError, match=message):
         from_dict(dict(model="m", dataset=str(chat_file), output_dir="o", streaming=True, **keys))
+
+
+def test_a_stream_on_every_gpu_of_a_machine_is_refused_before_anything_starts(run_config, monkeypatch):
+    import torch
+
+    from tunelab.train.run import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # nproc_per_node null: one process per GPU
+    with pytest.raises(TunelabError, match="streaming: true trains in one process for now, and this run has 4"):
+        train(run_config(streaming=True, max_steps=3))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun
+    with pytest.raises(TunelabError, match="and this run has 2"):
+        train(run_config(streaming=True, max_steps=3))

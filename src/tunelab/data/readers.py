@@ -102,8 +102,7 @@ def record_chunks(spec: str, hub: str = "hf", size: int | None = None, stream: b
     elif path.is_file():
         yield from _file_chunks(path, size or CHUNK_RECORDS)
     elif _looks_like_hub_name(spec):
-        rows = _stream_hub(spec, hub) if stream else _read_hub(spec, hub)
-        yield from _split(rows, (f"{spec}[row ", "]"), size or CHUNK_RECORDS)
+        yield from _split(_read_hub(spec, hub, stream), (f"{spec}[row ", "]"), size or CHUNK_RECORDS)
     else:
         raise TunelabError(f"{spec}: data file not found")
 
@@ -249,27 +248,9 @@ def _parquet_rows(path: Path, size: int) -> Iterator[Record]:
         raise TunelabError(f"{path}: cannot read parquet ({exc})") from None
 
 
-def _stream_hub(name: str, hub: str) -> Iterator[Record]:
-    """A hub dataset's train split in the hub's streaming mode: rows as they download."""
-    if hub == "modelscope":
-        yield from _read_hub(name, hub)
-        return
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(name, split="train", streaming=True)
-    except ImportError as exc:
-        raise TunelabError(f"{name}: the {hub} dataset hub needs an extra package ({exc.name}); "
-                           f"pip install 'tunelab[{hub}]'") from None
-    except Exception as exc:
-        raise TunelabError(f"{name}: not a local file and could not be streamed from the {hub} hub "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    for i, row in enumerate(rows):
-        yield Record(dict(row), f"{name}[row {i}]")
-
-
-def _read_hub(name: str, hub: str) -> list[Record]:
-    """A hub dataset's train split; needs network, so a failure is one clear error, not a traceback."""
+def _read_hub(name: str, hub: str, stream: bool = False) -> Iterator[Record]:
+    """A hub dataset's train split, with `stream` in the hub's streaming mode (rows as they download; the
+    ModelScope hub loads whole). It needs network, so a failure is one clear error, not a traceback."""
     try:
         if hub == "modelscope":
             from modelscope.msdatasets import MsDataset
@@ -278,11 +259,11 @@ def _read_hub(name: str, hub: str) -> list[Record]:
         else:
             import datasets
 
-            rows = datasets.load_dataset(name, split="train")
+            rows = datasets.load_dataset(name, split="train", streaming=stream)
     except ImportError as exc:
         raise TunelabError(f"{name}: the {hub} dataset hub needs an extra package ({exc.name}); "
                            f"pip install 'tunelab[{hub}]'") from None
     except Exception as exc:
         raise TunelabError(f"{name}: not a local file and could not be loaded from the {hub} hub "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return [Record(dict(row), f"{name}[row {i}]") for i, row in enumerate(rows)]
+    return (Record(dict(row), f"{name}[row {i}]") for i, row in enumerate(rows))

@@ -29,7 +29,7 @@ def demo_data() -> Path:
     raise TunelabError(f"demo data not found at {DATA}; run the demo from a clone of the repository")
 
 
-def run_demo(output_dir: str = "demo_run", full_epochs: float = 16, lora_epochs: float = 30,
+def run_demo(output_dir: str = "demo_run", full_epochs: float = 16, lora_epochs: float = 20,
              n_questions: int | None = None) -> float:
     started = time.perf_counter()
     out = Path(output_dir)

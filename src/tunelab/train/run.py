@@ -191,6 +191,11 @@ def train(cfg: Config) -> TrainResult:
     With several processes to run (`nproc_per_node`, `nnodes`, or several GPUs), this starts them and
     returns when they are done; each of them runs this same function.
     """
+    if cfg.streaming and (needs_launch(cfg) or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise TunelabError(f"streaming: true trains in one process for now, and this run has "
+                           f"{processes_per_node(cfg) * cfg.nnodes if needs_launch(cfg) else os.environ['WORLD_SIZE']}"
+                           " (each would need its own share of the stream); set nproc_per_node: 1, or streaming: "
+                           "false to train on several")
     if needs_launch(cfg):  # what every rank would refuse, refused once before they start
         resume = plan_output_dir(cfg)
         check_resume_config(cfg, resume)
