@@ -53,6 +53,7 @@ def probe(data: Path, tok: Path, cache: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux /proc")
 def test_encoding_200k_records_stays_within_the_bound_and_a_second_run_maps_the_cache(tokenizer, tmp_path):
     data = tmp_path / "chat.jsonl"
     with data.open("w") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -73,7 +74,7 @@ def run_chunks(job: Job, chunks: Iterable[tuple[Chunk, str]], workers: int) -> I
     """job.run over (chunk, format) pairs, in order; forked workers when there are several chunks and cores."""
     chunks = iter(chunks)
     head = list(islice(chunks, 2))
-    if workers <= 1 or len(head) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1 or len(head) < 2 or not sys.platform.startswith("linux"):  # fork is safe on Linux only
         for item in chain(head, chunks):
             yield job.run(*item)
         return
