@@ -202,3 +202,16 @@ def test_many_small_chunks_give_the_samples_and_split_of_one_chunk(run_config, t
                      + [got.stats, got.conversations])
     assert views[0] == views[1]
     assert len(views[0][0]) == 56 and len(views[0][1]) == 14 and views[0][3] == 70
+
+
+def test_where_fork_is_unsafe_one_process_encodes(small_chunks, worker_pids, run_config, tokenizer, tmp_path,
+                                                  monkeypatch):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = run_config(model="m", dataset=str(path))
+    linux = encode(cfg, tokenizer, 2)
+    assert os.getpid() not in worker_pids()
+    monkeypatch.setattr(pool.sys, "platform", "darwin")
+    assert_same(encode(cfg, tokenizer, 2), linux)
+    assert worker_pids() == {os.getpid()}
