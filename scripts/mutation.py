@@ -293,7 +293,7 @@ MUTATIONS = [
              "ids.tolist(), bool(flags & TRUNCATED)",
              ("tests/data/test_samples.py",)),
     Mutation("stream: a resumed stream starts the chunk over", "data/stream.py",
-             "                skip = position.sample if (chunk_no == position.chunk) else 0",
+             "                skip = position.sample if chunk_no == position.chunk else 0",
              "                skip = 0",
              ("tests/data/test_stream.py", "tests/train/test_streaming.py")),
     Mutation("stream: the saved position counts from the resume, not the run's start", "data/stream.py",

@@ -19,7 +19,7 @@ from . import cache
 from .conversation import Conversation
 from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from .encode import Encoder
-from .formats import detect_format, to_conversation
+from .formats import detect_format, to_conversations
 from .pool import Job, default_workers, run_chunks
 from .readers import CHUNK_RECORDS, count_lines, read_records, record_chunks
 from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Builder, Samples, Spilled
@@ -42,6 +42,12 @@ class DataStats:
     own_turn_tokens: int = 0
     reasoning_lost: int = 0  # turns whose reasoning the template cannot show
     skipped: list[str] = field(default_factory=list)  # the first records skipped under bad_records: skip
+
+    def count_skipped(self, errors: list[str]) -> None:
+        """Records left out under bad_records: skip; the first few are named in the report."""
+        if errors:
+            self.dropped["bad record (bad_records: skip)"] += len(errors)
+            self.skipped += errors[: max(0, SKIPPED_SHOWN - len(self.skipped))]
 
     def count(self, samples: Samples) -> None:
         """The sample counts, from the arrays: no sample is made a Python object for them."""
@@ -108,15 +114,9 @@ def read_conversations(specs: str | list[str], dataset_format: str = "auto", col
         if not records:
             continue
         fmt = dataset_format if dataset_format != "auto" else detect_format(records[0], columns)
-        for rec in records:
-            try:
-                conversations.append(to_conversation(rec, fmt, columns, system, tools))
-            except TunelabError as exc:
-                if not skip_bad:
-                    raise
-                stats.dropped["bad record (bad_records: skip)"] += 1
-                if len(stats.skipped) < SKIPPED_SHOWN:
-                    stats.skipped.append(str(exc))
+        convs, _, skipped = to_conversations(records, fmt, columns, system, tools, skip_bad)
+        conversations += convs
+        stats.count_skipped(skipped)
         stats.records[fmt] += len(records)
     return conversations
 
@@ -145,26 +145,37 @@ def split(items: list, val_size: float, seed: int) -> tuple[list, list]:
     return [x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h]
 
 
-def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int, max_records: int | None = None):
-    """(chunk, format) pairs of every spec; the format is detected once per spec, from its first record.
-    With `max_records`, reading stops after the chunk that reaches it (the rest is never read)."""
-    read = 0
+def spec_chunks(cfg: Config, specs: list[str], size: int | None = None, stream: bool = False):
+    """(chunk, format) pairs of every spec in order; each spec's format is detected from its first record,
+    parsed alone (a worker parses the rest)."""
     for spec in specs:
         fmt = None
-        for chunk in record_chunks(spec, cfg.model_hub, stream=max_records is not None):
-            if max_records is not None:
-                if read >= max_records:
-                    return
-                chunk = chunk.head(max_records - read)
-                read += len(chunk)
+        for chunk in record_chunks(spec, cfg.model_hub, size, stream):
             if fmt is None:
-                records = chunk.read()
-                if not records:
+                first = chunk.first_record()
+                if first is None:
                     continue
-                fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(records[0], cfg.columns)
-            wheres.append(chunk.where)
-            groups.append((group, fmt))
+                fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(first, cfg.columns)
             yield chunk, fmt
+
+
+def config_job(cfg: Config, encoder: Encoder) -> Job:
+    return Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
+
+
+def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int, max_records: int | None = None):
+    """spec_chunks, noting each chunk's source and group. With `max_records`, reading stops at that many
+    records (the rest is never read)."""
+    read = 0
+    for chunk, fmt in spec_chunks(cfg, specs, stream=max_records is not None):
+        if max_records is not None:
+            if read >= max_records:
+                return
+            chunk = chunk.head(max_records - read)
+            read += len(chunk)
+        wheres.append(chunk.where)
+        groups.append((group, fmt))
+        yield chunk, fmt
 
 
 def _bar(cfg: Config):
@@ -191,7 +202,7 @@ def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None, max_rec
 
     With `spill`, token ids go to files there as chunks come back, so the data is never whole in memory;
     with `max_records`, only about that many records of the training data are read (a streaming report)."""
-    job = Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
+    job = config_job(cfg, encoder)
     workers = cfg.preprocessing_num_workers or default_workers()
     wheres: list = []
     groups: list = []  # per chunk: (0 = training data, 1 = eval_datasets; format)
@@ -205,13 +216,11 @@ def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None, max_rec
             group, fmt = groups[k]
             if group == 0:
                 stats.records[fmt] += part.records
-                stats.dropped["bad record (bad_records: skip)"] += len(part.skipped)
-                stats.skipped += part.skipped[: max(0, SKIPPED_SHOWN - len(stats.skipped))]
+                stats.count_skipped(part.skipped)
                 n_train += part.conversations
             dropped += [(builder.n_conversations + c, why) for c, why in part.dropped]
             builder.add(part, k)
             bar.update(part.records)
-    stats.dropped = +stats.dropped  # no zero counts
     if not n_train:
         raise TunelabError(f"{', '.join(cfg.datasets)}: the dataset is empty")
     total = builder.n_conversations
@@ -292,8 +301,7 @@ class SampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int | None) -> dict:
         if i is None:
             return {"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX]}
-        ids, trained = self.samples.tokens(i)
-        return {"input_ids": ids.tolist(), "labels": np.where(trained, ids, IGNORE_INDEX).tolist()}
+        return self.samples.item(i)
 
 
 class PadCollator:

@@ -79,6 +79,24 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
     return Conversation(messages=messages, tools=tools, source=src)
 
 
+def to_conversations(records: list[Record], fmt: str, columns: dict | None = None, system: str | None = None,
+                     tools: list[dict] | None = None, skip_bad: bool = False
+                     ) -> tuple[list[Conversation], list[int], list[str]]:
+    """(conversations, the index of each one's record, the errors of the records left out).
+
+    A record that is not a valid conversation stops the read, or with `skip_bad` is left out."""
+    conversations, kept, skipped = [], [], []
+    for i, record in enumerate(records):
+        try:
+            conversations.append(to_conversation(record, fmt, columns, system, tools))
+            kept.append(i)
+        except TunelabError as exc:
+            if not skip_bad:
+                raise
+            skipped.append(str(exc))
+    return conversations, kept, skipped
+
+
 def _rename(data: dict, columns: dict | None) -> dict:
     if not columns:
         return data

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Iterable, Iterator
 
-from ..errors import TunelabError
 from .encode import Encoder
-from .formats import to_conversation
+from .formats import to_conversations
 from .readers import Chunk
 from .samples import Part, part_of
 
@@ -45,21 +44,13 @@ class Job:
 
     def run(self, chunk: Chunk, fmt: str) -> Part:
         records = chunk.read()
-        convs, positions, skipped = [], [], []
-        for record, at in zip(records, chunk.at):
-            try:
-                convs.append(to_conversation(record, fmt, self.columns, self.system, self.tools))
-                positions.append(at)
-            except TunelabError as exc:
-                if not self.skip_bad:
-                    raise
-                skipped.append(str(exc))
+        convs, kept, skipped = to_conversations(records, fmt, self.columns, self.system, self.tools, self.skip_bad)
         samples = self.encoder.encode_many(convs)
         conv, k = [], -1
         for s in samples:  # a conversation's whole sample comes first, then its own-turn samples
             k += not s.own_turn
             conv.append(k)
-        pos = [positions[k] for k in conv]
+        pos = [chunk.at[kept[k]] for k in conv]
         return part_of(samples, conv, pos, set(self.encoder.eot_ids), len(records), len(convs), skipped)
 
 

@@ -81,7 +81,8 @@ class Chunk:
             return self.records[0] if self.records else None
         for k, raw in enumerate(self.lines):
             if raw.strip():
-                return Chunk(self.where, [raw], self.first_line + k, self.first_byte).read()[0]
+                byte = self.first_byte + sum(len(line) for line in self.lines[:k])
+                return Chunk(self.where, [raw], self.first_line + k, byte).read()[0]
         return None
 
 

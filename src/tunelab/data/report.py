@@ -88,7 +88,5 @@ def write_jsonl(cfg: Config, stream: TextIO = sys.stdout) -> int:
     """One {"input_ids", "labels"} object per training sample; labels unshifted, masked positions -100."""
     data, _, _ = load(cfg)
     for i in range(len(data.train)):
-        ids, trained = data.train.tokens(i)
-        labels = np.where(trained, ids, IGNORE_INDEX)
-        stream.write(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist()}) + "\n")
+        stream.write(json.dumps(data.train.item(i)) + "\n")
     return len(data.train)

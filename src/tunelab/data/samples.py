@@ -162,6 +162,11 @@ class Samples:
                        self.source(i), bool(flags & LITERAL), bool(flags & OWN_TURN), int(self.arrays["lost"][r]),
                        int(self.arrays["turn"][r]))
 
+    def item(self, i: int) -> dict:
+        """Sample i as training takes it: {input_ids, labels}, unshifted, untrained positions IGNORE_INDEX."""
+        ids, trained = self.tokens(i)
+        return {"input_ids": ids.tolist(), "labels": np.where(trained, ids, IGNORE_INDEX).tolist()}
+
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids, trained) of sample i: views into the storage, nothing copied."""
         r = int(self.rows[i])

@@ -16,17 +16,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..config import Config
 from ..errors import TunelabError
 from . import readers
-from .dataset import DataStats, TokenizedData, build_datasets, read_tools
+from .dataset import DataStats, TokenizedData, build_datasets, config_job, spec_chunks
 from .encode import Encoder
-from .formats import detect_format
 from .pool import Job, default_workers, run_chunks
-from .readers import Chunk, record_chunks
 from .samples import Builder, Samples
 
 STATE_FILE = "tunelab_data_position.json"
@@ -56,7 +53,7 @@ class StreamingSamples(torch.utils.data.IterableDataset):
     def __init__(self, cfg: Config, job: Job, workers: int, start: Position | None = None):
         self.cfg, self.job, self.workers = cfg, job, workers
         self.start = start or Position(chunk_records=readers.CHUNK_RECORDS)
-        self._served: deque = deque(maxlen=REMEMBERED)  # (serial number, position) of served samples
+        self._served: deque = deque(maxlen=REMEMBERED)  # positions of the last samples served, in order
         self._serial = 0  # samples served since `start`
 
     def resume_from(self, position: Position | None) -> None:
@@ -64,15 +61,16 @@ class StreamingSamples(torch.utils.data.IterableDataset):
             self.start = position
 
     def position_after(self, consumed: int) -> Position:
-        """Where the stream stands once `consumed` samples (counted from `start`) have been trained."""
+        """Where the stream stands once `consumed` samples (counted from the run's start) have been trained."""
         k = consumed - self.start.served  # samples served by this iteration
         if k == 0:
             return self.start
-        for serial, (passes, chunk, sample) in reversed(self._served):
-            if serial == k - 1:
-                return Position(passes, chunk, sample + 1, self.start.chunk_records, consumed)
-        raise TunelabError(f"streaming: no record of sample {consumed} (the loader ran more than {REMEMBERED} "
-                           "samples ahead of training)")
+        back = self._serial - k  # how far behind the loader's latest sample the last trained one is
+        if not 0 <= back < len(self._served):
+            raise TunelabError(f"streaming: no record of sample {consumed} (the loader ran more than {REMEMBERED} "
+                               "samples ahead of training)")
+        passes, chunk, sample = self._served[-1 - back]
+        return Position(passes, chunk, sample + 1, self.start.chunk_records, consumed)
 
     def save_position(self, checkpoint: str | Path, consumed: int) -> None:
         self.position_after(consumed).save(checkpoint)
@@ -83,77 +81,40 @@ class StreamingSamples(torch.utils.data.IterableDataset):
         position = self.start
         while True:
             served = False
-            for chunk_no, part in self._parts(position):
-                skip = position.sample if (chunk_no == position.chunk) else 0
-                samples = Samples(part.arrays, [("", "")])
+            for chunk_no, samples in self._chunks(position):
+                skip = position.sample if chunk_no == position.chunk else 0
                 for i in range(skip, len(samples)):
-                    ids, trained = samples.tokens(i)
-                    self._served.append((self._serial, (position.passes, chunk_no, i)))
+                    self._served.append((position.passes, chunk_no, i))
                     self._serial += 1
                     served = True
-                    yield {"input_ids": ids.tolist(), "labels": np.where(trained, ids, -100).tolist()}
+                    yield samples.item(i)
             if not served and (position.chunk, position.sample) == (0, 0):
                 raise TunelabError(f"{', '.join(self.cfg.datasets)}: the stream holds no trainable sample")
             position = Position(position.passes + 1, 0, 0, position.chunk_records)
 
-    def _parts(self, position: Position):
-        """(chunk number, part) of one pass from `position.chunk` on; the chunks before it are skipped unread
-        by the encoder (JSONL lines are only split, never parsed)."""
-        chunks = stream_chunks(self.cfg, position.chunk_records)
-        conversations = 0
-        limit = self.cfg.max_samples
-        numbered = islice(enumerate(chunks), position.chunk, None)
-        order: list[int] = []
-
-        def pairs():
-            for n, item in numbered:
-                order.append(n)
-                yield item
-        for k, part in enumerate(run_chunks(self.job, pairs(), self.workers)):
+    def _chunks(self, position: Position) -> Iterator[tuple[int, Samples]]:
+        """(chunk number, its samples) of one pass from `position.chunk` on; the chunks before it are skipped
+        unread by the encoder (JSONL lines are only split, never parsed). max_samples cuts each pass."""
+        chunks = spec_chunks(self.cfg, self.cfg.datasets, position.chunk_records, stream=True)
+        parts = run_chunks(self.job, islice(chunks, position.chunk, None), self.workers)
+        conversations, limit = 0, self.cfg.max_samples
+        for chunk_no, part in enumerate(parts, position.chunk):
+            if limit is not None and conversations >= limit:
+                return
+            samples = Samples(part.arrays, [])
             if limit is not None:
-                if conversations >= limit:
-                    return
-                keep = part.arrays["conv"] < limit - conversations
-                part.arrays = _rows(part.arrays, keep)
+                samples = samples.select(part.arrays["conv"] < limit - conversations)
             conversations += part.conversations
-            yield order[k], part
-
-
-def _rows(arrays: dict, keep: np.ndarray) -> dict:
-    """The kept rows of one part's arrays, tokens included (parts are small: one chunk)."""
-    if keep.all():
-        return arrays
-    offsets = arrays["offsets"]
-    take = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in np.flatnonzero(keep)] or
-                          [np.zeros(0, dtype=np.int64)])
-    lengths = (offsets[1:] - offsets[:-1])[keep]
-    out = {name: a[keep] for name, a in arrays.items() if name not in ("ids", "trained", "offsets")}
-    out.update(ids=arrays["ids"][take], trained=arrays["trained"][take],
-               offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    return out
+            yield chunk_no, samples
 
 
 def stream_data(cfg: Config, tokenizer) -> TokenizedData:
     """Training data as a stream; eval_dataset, small by nature, encoded whole as usual."""
     encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
-    job = Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
-    train = StreamingSamples(cfg, job, cfg.preprocessing_num_workers or default_workers())
+    train = StreamingSamples(cfg, config_job(cfg, encoder), cfg.preprocessing_num_workers or default_workers())
     if cfg.eval_datasets:
         held = replace(cfg, dataset=cfg.eval_dataset, eval_dataset=None, max_samples=None, streaming=False)
         eval_samples = build_datasets(held, tokenizer).train
     else:
         eval_samples = Samples(Builder().finish(), [])
     return TokenizedData(train, eval_samples, 0, DataStats(), encoder)
-
-
-def stream_chunks(cfg: Config, size: int) -> Iterator[tuple[Chunk, str]]:
-    """(chunk, format) of every training file in order; each file's format from its first record."""
-    for spec in cfg.datasets:
-        fmt = None
-        for chunk in record_chunks(spec, cfg.model_hub, size, stream=True):
-            if fmt is None:
-                first = chunk.first_record()
-                if first is None:
-                    continue
-                fmt = cfg.dataset_format if cfg.dataset_format != "auto" else detect_format(first, cfg.columns)
-            yield chunk, fmt

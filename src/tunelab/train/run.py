@@ -191,15 +191,16 @@ def train(cfg: Config) -> TrainResult:
     With several processes to run (`nproc_per_node`, `nnodes`, or several GPUs), this starts them and
     returns when they are done; each of them runs this same function.
     """
-    if cfg.streaming and (needs_launch(cfg) or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise TunelabError(f"streaming: true trains in one process for now, and this run has "
-                           f"{processes_per_node(cfg) * cfg.nnodes if needs_launch(cfg) else os.environ['WORLD_SIZE']}"
-                           " (each would need its own share of the stream); set nproc_per_node: 1, or streaming: "
-                           "false to train on several")
-    if needs_launch(cfg):  # what every rank would refuse, refused once before they start
+    launching = needs_launch(cfg)
+    processes = processes_per_node(cfg) * cfg.nnodes if launching else int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.streaming and processes > 1:
+        raise TunelabError(f"streaming: true trains in one process for now, and this run has {processes} (each "
+                           "would need its own share of the stream); set nproc_per_node: 1, or streaming: false "
+                           "to train on several")
+    if launching:  # what every rank would refuse, refused once before they start
         resume = plan_output_dir(cfg)
         check_resume_config(cfg, resume)
-        check_world(resume, processes_per_node(cfg) * cfg.nnodes)
+        check_world(resume, processes)
         return _launched_run(cfg)
     started = time.perf_counter()
     distributed.init(cfg.ddp_timeout)
