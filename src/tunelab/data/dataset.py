@@ -159,6 +159,10 @@ def spec_chunks(cfg: Config, specs: list[str], size: int | None = None, stream: 
             yield chunk, fmt
 
 
+def config_encoder(cfg: Config, tokenizer) -> Encoder:
+    return Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+
+
 def config_job(cfg: Config, encoder: Encoder) -> Job:
     return Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
 
@@ -249,7 +253,7 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
     With the cache on, token ids go straight to it while encoding and the samples are read back
     memory-mapped, so what a run holds is pages of one file that later runs and other ranks share.
     """
-    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+    encoder = config_encoder(cfg, tokenizer)
     key = cache.cache_key(cfg, tokenizer) if cache.enabled() and not cfg.streaming else None
     if cfg.streaming:  # a look at the stream's start; training reads it all as it goes (data.stream)
         return _in_memory(encode_all(cfg, encoder, max_records=STREAM_REPORT_RECORDS), encoder)

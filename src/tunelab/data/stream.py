@@ -21,8 +21,7 @@ import torch
 from ..config import Config
 from ..errors import TunelabError
 from . import readers
-from .dataset import DataStats, TokenizedData, build_datasets, config_job, spec_chunks
-from .encode import Encoder
+from .dataset import DataStats, TokenizedData, build_datasets, config_encoder, config_job, spec_chunks
 from .pool import Job, default_workers, run_chunks
 from .samples import Builder, Samples
 
@@ -110,7 +109,7 @@ class StreamingSamples(torch.utils.data.IterableDataset):
 
 def stream_data(cfg: Config, tokenizer) -> TokenizedData:
     """Training data as a stream; eval_dataset, small by nature, encoded whole as usual."""
-    encoder = Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+    encoder = config_encoder(cfg, tokenizer)
     train = StreamingSamples(cfg, config_job(cfg, encoder), cfg.preprocessing_num_workers or default_workers())
     if cfg.eval_datasets:
         held = replace(cfg, dataset=cfg.eval_dataset, eval_dataset=None, max_samples=None, streaming=False)

@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from ..data.conversation import Conversation
 from ..data.dataset import read_conversations, read_tools
-from ..data.encode import Encoder
 from ..errors import TunelabError
-from .load import InferenceModel, Variant, run_config, thinking_switch
+from .load import InferenceModel, Variant, prompt_encoder, thinking_switch
 from .replies import parse_reply
 
 
@@ -63,8 +62,7 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
 
     think: `enable_thinking` for templates with that switch; None keeps what training did."""
     tok = variant.tokenizer
-    settings = run_config(Path(variant.adapter_dir or im.base_path))
-    encoder = Encoder(tok, reasoning=settings.get("reasoning", "keep"))
+    encoder = prompt_encoder(variant, im.base_path)
     switch = thinking_switch(tok, think)
     prompts = [encoder.prompt_ids(c.prompt, **switch) for c in cases]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (variant.stop_ids or [0])[0]

@@ -61,6 +61,12 @@ def thinking_switch(tokenizer, think: bool | None) -> dict:
     return {"enable_thinking": think}
 
 
+def prompt_encoder(variant: "Variant", base_path: str) -> Encoder:
+    """The encoder a variant's prompts are rendered with: its tokenizer and its run's reasoning rule, as trained."""
+    settings = run_config(Path(variant.adapter_dir or base_path))
+    return Encoder(variant.tokenizer, reasoning=settings.get("reasoning", "keep"))
+
+
 def run_config(folder: Path) -> dict:
     path = folder / "tunelab_config.yaml"
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.exists() else {}

@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +22,7 @@ from ..data.conversation import ROLES, Conversation, Message
 from ..data.encode import Encoder
 from ..data.tools import parse_tools
 from ..errors import TunelabError
-from ..infer.load import InferenceModel, Variant, run_config
+from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..infer.replies import parse_reply
 from .batcher import Batcher, Job
 from .protocol import ApiError, ChatRequest, CompletionRequest, validation_error
@@ -46,8 +45,7 @@ class Server:
         self.im = im
         self.models = {}
         for name, variant in names.items():
-            settings = run_config(Path(variant.adapter_dir or im.base_path))
-            self.models[name] = Served(variant, Encoder(variant.tokenizer, reasoning=settings.get("reasoning", "keep")))
+            self.models[name] = Served(variant, prompt_encoder(variant, im.base_path))
         self.api_key = api_key
         self.batcher = Batcher(im, max_batch=max_batch)
         self.context = getattr(im.model.config, "max_position_embeddings", None)
