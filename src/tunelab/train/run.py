@@ -301,6 +301,7 @@ def train(cfg: Config) -> TrainResult:
     save_run(cfg, trainer, tokenizer, out)
     if not main:
         distributed.barrier()  # rank 0 writes the rest
+        distributed.shutdown()
         return TrainResult(out, [], {}, trainer.model)
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     metrics = read_metrics(out / "metrics.jsonl")
