@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 # Lower numbers are earlier in the pipeline; a module may import its own stage and earlier ones.
 STAGES = {
     "__init__": 0, "errors": 0, "constants": 0, "hub": 0, "logs": 0,
-    "config": 1,
+    "config": 1, "run_folder": 1,
     "data": 2,
     "model": 3,
     "train": 4,

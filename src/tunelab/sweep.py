@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from . import run_folder
 from .config import FIELDS, Config, load_config, unknown_key
 from .errors import TunelabError
 from .train.callbacks import read_metrics
-from .train.run import SUMMARY, train
+from .train.run import train
 
 log = logging.getLogger("tunelab")
 
@@ -91,7 +92,7 @@ class SweepPoint:
 
     @property
     def finished(self) -> bool:
-        return (self.output_dir / SUMMARY).exists()
+        return (self.output_dir / run_folder.SUMMARY).exists()
 
 
 def plan_sweep(config_path: str, pairs: list[str]) -> tuple[list[SweepPoint], Path]:
@@ -127,7 +128,7 @@ def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch
 
 
 def _row(point: SweepPoint, evaluated: dict | None) -> dict:
-    summary = json.loads((point.output_dir / SUMMARY).read_text())
+    summary = json.loads((point.output_dir / run_folder.SUMMARY).read_text())
     losses = [m["loss"] for m in read_metrics(point.output_dir / "metrics.jsonl") if "loss" in m]
     row = {"run": point.output_dir.name, **point.values,
            "train_loss": losses[-1] if losses else summary.get("train_loss")}

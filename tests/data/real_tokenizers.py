@@ -61,8 +61,12 @@ def load(family: str, workdir: Path):
     specials |= {v["content"] for v in cfg.get("added_tokens_decoder", {}).values() if v.get("special")}
     # tokens the template writes literally, e.g. '<start_of_turn>' or '[INST]'
     specials |= set(re.findall(r"<[^<>\s'\"{}]{2,40}>|\[/?[A-Z_]{3,20}\]", template))
-    specials = sorted(t for t in specials if t)
+    # the R1 distills' think markers are ordinary added tokens (151648/151649, not special), as in Qwen3
+    plain = {"<think>", "</think>"} if family == "deepseek-r1-distill-qwen" else set()
+    specials = sorted(t for t in specials if t and t not in plain)
     tok.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+    if plain:
+        tok.add_tokens(sorted(plain))
     for key in ("bos_token", "eos_token", "pad_token"):
         value = _token_text(cfg.get(key))
         if value:

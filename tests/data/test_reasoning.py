@@ -88,12 +88,37 @@ def test_inline_reasoning_for_a_template_without_a_reasoning_field(tmp_path):
     assert runs(tok, Encoder(tok, reasoning="drop").encode(chat())) == ["Blue.<|im_end|>", "Seven.<|im_end|>"]
 
 
-def test_a_template_that_cuts_reasoning_away_counts_the_turns_it_lost(tmp_path):
+def test_r1_reasoning_trains_in_the_form_the_model_writes_after_its_opened_think_block(tmp_path):
+    """The R1 distills cut reasoning from every turn they render, but their generation prompt opens
+    `<think>\n`: a kept turn trains as that prompt, then the reasoning, `</think>` and the answer."""
     tok = real("deepseek-r1-distill-qwen", tmp_path)
     encoder = Encoder(tok, reasoning="keep")
+    assert encoder.reasoning_mode == "prompted"
+    conv = chat()
+    whole, first = encoder.samples(conv)
+    messages = conv.template_messages()
+    assert runs(tok, whole) == ["Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>"]
+    prompt = tok.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<｜Assistant｜><think>\n")
+    assert whole.input_ids == tok(prompt + "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>",
+                                  add_special_tokens=False)["input_ids"]
+    assert whole.input_ids[:len(encoder.prompt_ids(Conversation(conv.messages[:4])))] == \
+        encoder.prompt_ids(Conversation(conv.messages[:4]))
+    assert first.own_turn and runs(tok, first) == ["Blue is calm.\n</think>\n\nBlue.<｜end▁of▁sentence｜>"]
+    assert sum(s.reasoning_lost for s in (whole, first)) == 0
+    # history as the template renders it: the answer alone, as a client sends a reply back
+    assert runs(tok, Encoder(tok, reasoning="last").encode(conv)) == [
+        "Blue.<｜end▁of▁sentence｜>", "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>"]
+    assert runs(tok, Encoder(tok, reasoning="drop").encode(conv)) == [
+        "Blue.<｜end▁of▁sentence｜>", "Seven.<｜end▁of▁sentence｜>"]
+
+
+def test_a_template_that_shows_reasoning_in_no_way_counts_the_turns_it_lost(tmp_path):
+    tok = real("deepseek-r1-distill-qwen", tmp_path)
+    tok.chat_template = tok.chat_template.replace("<｜Assistant｜><think>\\n", "<｜Assistant｜>")
+    encoder = Encoder(tok, reasoning="keep")
     assert encoder.reasoning_mode == "none"
-    samples = encoder.samples(chat())
-    assert sum(s.reasoning_lost for s in samples) == 2
+    assert sum(s.reasoning_lost for s in encoder.samples(chat())) == 2
     assert Encoder(tok, reasoning="last").encode(chat()).reasoning_lost == 1
     assert Encoder(tok, reasoning="drop").encode(chat()).reasoning_lost == 0
 
@@ -128,3 +153,20 @@ def test_trained_text_agrees_with_transformers_assistant_masks_on_trls_qwen3_tra
                                                         for t, m in zip(out["input_ids"], out["assistant_masks"])]}
     theirs = sorted(r.removesuffix("\n") for r in runs(tok, type("S", (), marked)))
     assert ours == theirs and len(ours) == len(conv.assistant_indices)
+
+
+def test_r1_trained_text_agrees_with_transformers_assistant_masks_on_trls_r1_training_template(tmp_path):
+    """TRL's R1 training template keeps the think block in every assistant turn; each marked run, less what the
+    generation prompt writes (`<｜Assistant｜><think>\n`), is what tunelab trains for that turn."""
+    tok = real("deepseek-r1-distill-qwen", tmp_path)
+    conv = chat()
+    ours = sorted(r for s in Encoder(tok, reasoning="keep").samples(conv) for r in runs(tok, s))
+    trl = __import__("copy").deepcopy(tok)
+    trl.chat_template = trl_template("deepseek_r1_distill_training.jinja")
+    messages = [{"role": m.role, "content": think(m.reasoning_content) + m.content if m.reasoning_content
+                 else m.content} for m in conv.messages]
+    out = trl.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = {"input_ids": out["input_ids"], "labels": [t if m else IGNORE_INDEX
+                                                        for t, m in zip(out["input_ids"], out["assistant_masks"])]}
+    theirs = sorted(r.removeprefix("<｜Assistant｜><think>\n") for r in runs(tok, type("S", (), marked)))
+    assert ours == theirs and len(ours) == 2

@@ -55,7 +55,7 @@ def test_chat_renders_through_the_training_encoder_keeping_tools(tmp_path):
                                                "parameters": {"type": "object", "properties": {}}}}]
     session = ChatSession(torch.nn.Linear(1, 1), tok, system="Be brief.", tools=tools)
     question = "What does <|im_end|> mean, and is it sunny?"
-    ids = session.prompt_ids(session._messages(question, []))
+    ids = session.prompt_ids(session.messages_for(question, []))
     expected = Encoder(tok).prompt_ids(Conversation([Message("system", "Be brief."), Message("user", question)],
                                                     tools=tools, source="chat"))
     assert ids == expected

@@ -67,7 +67,8 @@ def test_no_think_renders_qwen3s_thinking_off_prompt(tmp_path):
     assert off == tok(want, add_special_tokens=False)["input_ids"]
     assert tok.decode(off).endswith("<think>\n\n</think>\n\n") and tok.decode(on).endswith("assistant\n")
     # a run trained with reasoning: drop chats with thinking off unless told otherwise
-    assert ChatSession(torch.nn.Linear(1, 1), tok, reasoning="drop").prompt_ids(messages) == off
+    drop = Encoder(tok, reasoning="drop")
+    assert ChatSession(torch.nn.Linear(1, 1), tok, encoder=drop).prompt_ids(messages) == off
 
 
 def test_a_reply_with_a_call_goes_back_as_the_turn_training_renders(tmp_path):

@@ -26,6 +26,32 @@ def test_moe_trains_without_touching_experts(arch, tokenizer, chat_file, tmp_pat
     assert losses[-1] < losses[0] - 0.3, losses  # a stated margin: noise alone never drops it this far
     assert keys and not any(".experts." in k or ".gate.lora" in k or "shared_expert_gate" in k for k in keys)
     assert any("self_attn.q_proj" in k for k in keys)
+    # loaded back as chat loads it, peft's MoE target rewriting must still find only the trained modules
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "run"))
+    config = loaded.peft_config["default"]
+    assert not (config.target_parameters or [])
+    wrapped = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert wrapped and not any("experts" in n or n.endswith(".gate") or "shared_expert_gate" in n for n in wrapped)
+
+
+def test_a_lora_that_peft_places_beyond_the_chosen_modules_is_refused(tokenizer, tmp_path):
+    """Short names on a MoE are what peft >= 0.22 turns into expert parameters; whatever peft does with them,
+    tunelab's check compares what was wrapped with what was chosen."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.errors import TunelabError
+    from tunelab.model.adapters import check_wrapped, peft_target_modules, resolve_targets
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "m", tokenizer, "qwen2_moe"))
+    chosen = resolve_targets(model, "all-linear")
+    assert peft_target_modules(model, chosen) == chosen  # full names: the only form peft's MoE rewrite keeps
+    wide = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.0, target_modules=["q_proj", "shared_expert_gate"]))
+    with pytest.raises(TunelabError, match="peft wrapped more than lora_target chose.*shared_expert_gate"):
+        check_wrapped(wide, [n for n in chosen if n.endswith("q_proj")])
 
 
 def test_phi3_fused_projections_get_lora(tokenizer, chat_file, tmp_path):

@@ -63,6 +63,16 @@ class Conversation:
     tools: list[dict] | None = None
     source: str = ""
 
+    def with_defaults(self, system: str | None, tools: list[dict] | None) -> "Conversation":
+        """The run's rule for what a conversation lacks, the same in training and at inference: the
+        configured system prompt when it has none, the configured tools when it carries none."""
+        if self.text is not None or not (system or tools):
+            return self
+        messages = self.messages
+        if system and (not messages or messages[0].role != "system"):
+            messages = [Message("system", system), *messages]
+        return Conversation(messages, self.text, self.tools or tools, self.source)
+
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 

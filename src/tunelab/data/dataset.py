@@ -159,8 +159,13 @@ def spec_chunks(cfg: Config, specs: list[str], size: int | None = None, stream: 
             yield chunk, fmt
 
 
-def config_encoder(cfg: Config, tokenizer) -> Encoder:
-    return Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+def config_encoder(cfg: Config | None, tokenizer) -> Encoder:
+    """The encoder a run renders with, in training and in every later command (a run's saved config read
+    back by `run_folder.saved_config`); None, a model no tunelab run made: its template as it is."""
+    if cfg is None:
+        return Encoder(tokenizer)
+    return Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns, cfg.system,
+                   read_tools(cfg.tools))
 
 
 def config_job(cfg: Config, encoder: Encoder) -> Job:

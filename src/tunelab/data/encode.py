@@ -33,7 +33,7 @@ from .tools import arguments_as_text, with_text_arguments
 from .turns import TurnLocator
 
 # Part of the tokenization cache key: bump it whenever the same inputs would encode differently.
-ENCODING_VERSION = 3
+ENCODING_VERSION = 4
 _PROBE = "tunelab-probe-answer"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -111,8 +111,10 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None,
-                 reasoning: str = "keep", expand_turns: bool = True):
+                 reasoning: str = "keep", expand_turns: bool = True, system: str | None = None,
+                 tools: list[dict] | None = None):
         self.tokenizer = tokenizer
+        self.system, self.tools = system, tools  # what a conversation lacks: see Conversation.with_defaults
         self.train_on = train_on
         self.cutoff_len = cutoff_len
         self.reasoning = reasoning
@@ -138,17 +140,27 @@ class Encoder:
 
         plain: without the reasoning rule's template switches (how the template renders history)."""
         kwargs = {} if plain else {**self.template_kwargs, **template_kwargs}
+        messages = conv.template_messages() if messages is None else messages
+        tools = conv.tools if tools is None else tools
         try:
-            return self.tokenizer.apply_chat_template(
-                conv.template_messages() if messages is None else messages,
-                tools=conv.tools if tools is None else tools, tokenize=False,
-                add_generation_prompt=add_generation_prompt, **kwargs,
-            )
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+            if self.reasoning_mode != "prompted" or add_generation_prompt or plain or not messages \
+                    or messages[-1]["role"] != "assistant":
+                return text
+            reasoning = messages[-1].get("reasoning_content")
+            if not reasoning:
+                return text
+            # the last turn as the model writes it after a generation prompt that opened its think block
+            prompt = self.tokenizer.apply_chat_template(messages[:-1], tools=tools, tokenize=False,
+                                                        add_generation_prompt=True, **kwargs)
+            return thinking.native_turn(prompt, text, reasoning) or text
         except Exception as exc:  # jinja raise_exception() and template bugs alike
             raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
 
     def prompt_ids(self, conv: Conversation, **template_kwargs) -> list[int]:
         """The ids inference feeds the model for `conv` (which ends before the answer to generate)."""
+        conv = conv.with_defaults(self.system, self.tools)
         shield, messages, tools, _ = self._shielded(conv)
         text = self.render(conv, messages, add_generation_prompt=True, tools=tools, **template_kwargs)
         self._check_tools_rendered(conv, messages, text, add_generation_prompt=True, **template_kwargs)
@@ -183,6 +195,7 @@ class Encoder:
             self._check_text(conv.text, conv.source, "field 'text'")
             # pre-training text is data through and through: any special-token text in it is plain text
             return [_Plan(conv.text, None, raw=True, protected=[(0, len(conv.text))], source=conv.source)]
+        conv = conv.with_defaults(self.system, self.tools)
         shield, messages, tools, lost = self._shielded(conv)
         full = self.render(conv, messages, tools=tools)
         self._check_tools_rendered(conv, messages, full)

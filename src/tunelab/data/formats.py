@@ -71,12 +71,10 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
         messages = _turns(turns, fmt, src, columns)
         if fmt == "sharegpt" and data.get("system") and messages and messages[0].role != "system":
             messages.insert(0, Message("system", _string(data, "system", src)))
-    if system and (not messages or messages[0].role != "system"):
-        messages.insert(0, Message("system", system))
-    _check_order(messages, src)
-    tools = parse_tools(data.get("tools"), src) or tools
-    link_calls(messages, tools, src)
-    return Conversation(messages=messages, tools=tools, source=src)
+    conv = Conversation(messages, tools=parse_tools(data.get("tools"), src), source=src).with_defaults(system, tools)
+    _check_order(conv.messages, src)
+    link_calls(conv.messages, conv.tools, src)
+    return conv
 
 
 def to_conversations(records: list[Record], fmt: str, columns: dict | None = None, system: str | None = None,

@@ -13,8 +13,12 @@ which turns still carry it when rendered:
 
 A template that never renders `reasoning_content` (Qwen2.5, Llama 3) gets it inline as a
 `<think>` block at the start of the content: the text a model of that family writes when it thinks.
-A template that drops both (the DeepSeek-R1 distills cut everything up to `</think>`) cannot show
-reasoning to the model at all; those turns train without it and the data report counts them.
+
+A template that cuts both from what it renders but whose generation prompt opens a think block (the
+DeepSeek-R1 distills: history is `<｜Assistant｜>answer`, the prompt ends `<｜Assistant｜><think>\n`) is
+`prompted`: a turn keeping its reasoning is trained in the form the model writes it at inference, the
+prompt with its opened block, then the reasoning, `\n</think>\n\n` and the answer (see
+`Encoder.render`). Only a template that shows reasoning in no way loses it; the data report counts those.
 """
 
 from __future__ import annotations
@@ -52,12 +56,30 @@ def _renders(tokenizer, message: dict) -> bool:
 
 def mode(tokenizer) -> str:
     """How the template can show reasoning: `native` (reads reasoning_content), `inline` (keeps a think
-    block in the content) or `none`."""
+    block in the content), `prompted` (shows none, but its generation prompt opens a think block) or `none`."""
     if _renders(tokenizer, {"role": "assistant", "content": "ok", "reasoning_content": _PROBE}):
         return "native"
     if _renders(tokenizer, {"role": "assistant", "content": inline(_PROBE, "ok")}):
         return "inline"
-    return "none"
+    try:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                               add_generation_prompt=True)
+    except Exception:
+        return "none"
+    return "prompted" if prompt.rstrip().endswith("<think>") else "none"
+
+
+def native_turn(prompt: str, cut: str, reasoning: str) -> str | None:
+    """The conversation `cut` (which the template rendered without its last turn's reasoning) as the model
+    writes that turn at inference: `prompt` (the generation prompt before the turn, which opened the block),
+    the rest of the block, then the answer as the template rendered it. None when `prompt` opens no block
+    the answer could follow."""
+    at = prompt.rfind("<think>")
+    if at < 0 or not cut.startswith(prompt[:at]):
+        return None
+    block = inline(reasoning, cut[at:])  # the block the model writes, then the rendered answer
+    opened = prompt[at:]  # what the generation prompt wrote of the block: '<think>\n'
+    return prompt + block[len(opened):] if block.startswith(opened) else None
 
 
 def apply_rule(messages: list[dict], rule: str, how: str) -> tuple[list[dict], int]:
@@ -73,7 +95,7 @@ def apply_rule(messages: list[dict], rule: str, how: str) -> tuple[list[dict], i
             continue
         m = {k: v for k, v in m.items() if k != "reasoning_content"}
         if i in keep and reasoning.strip():
-            if how == "native":
+            if how in ("native", "prompted"):  # a prompted template ignores the field: see Encoder.render
                 m["reasoning_content"] = reasoning
             elif how == "inline":
                 m["content"] = inline(reasoning, m.get("content") or "")

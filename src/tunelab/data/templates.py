@@ -6,6 +6,8 @@ tokenizer's `chat_template`, so inference renders the very prompt training saw.
 
 from __future__ import annotations
 
+import json
+
 from ..errors import TunelabError
 
 CHATML = (
@@ -92,3 +94,34 @@ def apply_template(tokenizer, name: str, model_name: str = "the model") -> str:
         raise TunelabError(f"template: {name!r} needs an eos token, and the tokenizer of {model_name} has none")
     tokenizer.chat_template = BUILTIN[name]
     return name
+
+
+def _literal(value) -> str:
+    """`value` (JSON data) as a Jinja literal; strings as JSON strings, which Jinja's lexer reads back."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(str(k))}: {_literal(v)}" for k, v in value.items()) + "}"
+    return "[" + ", ".join(_literal(v) for v in value) + "]"
+
+
+def with_run_defaults(template: str, system: str | None = None, tools: list[dict] | None = None,
+                      thinking: bool | None = None) -> str:
+    """`template` that applies a run's defaults itself, for engines that render alone (vLLM, a merged folder
+    loaded by plain transformers): the trained system prompt when a conversation has none, the trained tools
+    when a request sends none, the trained thinking switch when the caller does not set it."""
+    head = ""
+    if system:
+        head += ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
+                 f"{{%- set messages = [{{'role': 'system', 'content': {_literal(system)}}}] + messages -%}}"
+                 "{%- endif -%}")
+    if tools:
+        head += f"{{%- if not tools -%}}{{%- set tools = {_literal(tools)} -%}}{{%- endif -%}}"
+    if thinking is not None:
+        head += (f"{{%- if enable_thinking is not defined -%}}{{%- set enable_thinking = {_literal(thinking)} -%}}"
+                 "{%- endif -%}")
+    return head + template

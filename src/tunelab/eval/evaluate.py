@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 
 from ..constants import LOSS_POSITIONS
 from ..data.dataset import PadCollator
-from ..data.encode import Encoder
 from ..infer.generate import Case, generate_cases
-from ..infer.load import InferenceModel, Variant, run_config
+from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..model.loss import install_labelled_forward, summed_loss, supports_labelled_loss
 from .metrics import score
 
@@ -29,9 +28,7 @@ COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4
 def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_size: int = 8,
               progress: bool = True) -> tuple[float, int]:
     """Mean cross-entropy per trained token, and how many tokens it covered."""
-    settings = run_config(Path(variant.adapter_dir or im.base_path))
-    encoder = Encoder(variant.tokenizer, settings.get("train_on", "assistant"), settings.get("cutoff_len", 1024),
-                      settings.get("reasoning", "keep"), settings.get("expand_turns", True))
+    encoder = prompt_encoder(variant, im.base_path)  # training's masks, cutoff and system prompt
     samples = [s for s in encoder.encode_many([c.conversation for c in cases]) if s.n_trained]
     pad = variant.tokenizer.pad_token_id if variant.tokenizer.pad_token_id is not None else 0
     collate = PadCollator(pad)

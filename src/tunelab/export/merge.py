@@ -8,6 +8,7 @@ will actually serve, not the object that happened to be in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .. import run_folder
 from ..data.conversation import Conversation, Message
 from ..data.dataset import read_conversations
 from ..data.encode import Encoder
+from ..data.templates import with_run_defaults
 from ..errors import TunelabError
-from ..infer.load import load_inference, run_config, split_run_folder
+from ..infer.load import load_inference, prompt_encoder, split_run_folder
 
 log = logging.getLogger("tunelab")
 
@@ -28,7 +31,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest logit difference allowed, relative to the largest reference logit: what rounding the
 # merged weights to the dtype can explain, far below what a wrong or missing merge produces.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-REPORT = "export_report.json"
 
 _PROBES = [
     [("system", "You are a helpful assistant."), ("user", "Name three primary colours."),
@@ -53,12 +55,10 @@ class ExportReport:
 
 def probe_conversations(adapter_dir: Path, n: int = 4) -> list[Conversation]:
     """A few records from the run's own training data when it is still there, else fixed probes."""
-    settings = run_config(adapter_dir)
-    specs = settings.get("dataset") or []
-    for spec in [specs] if isinstance(specs, str) else specs:
-        try:
-            convs = read_conversations(spec, settings.get("dataset_format", "auto"), settings.get("columns"),
-                                       settings.get("system"), max_samples=n)
+    cfg = run_folder.saved_config(adapter_dir)
+    for spec in cfg.datasets if cfg else []:
+        try:  # as the records are, without the run's defaults: the proofs render them the run's way
+            convs = read_conversations(spec, cfg.dataset_format, cfg.columns, max_samples=n)
         except (TunelabError, OSError):
             continue
         if convs and all(c.text is None for c in convs):
@@ -114,7 +114,7 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
         raise TunelabError(f"export: the base '{base}' is quantized; merge into unquantized weights instead")
     target = _resolve_dtype(dtype, im.base_path)
     convs = probe_conversations(adapter_dir)
-    encoder = Encoder(variant.tokenizer)
+    encoder = prompt_encoder(variant, im.base_path)
     sequences = [_ids(encoder, c, prompt_only=False) for c in convs]
     reference = _logits(im.model, sequences) if verify else []
 
@@ -126,15 +126,20 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
         shutil.rmtree(out)
     out.mkdir(parents=True)
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
-    variant.tokenizer.save_pretrained(out)
-    for extra in ("tunelab_config.yaml", "run_summary.json"):
+    # a plain folder has no run config: the trained system prompt and tools go into its template's defaults
+    exported = copy.deepcopy(variant.tokenizer)
+    exported.chat_template = with_run_defaults(exported.chat_template, encoder.system, encoder.tools,
+                                               encoder.template_kwargs.get("enable_thinking"))
+    exported.save_pretrained(out)
+    for extra in (run_folder.CONFIG, run_folder.SUMMARY):
         if (adapter_dir / extra).exists():
             shutil.copy(adapter_dir / extra, out / f"trained_{extra}")
     del merged, im
     report = ExportReport(str(out), str(target).replace("torch.", ""), stop_ids=list(variant.stop_ids))
     if verify:
-        verify_export(out, variant.tokenizer, convs, sequences, reference, report, trust)
-    (out / REPORT).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False), encoding="utf-8")
+        verify_export(out, encoder, convs, sequences, reference, report, trust)
+    (out / run_folder.EXPORT_REPORT).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False),
+                                                encoding="utf-8")
     return report
 
 
@@ -147,17 +152,17 @@ def verify_folder(output_dir: str, model: str, adapter: str | None = None,
     trust = im.trust_remote_code
     variant = im.variants[0]
     convs = probe_conversations(Path(adapters[0]))
-    encoder = Encoder(variant.tokenizer)
+    encoder = prompt_encoder(variant, im.base_path)
     sequences = [_ids(encoder, c, prompt_only=False) for c in convs]
     reference = _logits(im.model, sequences)
     del im
     config = json.loads((Path(output_dir) / "config.json").read_text())
     report = ExportReport(str(output_dir), config.get("dtype") or config.get("torch_dtype") or "float32",
                           stop_ids=list(variant.stop_ids))
-    return verify_export(Path(output_dir), variant.tokenizer, convs, sequences, reference, report, trust)
+    return verify_export(Path(output_dir), encoder, convs, sequences, reference, report, trust)
 
 
-def verify_export(out: Path, trained_tokenizer, convs: list[Conversation], sequences: list[list[int]],
+def verify_export(out: Path, trained_enc: Encoder, convs: list[Conversation], sequences: list[list[int]],
                   reference: list[torch.Tensor], report: ExportReport, trust_remote_code: bool = False) -> ExportReport:
     """Reload the folder with plain transformers and compare with base + adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -179,7 +184,7 @@ def verify_export(out: Path, trained_tokenizer, convs: list[Conversation], seque
                                f"(tolerance {report.tolerance:.3g} for {report.dtype})")
 
     exported = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
-    trained_enc, exported_enc = Encoder(trained_tokenizer), Encoder(exported)
+    exported_enc = Encoder(exported, cutoff_len=trained_enc.cutoff_len)  # a plain folder: its template alone
     report.prompts_identical = all(_ids(trained_enc, c, True) == _ids(exported_enc, c, True) and
                                    _ids(trained_enc, c, False) == _ids(exported_enc, c, False) for c in convs)
     if not report.prompts_identical:

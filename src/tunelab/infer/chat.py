@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from pathlib import Path
 
 import torch
 
 from ..data.conversation import Conversation, Message
 from ..data.encode import Encoder
-from .load import load_inference, run_config, thinking_switch
+from .load import load_inference, prompt_encoder, thinking_switch
 from .replies import Reply, parse_reply
 
 
@@ -23,10 +22,10 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None,
-                 reasoning: str = "keep", think: bool | None = None):
+                 encoder: Encoder | None = None, think: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.encoder = Encoder(tokenizer, reasoning=reasoning)
+        self.encoder = encoder or Encoder(tokenizer)  # the run's: its system prompt, tools and reasoning rule
         self.template_kwargs = thinking_switch(tokenizer, think)
         self.system = system
         self.tools = tools
@@ -40,8 +39,7 @@ class ChatSession:
         im = load_inference(model, [adapter] if adapter else None, trust_remote_code=trust_remote_code)
         variant = im.variants[0]
         im.model.generation_config.eos_token_id = variant.stop_ids or None
-        settings = run_config(Path(adapter or model)) if Path(adapter or model).is_dir() else {}
-        return cls(im.model, variant.tokenizer, system, tools, settings.get("reasoning", "keep"), think)
+        return cls(im.model, variant.tokenizer, system, tools, prompt_encoder(variant, im.base_path), think)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -67,13 +65,13 @@ class ChatSession:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    def _messages(self, prompt: str | None, history: list[dict]) -> list[dict]:
+    def messages_for(self, prompt: str | None, history: list[dict]) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + history + ([{"role": "user", "content": prompt}] if prompt is not None else [])
 
     def ask(self, prompt: str, **kwargs) -> str:
         """One answer, no memory of earlier turns."""
-        return self.generate(self._messages(prompt, []), **kwargs)
+        return self.generate(self.messages_for(prompt, []), **kwargs)
 
     def say(self, prompt: str, streamer=None, role: str = "user", **kwargs) -> Reply:
         """A turn in a multi-turn conversation (a user message, or a tool's result): the reply joins the history."""
@@ -83,8 +81,8 @@ class ChatSession:
             if not calls:
                 raise ValueError("a tool result needs a tool call before it")
             turn.update(tool_call_id=calls[0]["id"], name=calls[0]["function"]["name"])
-        messages = self._messages(prompt, self.history) if role == "user" else (
-            self._messages(None, self.history) + [turn])
+        messages = self.messages_for(prompt, self.history) if role == "user" else (
+            self.messages_for(None, self.history) + [turn])
         reply = parse_reply(self.generate(messages, streamer=streamer, **kwargs))
         self.history += [turn, reply.message()]
         return reply

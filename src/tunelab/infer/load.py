@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
+from .. import run_folder
+from ..config import Config
 from ..errors import TunelabError
+from ..data.dataset import config_encoder
 from ..data.encode import Encoder
 from ..data.tokenizer import load_tokenizer
 from ..hub import resolve_model_path
@@ -43,11 +45,6 @@ class Variant:
     peft_name: str | None = None
 
 
-def adapter_base(adapter_dir: Path) -> str | None:
-    cfg = adapter_dir / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
-
-
 def thinking_switch(tokenizer, think: bool | None) -> dict:
     """The template kwargs for `--think` / `--no-think`: `enable_thinking` where the template reads it."""
     from ..data.reasoning import has_switch
@@ -61,15 +58,15 @@ def thinking_switch(tokenizer, think: bool | None) -> dict:
     return {"enable_thinking": think}
 
 
+def run_config(variant: "Variant", base_path: str) -> Config | None:
+    """The config the variant was trained with (its adapter's run, or a full fine-tune's), None for a base."""
+    return run_folder.saved_config(variant.adapter_dir or base_path)
+
+
 def prompt_encoder(variant: "Variant", base_path: str) -> Encoder:
-    """The encoder a variant's prompts are rendered with: its tokenizer and its run's reasoning rule, as trained."""
-    settings = run_config(Path(variant.adapter_dir or base_path))
-    return Encoder(variant.tokenizer, reasoning=settings.get("reasoning", "keep"))
-
-
-def run_config(folder: Path) -> dict:
-    path = folder / "tunelab_config.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.exists() else {}
+    """The encoder a variant's prompts are rendered with: its tokenizer with everything its run trained with
+    (system prompt, tools, reasoning rule, thinking switch), the same `config_encoder` as training's."""
+    return config_encoder(run_config(variant, base_path), variant.tokenizer)
 
 
 def _arch(config_json: Path) -> dict:
@@ -81,7 +78,7 @@ def _arch(config_json: Path) -> dict:
 
 def check_same_base(adapter_dir: Path, base_path: str) -> None:
     """Refuse an adapter trained on another base before peft fails with a shape error, or worse, loads."""
-    recorded = adapter_base(adapter_dir)
+    recorded = run_folder.adapter_base(adapter_dir)
     if not recorded:
         return
     here, there = Path(base_path), Path(recorded)
@@ -100,7 +97,7 @@ def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
     from transformers import GenerationConfig
 
     ids = tokenizer.eos_token_id
-    if (folder / "generation_config.json").exists():
+    if (folder / run_folder.GENERATION_CONFIG).exists():
         ids = GenerationConfig.from_pretrained(folder).eos_token_id
     saved = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
     stops = list(dict.fromkeys([*saved, *Encoder(tokenizer).eot_ids]))
@@ -112,7 +109,7 @@ def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
 
 
 def tokenizer_for(folder: Path, base_path: str, trust: bool):
-    source = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
+    source = folder if (folder / run_folder.TOKENIZER_CONFIG).exists() else Path(base_path)
     tok = load_tokenizer(str(source), trust_remote_code=trust)
     if not getattr(tok, "chat_template", None):
         raise TunelabError(f"{source}: no chat template saved with this tokenizer")
@@ -159,8 +156,8 @@ class InferenceModel:
 def split_run_folder(model: str, adapters: list[str] | None) -> tuple[str, list[str]]:
     """A LoRA run folder passed as `--model` stands for its base plus itself."""
     folder = Path(model)
-    if not adapters and (folder / "adapter_config.json").exists():
-        base = adapter_base(folder)
+    if not adapters and run_folder.is_adapter(folder):
+        base = run_folder.adapter_base(folder)
         if not base:
             raise TunelabError(f"{folder}: adapter_config.json names no base model; pass --model BASE --adapter DIR")
         return base, [str(folder)]
@@ -172,13 +169,14 @@ def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.d
     named = Path(model)
     model, adapters = split_run_folder(model, adapters)
     for a in adapters:
-        if a != BASE and not (Path(a) / "adapter_config.json").exists():
+        if a != BASE and not run_folder.is_adapter(a):
             raise TunelabError(f"--adapter: '{a}' holds no adapter_config.json" if Path(a).is_dir()
                                else f"--adapter: folder '{a}' not found")
     base_path = resolve_model_path(model)
-    settings = [run_config(Path(p)) for p in [base_path, *adapters] if p != BASE]
-    trust = trust_remote_code or bool(named.is_dir() and run_config(named).get("trust_remote_code"))
-    allow_pickle = any(s.get("allow_pickle") for s in settings)
+    settings = [c for c in (run_folder.saved_config(p) for p in [base_path, *adapters] if p != BASE) if c]
+    named_run = run_folder.saved_config(named) if named.is_dir() else None
+    trust = trust_remote_code or bool(named_run and named_run.trust_remote_code)
+    allow_pickle = any(c.allow_pickle for c in settings)
     check_weights_format(base_path, allow_pickle, "--model")
     for a in adapters:
         if a != BASE:

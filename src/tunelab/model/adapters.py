@@ -104,10 +104,23 @@ def _summary(linears: list[str]) -> str:
     return ", ".join(folded) if folded else "(none)"
 
 
+def _has_moe_internals(model: nn.Module) -> bool:
+    return any(_EXPERTS[0] in name.split(".") for name, _ in model.named_parameters())
+
+
 def peft_target_modules(model: nn.Module, chosen: list[str]) -> list[str] | str:
-    """Short suffix names when they select exactly `chosen` (what vLLM and most tools expect), else a regex."""
+    """Short suffix names when they select exactly `chosen` (what vLLM and most tools expect), else a regex;
+    on a MoE model, the full names.
+
+    peft >= 0.22 rewrites the targets of MoE models it knows (`convert_peft_config_for_transformers`, on
+    wrapping and again on loading): a short name or a regex is resolved to leaf names, and `gate_proj` /
+    `up_proj` / `down_proj` then also reach the fused 3-D expert weights. Only full module names pass through
+    it unchanged, so the adapter that is saved loads back onto the modules it was trained on.
+    """
     linears = linear_modules(model)
     want = set(chosen)
+    if _has_moe_internals(model):
+        return list(chosen)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     if {n for n in linears if n.rsplit(".", 1)[-1] in suffixes} == want:
         return suffixes
@@ -130,9 +143,23 @@ def attach_lora(model: nn.Module, cfg) -> nn.Module:
     )
     with quiet_deprecations():
         model = get_peft_model(model, lora)
+    check_wrapped(model, chosen)
     log.info("LoRA r=%d alpha=%d on %d modules (%s)", cfg.lora_r, cfg.lora_alpha, len(chosen),
              targets if isinstance(targets, str) else ", ".join(targets))
     return model
+
+
+def check_wrapped(model: nn.Module, chosen: list[str]) -> None:
+    """Refuse a LoRA that peft placed elsewhere than on `chosen`: a new peft release that reinterprets the
+    targets (experts, routers) must stop the run, not train something the user never asked for."""
+    config = next(iter(model.peft_config.values()))
+    extra_params = sorted(getattr(config, "target_parameters", None) or [])
+    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+               if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    stray = sorted(wrapped - set(chosen))
+    if extra_params or stray:
+        raise TunelabError("peft wrapped more than lora_target chose (a change in peft's target matching?): "
+                           + ", ".join((extra_params + stray)[:5]) + "; pin peft to the version in constraints.txt")
 
 
 def adapter_has_embeddings(folder: Path) -> bool:

@@ -15,10 +15,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import run_folder
+from ..data.dataset import config_encoder
 from ..data.encode import Encoder
 from ..errors import TunelabError
 from ..infer.generate import read_cases
-from ..infer.load import tokenizer_for, adapter_base, run_config
+from ..infer.load import tokenizer_for
 
 
 @dataclass
@@ -46,12 +48,13 @@ def _post(url: str, body: dict, api_key: str | None) -> dict:
 
 
 def trained_encoder(folder: str) -> Encoder:
-    """The encoder training used for the run in `folder` (its saved tokenizer, template and rule)."""
+    """The encoder training used for the run in `folder` (its saved tokenizer, template, system prompt, tools
+    and reasoning rule)."""
     path = Path(folder)
-    base = adapter_base(path) or folder
-    settings = run_config(path)
-    tokenizer = tokenizer_for(path, base, bool(settings.get("trust_remote_code")))
-    return Encoder(tokenizer, reasoning=settings.get("reasoning", "keep"))
+    base = run_folder.adapter_base(path) or folder
+    cfg = run_folder.saved_config(path)
+    tokenizer = tokenizer_for(path, base, bool(cfg and cfg.trust_remote_code))
+    return config_encoder(cfg, tokenizer)
 
 
 def check(url: str, model_id: str, run_folder: str, dataset: str, api_key: str | None = None,

@@ -24,9 +24,9 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from pydantic import BaseModel
 
+from .. import run_folder
 from .protocol import ApiError
 
-RUN_MARK = "tunelab_config.yaml"
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Job:
     def state(self) -> dict:
         code = self.process.poll()
         rows = []
-        metrics = self.output_dir / "metrics.jsonl"
+        metrics = self.output_dir / run_folder.METRICS
         if metrics.is_file():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         losses = [[r["step"], r["loss"]] for r in rows if "loss" in r and "step" in r]
@@ -54,7 +54,8 @@ class TrainRequest(BaseModel):
 
 
 def _runs(root: Path) -> dict[str, Path]:
-    found = sorted(p.parent for p in list(root.glob(f"*/{RUN_MARK}")) + list(root.glob(f"*/*/{RUN_MARK}")))
+    marks = list(root.glob(f"*/{run_folder.CONFIG}")) + list(root.glob(f"*/*/{run_folder.CONFIG}"))
+    found = sorted(p.parent for p in marks)
     return {str(p.relative_to(root)): p for p in found}
 
 
@@ -80,7 +81,7 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
     async def runs():
         out = []
         for name, folder in _runs(root).items():
-            summary = folder / "run_summary.json"
+            summary = folder / run_folder.SUMMARY
             facts = json.loads(summary.read_text()) if summary.is_file() else {}
             out.append({"name": name, "finished": summary.is_file(), "final_loss": facts.get("train_loss"),
                         "steps": facts.get("global_step")})
@@ -88,7 +89,7 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
 
     @app.get("/ui/runs/{name:path}/loss.png", dependencies=[Depends(authorized)])
     async def loss_plot(name: str):
-        path = run(name) / "loss.png"
+        path = run(name) / run_folder.LOSS_PLOT
         if not path.is_file():
             raise ApiError(404, f"{name} has no loss plot yet", "name", "not_found")
         return FileResponse(path, media_type="image/png")
@@ -100,15 +101,15 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
         def text(file: str) -> str | None:
             path = folder / file
             return path.read_text(encoding="utf-8") if path.is_file() else None
-        return {"config": text(RUN_MARK), "summary": text("run_summary.json"),
+        return {"config": text(run_folder.CONFIG), "summary": text(run_folder.SUMMARY),
                 "eval": text("eval.md") or text("sweep.md")}
 
     @app.get("/ui/runs/{name:path}/data", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
     def data(name: str):
-        from ..config import load_config
         from ..data.report import data_report
 
-        return data_report(load_config(run(name) / RUN_MARK, {"output_dir": str(tempfile.mkdtemp())}), n_samples=2)
+        cfg = dataclasses.replace(run_folder.saved_config(run(name)), output_dir=str(tempfile.mkdtemp()))
+        return data_report(cfg, n_samples=2)
 
     @app.post("/ui/train", dependencies=[Depends(authorized)])
     async def train(req: TrainRequest):

@@ -12,19 +12,22 @@ import logging
 import shlex
 from pathlib import Path
 
+from .. import run_folder
+from ..data.dataset import read_tools
+from ..data.templates import with_run_defaults
 from ..errors import TunelabError
-from ..infer.load import adapter_base, run_config
 from .names import served_names
 
 log = logging.getLogger("tunelab")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+TEMPLATE_FILE = "tunelab_vllm_template.jinja"  # the saved template with the run's defaults, written beside it
 
 
 def _template(folder: Path) -> str | None:
     path = folder / "chat_template.jinja"
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
+    config = folder / run_folder.TOKENIZER_CONFIG
     if config.is_file():
         return json.loads(config.read_text(encoding="utf-8")).get("chat_template")
     return None
@@ -52,32 +55,51 @@ def vllm_command(model: str, adapters: list[str] | None = None, host: str = "127
     runs = [Path(d) for d in named.values()] or [Path(model)]
     cmd = ["vllm", "serve", base, "--served-model-name", model_id, "--host", host, "--port", str(port)]
     if named:
-        ranks = [json.loads((d / "adapter_config.json").read_text()).get("r", 8) for d in runs]
+        ranks = [json.loads((d / run_folder.ADAPTER_CONFIG).read_text()).get("r", 8) for d in runs]
         rank = next((r for r in LORA_RANKS if r >= max(ranks)), None)
         if rank is None:
             raise TunelabError(f"LoRA rank {max(ranks)} is above what vLLM serves ({LORA_RANKS[-1]})")
         cmd += ["--enable-lora", "--max-loras", str(len(named)), "--max-lora-rank", str(rank), "--lora-modules"]
         cmd += [f"{name}={Path(d).resolve()}" for name, d in named.items()]
         for d in runs:
-            if adapter_base(d) and adapter_base(d) != base:
-                log.warning("%s was trained on %s, not %s", d, adapter_base(d), base)
+            if run_folder.adapter_base(d) and run_folder.adapter_base(d) != base:
+                log.warning("%s was trained on %s, not %s", d, run_folder.adapter_base(d), base)
     templates = {d: t for d in runs if (t := _template(d)) is not None}
     if len(set(templates.values())) > 1:
         log.warning("the adapters were trained with different chat templates; vLLM serves one (%s's)", runs[0])
+    configs = [run_folder.saved_config(d) for d in runs]
+    defaults = {json.dumps(_defaults(c, templates.get(d, "")), sort_keys=True) for c, d in zip(configs, runs)}
+    if len(defaults) > 1:
+        raise TunelabError("the runs were trained with different system prompts, tools or thinking switches, and "
+                           "vLLM renders every adapter with one chat template; serve them with separate vLLM "
+                           "commands, or with tunelab serve (each adapter its own)")
     chosen = runs[0] / "chat_template.jinja"
+    default = _defaults(configs[0], templates.get(runs[0], ""))
+    if runs[0] in templates and any(v is not None for v in default.values()):
+        # vLLM applies no default system prompt: the template it is given inserts the trained one
+        chosen = runs[0] / TEMPLATE_FILE
+        chosen.write_text(with_run_defaults(templates[runs[0]], **default), encoding="utf-8")
     if chosen.is_file():
         cmd += ["--chat-template", str(chosen.resolve())]
     elif runs[0] in templates:
         log.warning("%s has its chat template in tokenizer_config.json only; vLLM reads it from there", runs[0])
     if runs[0] in templates:
         cmd += _parsers(templates[runs[0]])
-    if (runs[0] / "generation_config.json").is_file():  # the stop ids training saved
+    if (runs[0] / run_folder.GENERATION_CONFIG).is_file():  # the stop ids training saved
         cmd += ["--generation-config", str(runs[0].resolve())]
-    if any(run_config(d).get("trust_remote_code") for d in runs):
+    if any(c and c.trust_remote_code for c in configs):
         cmd.append("--trust-remote-code")
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd
+
+
+def _defaults(cfg, template: str) -> dict:
+    """What a run's prompts get when a request leaves it out (see `with_run_defaults`)."""
+    if cfg is None:
+        return {"system": None, "tools": None, "thinking": None}
+    thinking = False if cfg.reasoning == "drop" and "enable_thinking" in template else None
+    return {"system": cfg.system, "tools": read_tools(cfg.tools), "thinking": thinking}
 
 
 def printable(cmd: list[str]) -> str:

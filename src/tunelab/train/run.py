@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import ProgressCallback
 
-from .. import __version__
-from ..config import RESUME_MAY_CHANGE, Config, dump_config
+from .. import __version__, run_folder
+from ..config import RESUME_MAY_CHANGE, Config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
 from ..data.packing import PackCollator, packing_is_exact
 from ..data.stream import Position, stream_data
@@ -39,8 +38,6 @@ from .trainer import TokenCounter, TunelabTrainer
 
 log = logging.getLogger("tunelab")
 
-SUMMARY = "run_summary.json"
-CONFIG_FILE = "tunelab_config.yaml"
 
 
 @dataclass
@@ -56,7 +53,7 @@ def _finished(out: Path) -> bool:
     checkpoint says otherwise (a kill during the final save leaves weights and checkpoints)."""
     weights = any((out / name).exists() for name in ("adapter_model.safetensors", "model.safetensors",
                                                      "model.safetensors.index.json"))
-    return (out / SUMMARY).exists() or (weights and not complete_checkpoints(out))
+    return (out / run_folder.SUMMARY).exists() or (weights and not complete_checkpoints(out))
 
 
 def plan_output_dir(cfg: Config) -> str | None:
@@ -87,12 +84,9 @@ def _comparable(key: str, value):
 
 def check_resume_config(cfg: Config, resume: str | None) -> None:
     """A resume under a changed config would silently mix two runs; refuse it, naming each change."""
-    saved = Path(resume).parent / CONFIG_FILE if resume else None
-    if saved is None or not saved.is_file():
-        return
     try:
-        before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+        before = run_folder.saved_keys(Path(resume).parent) if resume else {}
+    except TunelabError:  # unreadable: nothing to compare with
         return
     now = cfg.to_dict()
     changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in before
@@ -164,7 +158,7 @@ def pure_bf16(model) -> str:
 
 
 def _callbacks(cfg: Config, counter: TokenCounter) -> list:
-    callbacks = [MetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", counter)]
+    callbacks = [MetricsCallback(Path(cfg.output_dir) / run_folder.METRICS, counter)]
     if cfg.report_to == "swanlab":
         try:
             from swanlab.integration.transformers import SwanLabCallback
@@ -234,11 +228,11 @@ def train(cfg: Config) -> TrainResult:
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / CONFIG_FILE)  # now, so that a resume can check it trains the same run
+        run_folder.write_config(cfg, out)  # now, so that a resume can check it trains the same run
         for name in remove_leftovers(out):
             log.info("removed %s, a checkpoint cut off while it was being saved", name)
         if resume is None:
-            for stale in complete_checkpoints(out) + [out / "metrics.jsonl", out / SUMMARY]:
+            for stale in complete_checkpoints(out) + [out / run_folder.METRICS, out / run_folder.SUMMARY]:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     distributed.barrier()
     packing = packing_is_exact(model) if cfg.packing is None else cfg.packing
@@ -303,8 +297,8 @@ def train(cfg: Config) -> TrainResult:
         distributed.barrier()  # rank 0 writes the rest
         distributed.shutdown()
         return TrainResult(out, [], {}, trainer.model)
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
-    metrics = read_metrics(out / "metrics.jsonl")
+    plot_loss(out / run_folder.METRICS, out / run_folder.LOSS_PLOT)
+    metrics = read_metrics(out / run_folder.METRICS)
     summary = {
         "tunelab_version": __version__, "model_path": model_path, "template": template,
         "stop_ids": list(model.generation_config.eos_token_id),
@@ -319,9 +313,9 @@ def train(cfg: Config) -> TrainResult:
     }
     if torch.cuda.is_available():  # rank 0's; the estimate's "peak per device" is what it predicts
         summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
-    staged = out / f".{SUMMARY}.tmp"
+    staged = out / f".{run_folder.SUMMARY}.tmp"
     staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    os.replace(staged, out / SUMMARY)  # last, and whole: its presence marks the run finished
+    os.replace(staged, out / run_folder.SUMMARY)  # last, and whole: its presence marks the run finished
     log.info("saved to %s (%.1fs)", out, summary["seconds"])
     distributed.barrier()
     distributed.shutdown()
@@ -332,9 +326,9 @@ def _launched_run(cfg: Config) -> TrainResult:
     """The run folder's facts after the processes are done (node 0 writes them; other nodes get {})."""
     launch(cfg)
     out = Path(cfg.output_dir)
-    if cfg.node_rank != 0 or not (out / SUMMARY).is_file():
+    if cfg.node_rank != 0 or not (out / run_folder.SUMMARY).is_file():
         return TrainResult(out, [], {}, None)
-    return TrainResult(out, read_metrics(out / "metrics.jsonl"), json.loads((out / SUMMARY).read_text()), None)
+    return TrainResult(out, read_metrics(out / run_folder.METRICS), json.loads((out / run_folder.SUMMARY).read_text()), None)
 
 
 def is_moe(model) -> bool:
@@ -356,4 +350,4 @@ def save_run(cfg: Config, trainer: TunelabTrainer, tokenizer, out: Path) -> None
     gen = getattr(trainer.accelerator.unwrap_model(trainer.model), "generation_config", None)
     if gen is not None:
         gen.save_pretrained(out)
-    dump_config(cfg, out / CONFIG_FILE)
+    run_folder.write_config(cfg, out)
