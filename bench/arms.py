@@ -68,18 +68,21 @@ def usual_recipe_example(tokenizer, cutoff: int):
     eos = tokenizer.eos_token_id
 
     def process(example: dict) -> dict:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text(example)}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text(example)}], tokenize=False, add_generation_prompt=True
+        )
         instruction = tokenizer(prompt, add_special_tokens=False)
         response = tokenizer(example["output"], add_special_tokens=False)
         input_ids = instruction["input_ids"] + response["input_ids"] + [eos]
         attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
         labels = [IGNORE_INDEX] * len(instruction["input_ids"]) + response["input_ids"] + [eos]
         return {"input_ids": input_ids[:cutoff], "attention_mask": attention_mask[:cutoff], "labels": labels[:cutoff]}
+
     return process
 
 
 # ---------------------------------------------------------------- measurement, the same for every arm
+
 
 def _vm_hwm() -> int | None:
     try:
@@ -177,14 +180,16 @@ class Meter:
         was on and to what, and the dtype of the matmul's output.
         """
         named = dict(model.named_modules())
-        base = next((m for n, m in named.items() if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear)),
-                    None) or next((m for n, m in named.items() if isinstance(m, torch.nn.Linear)), None)
+        base = next(
+            (m for n, m in named.items() if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear)), None
+        ) or next((m for n, m in named.items() if isinstance(m, torch.nn.Linear)), None)
         if base is None:
             return
         lora_a = next((p for n, p in model.named_parameters() if "lora_A" in n), None)
         self.precision_seen["base_weight_dtype"] = str(base.weight.dtype).replace("torch.", "")
-        self.precision_seen["adapter_weight_dtype"] = (None if lora_a is None
-                                                       else str(lora_a.dtype).replace("torch.", ""))
+        self.precision_seen["adapter_weight_dtype"] = (
+            None if lora_a is None else str(lora_a.dtype).replace("torch.", "")
+        )
 
         def hook(module, args, output):
             key = f"{self.phase}_matmul"
@@ -192,9 +197,11 @@ class Meter:
                 enabled = torch.is_autocast_enabled("cpu")
                 self.precision_seen[key] = {
                     "autocast": str(torch.get_autocast_dtype("cpu")).replace("torch.", "") if enabled else None,
-                    "input_dtype": str(args[0].dtype).replace("torch.", "") if args and torch.is_tensor(args[0])
+                    "input_dtype": str(args[0].dtype).replace("torch.", "")
+                    if args and torch.is_tensor(args[0])
                     else None,
-                    "output_dtype": str(output.dtype).replace("torch.", "")}
+                    "output_dtype": str(output.dtype).replace("torch.", ""),
+                }
 
         base.register_forward_hook(hook)
 
@@ -222,18 +229,21 @@ class Meter:
         finally:
             self.phase = "train"
         clock = 0.0 if self.t_begin is None else self.clock()
-        self.evals.append({"step": step, "clock": clock, "trained_tokens": sum(s["trained"] for s in self.steps),
-                           "loss": loss})
+        self.evals.append(
+            {"step": step, "clock": clock, "trained_tokens": sum(s["trained"] for s in self.steps), "loss": loss}
+        )
         if self.t_begin is not None:
             self.eval_seconds += time.perf_counter() - started
             self.eval_cpu += _cpu_seconds() - cpu
 
     def begin(self, model, max_steps: int) -> None:
         lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
-        self.lora = {"modules": len(lora_a),
-                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     "lora_A_sum": float(sum(p.double().sum() for p in lora_a)),
-                     "lora_A_abs_sum": float(sum(p.double().abs().sum() for p in lora_a))}
+        self.lora = {
+            "modules": len(lora_a),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora_A_sum": float(sum(p.double().sum() for p in lora_a)),
+            "lora_A_abs_sum": float(sum(p.double().abs().sum() for p in lora_a)),
+        }
         self.eval_at = {max(1, round(f * max_steps)) for f in self.spec["eval_fractions"]}
         self.watch_precision(model)
         self.evaluate(model, 0)
@@ -256,16 +266,23 @@ class Meter:
         cpu = (steps[-1]["cpu"] - steps[0]["cpu"]) if len(steps) > 1 else (steps[0]["cpu"] if steps else 0)
         machine, own, wall = self.machine_begin
         busy = busy_cpu_seconds()
-        others = None if busy is None or machine is None else max(
-            0.0, (busy - machine) - (_cpu_seconds() - own)) / ((time.perf_counter() - wall) * os.cpu_count())
+        others = (
+            None
+            if busy is None or machine is None
+            else max(0.0, (busy - machine) - (_cpu_seconds() - own)) / ((time.perf_counter() - wall) * os.cpu_count())
+        )
         trained = sum(s["trained"] for s in timed)
         real = sum(s["real"] for s in timed)
         return {
-            "steps": len(steps), "trained_tokens": total["trained"], "real_tokens": total["real"],
-            "positions": total["positions"], "rows": total["rows"],
+            "steps": len(steps),
+            "trained_tokens": total["trained"],
+            "real_tokens": total["real"],
+            "positions": total["positions"],
+            "rows": total["rows"],
             "trained_tokens_per_step": total["trained"] / max(len(steps), 1),
             "padding_share": 1 - total["real"] / max(total["positions"], 1),
-            "timed_steps": len(timed), "timed_seconds": seconds,
+            "timed_steps": len(timed),
+            "timed_seconds": seconds,
             "trainable_tps": trained / seconds if seconds else None,
             "total_tps": real / seconds if seconds else None,
             "train_seconds": steps[-1]["clock"] if steps else None,
@@ -275,9 +292,12 @@ class Meter:
             # share of the machine's CPUs that other processes used meanwhile: timings are only
             # comparable when this is near 0
             "others_cpu_share": others,
-            "eval_curve": self.evals, "final_eval_loss": self.evals[-1]["loss"] if self.evals else None,
-            "first_batch": self.first_batch, "lora": self.lora,
-            "precision": self.spec.get("precision", "fp32"), "precision_seen": self.precision_seen,
+            "eval_curve": self.evals,
+            "final_eval_loss": self.evals[-1]["loss"] if self.evals else None,
+            "first_batch": self.first_batch,
+            "lora": self.lora,
+            "precision": self.spec.get("precision", "fp32"),
+            "precision_seen": self.precision_seen,
             "train_peak_rss_bytes": _vm_hwm() if self.hwm_reset else None,
             "per_step": steps,
         }
@@ -328,17 +348,32 @@ class Timer:
             finally:
                 self.seconds += time.perf_counter() - started
                 self.calls += 1
+
         return timed
 
 
 def training_arguments(spec: dict, batch_size: int) -> dict:
     """The settings every arm shares (TrainingArguments names); bf16 = Trainer's autocast (CPU too)."""
     return dict(
-        output_dir=spec["output_dir"], num_train_epochs=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1, learning_rate=spec["learning_rate"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=spec["seed"],
-        data_seed=spec["seed"], logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=compute_dtype(spec) == torch.bfloat16, gradient_checkpointing=False, dataloader_num_workers=0,
+        output_dir=spec["output_dir"],
+        num_train_epochs=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=compute_dtype(spec) == torch.bfloat16,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
 
@@ -351,6 +386,7 @@ def load_model(spec: dict):
 
 
 # ---------------------------------------------------------------- arm a: the usual recipe
+
 
 def arm_a(spec: dict, meter: Meter, result: dict) -> None:
     """Trainer + DataCollatorForSeq2Seq(padding=True) + peft LoRA + the model's own loss.
@@ -377,16 +413,28 @@ def arm_a(spec: dict, meter: Meter, result: dict) -> None:
     set_seed(spec["seed"])
     model = load_model(spec)
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGETS,
-                                             r=spec["lora_r"], lora_alpha=spec["lora_alpha"],
-                                             lora_dropout=spec["lora_dropout"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=LORA_TARGETS,
+            r=spec["lora_r"],
+            lora_alpha=spec["lora_alpha"],
+            lora_dropout=spec["lora_dropout"],
+        ),
+    )
     args = TrainingArguments(**training_arguments(spec, spec["samples_per_step"]))
-    trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+    )
     trainer.train()
 
 
 # ---------------------------------------------------------------- arm b: TRL SFTTrainer, best settings
+
 
 def arm_b(spec: dict, meter: Meter, result: dict) -> None:
     """SFTTrainer: bfd packing (padding-free), completion-only loss on prompt-completion data, default loss."""
@@ -402,20 +450,39 @@ def arm_b(spec: dict, meter: Meter, result: dict) -> None:
 
     started = time.perf_counter()
     records = json.loads(Path(spec["train_file"]).read_text(encoding="utf-8"))
-    train = Dataset.from_list([{"prompt": [{"role": "user", "content": user_text(r)}],
-                                "completion": [{"role": "assistant", "content": r["output"]}]} for r in records])
+    train = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": user_text(r)}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in records
+        ]
+    )
     build_seconds = time.perf_counter() - started
 
-    config = SFTConfig(**training_arguments(spec, spec["rows_per_step"]), max_length=spec["cutoff_len"],
-                       packing=True, packing_strategy="bfd", padding_free=True, completion_only_loss=True,
-                       loss_type="nll")
+    config = SFTConfig(
+        **training_arguments(spec, spec["rows_per_step"]),
+        max_length=spec["cutoff_len"],
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        loss_type="nll",
+    )
     set_seed(spec["seed"])
     model = load_model(spec)
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGETS, r=spec["lora_r"],
-                      lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"])
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=LORA_TARGETS,
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=spec["lora_dropout"],
+    )
     try:
-        trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                             peft_config=lora)
+        trainer = SFTTrainer(
+            model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=lora
+        )
         trainer.train()
     finally:
         result["tokenize_seconds"] = build_seconds + prep.seconds
@@ -430,16 +497,20 @@ def read_run_summary(output_dir: Path) -> dict:
     """The run summary tunelab's `train(cfg)` wrote in `output_dir`; raises if there is none."""
     path = output_dir / RUN_SUMMARY
     if not path.is_file():
-        raise FileNotFoundError(f"tunelab's train(cfg) left no {RUN_SUMMARY} in {output_dir}: the bench reads "
-                                "arm c's figures from it; tunelab's run summary changed, update bench/arms.py")
+        raise FileNotFoundError(
+            f"tunelab's train(cfg) left no {RUN_SUMMARY} in {output_dir}: the bench reads "
+            "arm c's figures from it; tunelab's run summary changed, update bench/arms.py"
+        )
     return json.loads(path.read_text())
 
 
 def summary_key(summary: dict, key: str):
     """summary[key], or a KeyError that says tunelab's run summary changed (never a silent None)."""
     if key not in summary:
-        raise KeyError(f"tunelab's {RUN_SUMMARY} has no key {key!r} (it has {sorted(summary)}): tunelab's run "
-                       "summary changed, update bench/arms.py")
+        raise KeyError(
+            f"tunelab's {RUN_SUMMARY} has no key {key!r} (it has {sorted(summary)}): tunelab's run "
+            "summary changed, update bench/arms.py"
+        )
     return summary[key]
 
 
@@ -454,17 +525,36 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
 
     meter.prep_only_returns = True  # a prep-only run still ends with the run summary, which times the data
 
-    cfg = from_dict({
-        "model": spec["model"], "dataset": spec["train_file"], "template": "auto", "cutoff_len": spec["cutoff_len"],
-        "finetuning_type": "lora", "lora_r": spec["lora_r"], "lora_alpha": spec["lora_alpha"],
-        "lora_dropout": spec["lora_dropout"], "lora_target": "all-linear", "output_dir": spec["output_dir"],
-        "overwrite_output_dir": True, "num_train_epochs": 1.0, "per_device_train_batch_size": spec["samples_per_step"],
-        "learning_rate": spec["learning_rate"], "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "seed": spec["seed"],
-        "logging_steps": 10_000, "save_steps": 10_000, "attn_implementation": "sdpa",
-        "bf16": compute_dtype(spec) == torch.bfloat16,
-        "gradient_checkpointing": False, "report_to": "none",
-    })
+    cfg = from_dict(
+        {
+            "model": spec["model"],
+            "dataset": spec["train_file"],
+            "template": "auto",
+            "cutoff_len": spec["cutoff_len"],
+            "finetuning_type": "lora",
+            "lora_r": spec["lora_r"],
+            "lora_alpha": spec["lora_alpha"],
+            "lora_dropout": spec["lora_dropout"],
+            "lora_target": "all-linear",
+            "output_dir": spec["output_dir"],
+            "overwrite_output_dir": True,
+            "num_train_epochs": 1.0,
+            "per_device_train_batch_size": spec["samples_per_step"],
+            "learning_rate": spec["learning_rate"],
+            "lr_scheduler_type": "constant",
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "optim": "adamw_torch",
+            "seed": spec["seed"],
+            "logging_steps": 10_000,
+            "save_steps": 10_000,
+            "attn_implementation": "sdpa",
+            "bf16": compute_dtype(spec) == torch.bfloat16,
+            "gradient_checkpointing": False,
+            "report_to": "none",
+        }
+    )
     from transformers import set_seed
 
     set_seed(spec["seed"])
@@ -472,11 +562,13 @@ def arm_c(spec: dict, meter: Meter, result: dict) -> None:
     summary = read_run_summary(Path(spec["output_dir"]))
     result["tokenize_seconds"] = float(summary_key(summary, "data_seconds"))  # building the tokenized datasets
     result["labelled_loss"] = summary_key(summary, "labelled_loss")  # trained with the labelled-position loss
-    result["run_summary"] = {k: summary_key(summary, k)
-                             for k in ("packing", "global_step", "trained_tokens", "train_samples", "dtype")}
+    result["run_summary"] = {
+        k: summary_key(summary, k) for k in ("packing", "global_step", "trained_tokens", "train_samples", "dtype")
+    }
 
 
 # ---------------------------------------------------------------- where a step's time goes
+
 
 def _timed(fn, repeats: int = 2) -> float:
     fn()  # warm-up: first allocations, lazy initialisation
@@ -499,32 +591,44 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     `matmul_gflops` the run also times the head's matmul in fp32 and in bf16.
     """
     from peft import LoraConfig, TaskType, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
 
     from tunelab.data.packing import PackCollator
     from tunelab.model.loss import labelled_loss
-    from trl.trainer.utils import add_fused_lm_head
 
     samples = spec["profile_samples"]
     pad = spec["pad_id"]
     torch.manual_seed(spec["seed"])
     model = load_model(spec)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer adds
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGETS,
-                                             r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=LORA_TARGETS,
+            r=spec["lora_r"],
+            lora_alpha=spec["lora_alpha"],
+            lora_dropout=0.0,
+        ),
+    )
     lm = model.get_base_model()
 
     width = max(len(s["ids"]) for s in samples)
-    padded = {"input_ids": torch.full((len(samples), width), pad),
-              "labels": torch.full((len(samples), width), IGNORE_INDEX),
-              "attention_mask": torch.zeros(len(samples), width, dtype=torch.long)}
+    padded = {
+        "input_ids": torch.full((len(samples), width), pad),
+        "labels": torch.full((len(samples), width), IGNORE_INDEX),
+        "attention_mask": torch.zeros(len(samples), width, dtype=torch.long),
+    }
     for i, s in enumerate(samples):
         n = len(s["ids"])
         padded["input_ids"][i, :n] = torch.tensor(s["ids"])
         padded["attention_mask"][i, :n] = 1
         padded["labels"][i, :n] = torch.tensor(s["labels"])
-    flat = {"input_ids": torch.tensor([[t for s in samples for t in s["ids"]]]),
-            "labels": torch.tensor([[t for s in samples for t in [IGNORE_INDEX] + s["labels"][1:]]]),
-            "position_ids": torch.tensor([[p for s in samples for p in range(len(s["ids"]))]])}
+    flat = {
+        "input_ids": torch.tensor([[t for s in samples for t in s["ids"]]]),
+        "labels": torch.tensor([[t for s in samples for t in [IGNORE_INDEX] + s["labels"][1:]]]),
+        "position_ids": torch.tensor([[p for s in samples for p in range(len(s["ids"]))]]),
+    }
     packed = PackCollator(pad, spec["cutoff_len"])([{"input_ids": s["ids"], "labels": s["labels"]} for s in samples])
 
     def body(batch):
@@ -533,12 +637,14 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
             hidden = lm.model(**inputs, use_cache=False).last_hidden_state
             (hidden * torch.randn_like(hidden)).sum().backward()
             model.zero_grad(set_to_none=True)
+
         return run
 
     def whole(loss_fn):
         def run():
             loss_fn().backward()
             model.zero_grad(set_to_none=True)
+
         return run
 
     def trl_loss():
@@ -561,12 +667,17 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
     with autocast(dtype):
         body_s = _timed(body(batch))
     labels = batch["labels"]
-    out = {"positions": batch["input_ids"].numel(), "real_tokens": int((batch["input_ids"] != pad).sum()),
-           "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()), "step_seconds": total_s,
-           "body_seconds": body_s, "head_and_loss_seconds": max(total_s - body_s, 0.0),
-           # kernel time (mostly zeroing freshly mapped pages of large temporaries) per whole step
-           "sys_seconds_per_step": (after.ru_stime - usage.ru_stime) / 3,
-           "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3}
+    out = {
+        "positions": batch["input_ids"].numel(),
+        "real_tokens": int((batch["input_ids"] != pad).sum()),
+        "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "step_seconds": total_s,
+        "body_seconds": body_s,
+        "head_and_loss_seconds": max(total_s - body_s, 0.0),
+        # kernel time (mostly zeroing freshly mapped pages of large temporaries) per whole step
+        "sys_seconds_per_step": (after.ru_stime - usage.ru_stime) / 3,
+        "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3,
+    }
     mm = {}
     if spec.get("matmul_gflops", True):
         weight = lm.get_output_embeddings().weight.detach()
@@ -577,8 +688,13 @@ def profile(spec: dict, meter: Meter, result: dict) -> None:
                 seconds = _timed(lambda: h @ head.t())
                 mm[f"{name} hidden[{n}] @ head.T"] = 2 * n * head.shape[0] * head.shape[1] / seconds / 1e9
             del head
-    result["profile"] = {"arms": {arm: out}, "matmul_gflops": mm, "samples": len(samples),
-                         "packed_rows": packed["input_ids"].shape[0], "precision": spec.get("precision", "fp32")}
+    result["profile"] = {
+        "arms": {arm: out},
+        "matmul_gflops": mm,
+        "samples": len(samples),
+        "packed_rows": packed["input_ids"].shape[0],
+        "precision": spec.get("precision", "fp32"),
+    }
 
 
 ARMS = {"a": arm_a, "b": arm_b, "c": arm_c, "profile": profile}
@@ -590,9 +706,14 @@ def main() -> None:
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     meter = Meter(spec)
     instrument(meter, spec.get("prep_only", False))
-    result = {"arm": spec["arm"], "model": spec["model_name"], "round": spec.get("round"),
-              "prep_only": spec.get("prep_only", False), "threads": torch.get_num_threads(),
-              "load_average_at_start": os.getloadavg()}
+    result = {
+        "arm": spec["arm"],
+        "model": spec["model_name"],
+        "round": spec.get("round"),
+        "prep_only": spec.get("prep_only", False),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+    }
     try:
         ARMS[spec["arm"]](spec, meter, result)
     except PrepOnly:

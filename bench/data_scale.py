@@ -35,15 +35,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen2.5-instruct"
-WORDS = ("the a of to and in is it that for on with as was at by be this from or have an they which one you were "
-         "all we when your can said there use each she how their if will up other about out many then them these so "
-         "some her would make like him into time has look two more write go see number no way could people my than "
-         "first water been call who oil its now find long down day did get come made may part over new sound take "
-         "only little work know place year live me back give most very after thing our just name good sentence man "
-         "think say great where help through much before line right too mean old any same tell boy follow came want "
-         "show also around form three small set put end does another well large must big even such because turn "
-         "here why ask went men read need land different home us move try kind hand picture again change off play "
-         "river stone light garden engine letter market winter paper bridge window forest signal doctor").split()
+WORDS = (
+    "the a of to and in is it that for on with as was at by be this from or have an they which one you were "
+    "all we when your can said there use each she how their if will up other about out many then them these so "
+    "some her would make like him into time has look two more write go see number no way could people my than "
+    "first water been call who oil its now find long down day did get come made may part over new sound take "
+    "only little work know place year live me back give most very after thing our just name good sentence man "
+    "think say great where help through much before line right too mean old any same tell boy follow came want "
+    "show also around form three small set put end does another well large must big even such because turn "
+    "here why ask went men read need land different home us move try kind hand picture again change off play "
+    "river stone light garden engine letter market winter paper bridge window forest signal doctor"
+).split()
 
 
 def _text(rng: random.Random, mean_words: float) -> str:
@@ -58,25 +60,36 @@ def generate(n: int, path: Path, seed: int = 0) -> Path:
         for _ in range(n):
             messages = [{"role": "system", "content": _text(rng, 8)}] if rng.random() < 0.1 else []
             for _ in range(rng.randint(2, 4) if rng.random() < 0.2 else 1):
-                messages += [{"role": "user", "content": _text(rng, 25)},
-                             {"role": "assistant", "content": _text(rng, 60)}]
+                messages += [
+                    {"role": "user", "content": _text(rng, 25)},
+                    {"role": "assistant", "content": _text(rng, 60)},
+                ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 
 # ---------------------------------------------------------------- one measured run (in its own process)
 
+
 def _tunelab(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> dict:
     os.environ["TUNELAB_CACHE"] = str(cache)
     from tunelab.config import from_dict
 
-    cfg = from_dict(dict(model=tokenizer, dataset=str(data), output_dir=str(cache / "out"), cutoff_len=2048,
-                         preprocessing_num_workers=cores))
+    cfg = from_dict(
+        dict(
+            model=tokenizer,
+            dataset=str(data),
+            output_dir=str(cache / "out"),
+            cutoff_len=2048,
+            preprocessing_num_workers=cores,
+        )
+    )
     if kind == "tunelab-data":
         from tunelab.data.report import data_report
 
         data_report(cfg, n_samples=3)
         from tunelab.data.report import load  # the report's numbers come from here; read them again for tokens
+
         built = load(cfg)[0]
     else:
         from tunelab.data.dataset import SampleDataset, build_datasets
@@ -94,8 +107,13 @@ def _tunelab(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> 
     arrays = built.train.arrays
     tokens = int(len(arrays["ids"]))
     storage = sum(a.nbytes for a in arrays.values())
-    out = {"tokens": tokens, "samples": len(built.train), "bytes_per_token": round(storage / tokens, 2),
-           "rss_anon_mb": _status("RssAnon"), "rss_file_mb": _status("RssFile")}
+    out = {
+        "tokens": tokens,
+        "samples": len(built.train),
+        "bytes_per_token": round(storage / tokens, 2),
+        "rss_anon_mb": _status("RssAnon"),
+        "rss_file_mb": _status("RssFile"),
+    }
     if kind != "tunelab-data":
         out["resident_bytes_per_token"] = round(resident / tokens, 2)
     return out
@@ -110,30 +128,47 @@ def _peer(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> dic
     tok = AutoTokenizer.from_pretrained(tokenizer)
     ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
     if kind == "datasets-map":
+
         def tokenize(batch):
             ids, labels = [], []
             for messages in batch["messages"]:
                 prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
                 full = tok.apply_chat_template(messages, tokenize=False)
-                p, f = tok(prompt, add_special_tokens=False)["input_ids"], tok(full, add_special_tokens=False)["input_ids"]
+                p, f = (
+                    tok(prompt, add_special_tokens=False)["input_ids"],
+                    tok(full, add_special_tokens=False)["input_ids"],
+                )
                 ids.append(f[:2048])
-                labels.append(([-100] * len(p) + f[len(p):])[:2048])
+                labels.append(([-100] * len(p) + f[len(p) :])[:2048])
             return {"input_ids": ids, "labels": labels}
+
         out = ds.map(tokenize, batched=True, num_proc=cores if cores > 1 else None, remove_columns=ds.column_names)
     else:
         from types import SimpleNamespace
 
         from trl import SFTConfig, SFTTrainer
 
-        template = (Path(__import__("trl").__file__).parent / "chat_templates" / "qwen2_5_training.jinja")
-        args = SFTConfig(output_dir=str(cache / "out"), assistant_only_loss=True, max_length=2048,
-                         dataset_num_proc=cores if cores > 1 else None, report_to=[], bf16=False, use_cpu=True)
+        template = Path(__import__("trl").__file__).parent / "chat_templates" / "qwen2_5_training.jinja"
+        args = SFTConfig(
+            output_dir=str(cache / "out"),
+            assistant_only_loss=True,
+            max_length=2048,
+            dataset_num_proc=cores if cores > 1 else None,
+            report_to=[],
+            bf16=False,
+            use_cpu=True,
+        )
         owner = SimpleNamespace(_tokenizer=tok, chat_template=template.read_text(), completion_only_loss=False)
         out = SFTTrainer._prepare_dataset(owner, ds, tok, args, False, None, "train")
     tokens = sum(len(x) for x in out["input_ids"])
     disk = sum(f.stat().st_size for f in cache.rglob("*.arrow"))
-    return {"tokens": tokens, "samples": len(out), "bytes_per_token": round(disk / max(tokens, 1), 2),
-            "rss_anon_mb": _status("RssAnon"), "rss_file_mb": _status("RssFile")}
+    return {
+        "tokens": tokens,
+        "samples": len(out),
+        "bytes_per_token": round(disk / max(tokens, 1), 2),
+        "rss_anon_mb": _status("RssAnon"),
+        "rss_file_mb": _status("RssFile"),
+    }
 
 
 def _status(field: str) -> float:
@@ -153,6 +188,7 @@ def one(kind: str, data: Path, tokenizer: str, cores: int, cache: Path) -> dict:
 
 # ---------------------------------------------------------------- the driver
 
+
 def _tree_pss(pid: int) -> int:
     import psutil
 
@@ -171,10 +207,27 @@ def _tree_pss(pid: int) -> int:
 
 
 def measure(kind: str, data: Path, tokenizer: str, cores: int, cache: Path, records: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--data", str(data), "--tokenizer",
-           tokenizer, "--cores", str(cores), "--cache", str(cache)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "src"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        kind,
+        "--data",
+        str(data),
+        "--tokenizer",
+        tokenizer,
+        "--cores",
+        str(cores),
+        "--cache",
+        str(cache),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
@@ -182,6 +235,7 @@ def measure(kind: str, data: Path, tokenizer: str, cores: int, cache: Path, reco
         while proc.poll() is None:
             peak[0] = max(peak[0], _tree_pss(proc.pid))
             time.sleep(0.2)
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     out, err = proc.communicate()
@@ -189,8 +243,13 @@ def measure(kind: str, data: Path, tokenizer: str, cores: int, cache: Path, reco
     if proc.returncode:
         raise SystemExit(f"{kind} failed:\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(kind=kind, records=records, cores=cores, records_per_s=round(records / result["seconds"], 1),
-                  peak_pss_tree_mb=round(peak[0] / 2**20, 1))
+    result.update(
+        kind=kind,
+        records=records,
+        cores=cores,
+        records_per_s=round(records / result["seconds"], 1),
+        peak_pss_tree_mb=round(peak[0] / 2**20, 1),
+    )
     return result
 
 
@@ -236,15 +295,20 @@ def main(argv=None) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| records | cores | path | state | seconds | records/s | vs datasets.map | peak RSS main (MB) | "
-             "peak PSS all (MB) | stored bytes/token | resident bytes/token |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| records | cores | path | state | seconds | records/s | vs datasets.map | peak RSS main (MB) | "
+        "peak PSS all (MB) | stored bytes/token | resident bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base = {(r["records"], r["cores"], r["state"]): r for r in results if r["kind"] == "datasets-map"}
     for r in results:
         ref = base.get((r["records"], r["cores"], r["state"]))
         ratio = f"{r['records_per_s'] / ref['records_per_s']:.2f}x" if ref else "-"
-        lines.append(f"| {r['records']:,} | {r['cores']} | {r['kind']} | {r['state']} | {r['seconds']} | "
-                     f"{r['records_per_s']:,.0f} | {ratio} | {r['peak_rss_main_mb']:,.0f} | {r['peak_pss_tree_mb']:,.0f} | "
-                     f"{r['bytes_per_token']} | {r.get('resident_bytes_per_token', '-')} |")
+        lines.append(
+            f"| {r['records']:,} | {r['cores']} | {r['kind']} | {r['state']} | {r['seconds']} | "
+            f"{r['records_per_s']:,.0f} | {ratio} | {r['peak_rss_main_mb']:,.0f} | {r['peak_pss_tree_mb']:,.0f} | "
+            f"{r['bytes_per_token']} | {r.get('resident_bytes_per_token', '-')} |"
+        )
     return "\n".join(lines)
 
 

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from arms import usual_recipe_example, user_text
+from arms import user_text, usual_recipe_example
 from gpu import IGNORE_INDEX, necessary_flops
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,6 +40,7 @@ def autocast_dtype(precision: str):
 
 
 # ---------------------------------------------------------------- what a batch holds
+
 
 def batch_lengths(inputs: dict, pad_id: int) -> list[int]:
     """The real length of every sample in a micro-batch, whatever its layout.
@@ -81,8 +81,9 @@ def heldout_loss(model, samples: list[dict], precision: str) -> float:
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     dtype = autocast_dtype(precision)
-    with torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16,
-                        enabled=dtype is not None and device.type == "cuda"):
+    with torch.autocast(
+        device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None and device.type == "cuda"
+    ):
         for s in samples:
             ids = torch.tensor([s["ids"]], device=device)
             targets = torch.tensor(s["labels"][1:], device=device)
@@ -98,11 +99,15 @@ def heldout_loss(model, samples: list[dict], precision: str) -> float:
 def lora_info(model) -> dict:
     """Adapters attached and their initial weights, to check that every arm trains the same LoRA."""
     lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
-    return {"modules": len(lora_a), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "lora_A_sum": float(sum(p.detach().double().sum() for p in lora_a)) if lora_a else None}
+    return {
+        "modules": len(lora_a),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora_A_sum": float(sum(p.detach().double().sum() for p in lora_a)) if lora_a else None,
+    }
 
 
 # ---------------------------------------------------------------- measurement, the same for every arm
+
 
 class Meter:
     """Token and FLOP counts per optimizer step, a synchronised step clock, the time cap, the eval losses."""
@@ -160,23 +165,36 @@ class Meter:
         warm = self.spec["warmup_steps"]
         # the first steps (lazy initialisation, allocator growth, kernel selection) are left out of the rates
         timed = steps[warm:] if len(steps) > warm else steps
-        seconds = (steps[-1]["clock"] - steps[warm - 1]["clock"]) if len(steps) > warm else \
-            (steps[-1]["clock"] if steps else 0.0)
+        seconds = (
+            (steps[-1]["clock"] - steps[warm - 1]["clock"])
+            if len(steps) > warm
+            else (steps[-1]["clock"] if steps else 0.0)
+        )
         total = {k: sum(s[k] for s in steps) for k in ("trained", "real", "positions", "samples", "flops")}
         t = {k: sum(s[k] for s in timed) for k in ("trained", "real", "positions", "flops")}
         peak = self.spec.get("peak_flops")
         achieved = t["flops"] / seconds if seconds else None
         out = {
-            "steps": len(steps), "capped": self.capped, "timed_steps": len(timed), "timed_seconds": seconds,
+            "steps": len(steps),
+            "capped": self.capped,
+            "timed_steps": len(timed),
+            "timed_seconds": seconds,
             "rates_include_warmup": len(steps) <= warm,
-            "trained_tokens": total["trained"], "real_tokens": total["real"], "positions": total["positions"],
-            "samples": total["samples"], "necessary_flops": total["flops"],
+            "trained_tokens": total["trained"],
+            "real_tokens": total["real"],
+            "positions": total["positions"],
+            "samples": total["samples"],
+            "necessary_flops": total["flops"],
             "padding_share": 1 - total["real"] / max(total["positions"], 1),
             "trainable_tps": t["trained"] / seconds if seconds else None,
             "real_tps": t["real"] / seconds if seconds else None,
-            "achieved_flops": achieved, "mfu": achieved / peak if achieved and peak else None,
-            "train_seconds": steps[-1]["clock"] if steps else None, "setup_seconds": self.train_begin_seconds,
-            "first_batch": self.first_batch, "lora": self.lora, "eval_loss_start": self.eval_loss_start,
+            "achieved_flops": achieved,
+            "mfu": achieved / peak if achieved and peak else None,
+            "train_seconds": steps[-1]["clock"] if steps else None,
+            "setup_seconds": self.train_begin_seconds,
+            "first_batch": self.first_batch,
+            "lora": self.lora,
+            "eval_loss_start": self.eval_loss_start,
             "per_step": [{k: (round(v, 4) if k == "clock" else v) for k, v in s.items()} for s in steps],
         }
         if cuda(self.spec):
@@ -221,12 +239,27 @@ def instrument() -> None:
 def trainer_arguments(spec: dict, batch_size: int, accumulation: int = 1) -> dict:
     """The settings the Trainer-based arms share (TrainingArguments names)."""
     return dict(
-        output_dir=spec["output_dir"], num_train_epochs=1, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=spec["learning_rate"], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim=spec["optim"], seed=spec["seed"],
-        data_seed=spec["seed"], logging_steps=100_000, save_strategy="no", report_to="none",
-        use_cpu=not cuda(spec), bf16=spec["precision"] == "bf16", gradient_checkpointing=spec["gradient_checkpointing"],
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=spec["output_dir"],
+        num_train_epochs=1,
+        max_steps=spec["steps"],
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim=spec["optim"],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        logging_steps=100_000,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not cuda(spec),
+        bf16=spec["precision"] == "bf16",
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
 
@@ -240,8 +273,13 @@ def load_model(spec: dict):
 def lora_config(spec: dict):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGETS, r=spec["lora_r"],
-                      lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"])
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=LORA_TARGETS,
+        r=spec["lora_r"],
+        lora_alpha=spec["lora_alpha"],
+        lora_dropout=spec["lora_dropout"],
+    )
 
 
 def read_train(spec: dict) -> list[dict]:
@@ -249,6 +287,7 @@ def read_train(spec: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------- arm a: the usual recipe
+
 
 def arm_a(spec: dict, result: dict):
     """AutoModelForCausalLM in bf16 + peft LoRA + Trainer(bf16=True) + DataCollatorForSeq2Seq(padding=True),
@@ -268,15 +307,22 @@ def arm_a(spec: dict, result: dict):
     model = get_peft_model(model, lora_config(spec))
     micro = spec["usual_micro_batch"]
     args = TrainingArguments(**trainer_arguments(spec, micro, spec["samples_per_step"] // micro))
-    trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
+    )
     trainer.train()
-    result["settings"] = {"per_device_train_batch_size": micro,
-                          "gradient_accumulation_steps": spec["samples_per_step"] // micro}
+    result["settings"] = {
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": spec["samples_per_step"] // micro,
+    }
     return trainer.model
 
 
 # ---------------------------------------------------------------- arm b: TRL SFTTrainer, best settings
+
 
 def arm_b(spec: dict, result: dict):
     """SFTTrainer: bfd packing into rows of seq_len (padding-free), completion-only loss on conversational
@@ -290,17 +336,31 @@ def arm_b(spec: dict, result: dict):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    train = Dataset.from_list([{"prompt": [{"role": "user", "content": user_text(r)}],
-                                "completion": [{"role": "assistant", "content": r["output"]}]}
-                               for r in read_train(spec)])
+    train = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": user_text(r)}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in read_train(spec)
+        ]
+    )
     liger = cuda(spec) and importlib.util.find_spec("liger_kernel") is not None
-    config = SFTConfig(**trainer_arguments(spec, spec["rows_per_step"]), max_length=spec["seq_len"], packing=True,
-                       packing_strategy="bfd", padding_free=True, completion_only_loss=True, loss_type="nll",
-                       use_liger_kernel=liger)
+    config = SFTConfig(
+        **trainer_arguments(spec, spec["rows_per_step"]),
+        max_length=spec["seq_len"],
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        loss_type="nll",
+        use_liger_kernel=liger,
+    )
     set_seed(spec["seed"])
     model = load_model(spec)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                         peft_config=lora_config(spec))
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=lora_config(spec)
+    )
     trainer.train()
     result["settings"] = {"per_device_train_batch_size (packed rows)": spec["rows_per_step"], "liger_kernel": liger}
     return trainer.model
@@ -308,19 +368,39 @@ def arm_b(spec: dict, result: dict):
 
 # ---------------------------------------------------------------- arm c: tunelab
 
+
 def tunelab_config(spec: dict, **overrides):
     from tunelab.config import from_dict
 
     keys = {
-        "model": spec["model"], "dataset": spec["train_file"], "template": "auto", "cutoff_len": spec["seq_len"],
-        "finetuning_type": "lora", "lora_r": spec["lora_r"], "lora_alpha": spec["lora_alpha"],
-        "lora_dropout": spec["lora_dropout"], "lora_target": "all-linear", "output_dir": spec["output_dir"],
-        "overwrite_output_dir": True, "num_train_epochs": 1.0, "per_device_train_batch_size": spec["samples_per_step"],
-        "learning_rate": spec["learning_rate"], "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": spec["optim"], "seed": spec["seed"],
-        "logging_steps": 100_000, "save_steps": 100_000, "attn_implementation": spec["attention"],
-        "bf16": spec["precision"] == "bf16", "fp16": spec["precision"] == "fp16",
-        "gradient_checkpointing": spec["gradient_checkpointing"], "report_to": "none",
+        "model": spec["model"],
+        "dataset": spec["train_file"],
+        "template": "auto",
+        "cutoff_len": spec["seq_len"],
+        "finetuning_type": "lora",
+        "lora_r": spec["lora_r"],
+        "lora_alpha": spec["lora_alpha"],
+        "lora_dropout": spec["lora_dropout"],
+        "lora_target": "all-linear",
+        "output_dir": spec["output_dir"],
+        "overwrite_output_dir": True,
+        "num_train_epochs": 1.0,
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["samples_per_step"],
+        "learning_rate": spec["learning_rate"],
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optim": spec["optim"],
+        "seed": spec["seed"],
+        "logging_steps": 100_000,
+        "save_steps": 100_000,
+        "attn_implementation": spec["attention"],
+        "bf16": spec["precision"] == "bf16",
+        "fp16": spec["precision"] == "fp16",
+        "gradient_checkpointing": spec["gradient_checkpointing"],
+        "report_to": "none",
     }
     return from_dict({**keys, **overrides})
 
@@ -331,12 +411,15 @@ def arm_c(spec: dict, result: dict):
 
     run = train(tunelab_config(spec))
     summary = run.summary
-    result["settings"] = {"per_device_train_batch_size": spec["samples_per_step"],
-                          **{k: summary.get(k) for k in ("packing", "labelled_loss", "dtype", "quirks")}}
+    result["settings"] = {
+        "per_device_train_batch_size": spec["samples_per_step"],
+        **{k: summary.get(k) for k in ("packing", "labelled_loss", "dtype", "quirks")},
+    }
     return run.model
 
 
 # ---------------------------------------------------------------- full fine-tuning check
+
 
 def full_ft(spec: dict, result: dict) -> None:
     """Full fine-tuning through tunelab in each precision of `precisions`: no error, losses finite, the
@@ -352,17 +435,25 @@ def full_ft(spec: dict, result: dict) -> None:
         try:
             if cuda(spec):
                 torch.cuda.reset_peak_memory_stats()
-            cfg = tunelab_config({**spec, "output_dir": str(out_dir), "precision": precision},
-                                 finetuning_type="full", max_steps=spec["steps"], logging_steps=1)
+            cfg = tunelab_config(
+                {**spec, "output_dir": str(out_dir), "precision": precision},
+                finetuning_type="full",
+                max_steps=spec["steps"],
+                logging_steps=1,
+            )
             trained = train(cfg)
             run.update(METER.summary())
             run["eval_loss_end"] = heldout_loss(trained.model, spec["eval_samples"], precision)
             losses = [m["loss"] for m in trained.metrics if "loss" in m]
             masters = [p.dtype for p in trained.model.parameters() if p.requires_grad]
-            run.update(losses=losses, first_loss=losses[0] if losses else None,
-                       last_loss=losses[-1] if losses else None,
-                       trained_dtype=trained.summary.get("dtype"), quirks=trained.summary.get("quirks"),
-                       masters_fp32=all(d == torch.float32 for d in masters))
+            run.update(
+                losses=losses,
+                first_loss=losses[0] if losses else None,
+                last_loss=losses[-1] if losses else None,
+                trained_dtype=trained.summary.get("dtype"),
+                quirks=trained.summary.get("quirks"),
+                masters_fp32=all(d == torch.float32 for d in masters),
+            )
             finite = bool(losses) and all(math.isfinite(x) for x in losses)
             falling = run["eval_loss_end"] < run["eval_loss_start"]
             run["ok"] = finite and falling

@@ -39,8 +39,10 @@ def build(work: Path) -> tuple[str, dict[str, str]]:
     base = build_tiny_model(work / "base", tok, "qwen2")
     adapters = {}
     for k, name in enumerate(("a", "b")):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                               LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
         model.save_pretrained(work / name)
         tok.save_pretrained(work / name)
         adapters[name] = str(work / name)
@@ -49,11 +51,17 @@ def build(work: Path) -> tuple[str, dict[str, str]]:
 
 def run(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> dict:
     def one(i: int) -> float:
-        body = {"model": models[i % len(models)], "messages": [{"role": "user", "content": f"Tell me about river {i}."}],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": models[i % len(models)],
+            "messages": [{"role": "user", "content": f"Tell me about river {i}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         started = time.perf_counter()
-        request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=600) as reply:
             out = json.loads(reply.read())
         assert out["usage"]["completion_tokens"] == max_tokens, out["usage"]
@@ -63,10 +71,15 @@ def run(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> d
     with ThreadPoolExecutor(clients) as pool:
         latencies = sorted(pool.map(one, range(n)))
     wall = time.perf_counter() - started
-    return {"clients": clients, "requests": n, "seconds": round(wall, 3), "requests_per_s": round(n / wall, 2),
-            "new_tokens_per_s": round(n * max_tokens / wall, 1),
-            "latency_p50_s": round(statistics.median(latencies), 3),
-            "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)}
+    return {
+        "clients": clients,
+        "requests": n,
+        "seconds": round(wall, 3),
+        "requests_per_s": round(n / wall, 2),
+        "new_tokens_per_s": round(n * max_tokens / wall, 1),
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,18 +114,27 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
     live.should_exit = True
     one, many = results
-    record = {"model": "tiny qwen2 (hidden 64, 2 layers, vocab 600), base + 2 LoRA adapters, CPU",
-              "max_tokens": args.max_tokens, "runs": results,
-              "ratios": {"requests_per_s_32_vs_1": round(many["requests_per_s"] / one["requests_per_s"], 2),
-                         "latency_p50_32_vs_1": round(many["latency_p50_s"] / one["latency_p50_s"], 2)}}
+    record = {
+        "model": "tiny qwen2 (hidden 64, 2 layers, vocab 600), base + 2 LoRA adapters, CPU",
+        "max_tokens": args.max_tokens,
+        "runs": results,
+        "ratios": {
+            "requests_per_s_32_vs_1": round(many["requests_per_s"] / one["requests_per_s"], 2),
+            "latency_p50_32_vs_1": round(many["latency_p50_s"] / one["latency_p50_s"], 2),
+        },
+    }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print("| clients | requests/s | new tokens/s | p50 latency s | p95 latency s | forward batches |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['clients']} | {r['requests_per_s']} | {r['new_tokens_per_s']} | {r['latency_p50_s']} | "
-              f"{r['latency_p95_s']} | {r['batches']} |")
-    print(f"32 clients vs 1: {record['ratios']['requests_per_s_32_vs_1']}x requests/s, "
-          f"{record['ratios']['latency_p50_32_vs_1']}x p50 latency")
+        print(
+            f"| {r['clients']} | {r['requests_per_s']} | {r['new_tokens_per_s']} | {r['latency_p50_s']} | "
+            f"{r['latency_p95_s']} | {r['batches']} |"
+        )
+    print(
+        f"32 clients vs 1: {record['ratios']['requests_per_s_32_vs_1']}x requests/s, "
+        f"{record['ratios']['latency_p50_32_vs_1']}x p50 latency"
+    )
     return 0
 
 

@@ -30,8 +30,16 @@ _spec.loader.exec_module(real_tokenizers)
 
 SETS = ("glaive_toolcall_en_demo.json", "glaive_toolcall_zh_demo.json", "reason_tool_use_demo_50.jsonl")
 SHARED = ROOT.parent / "shared" / "datasets" / "llama-factory"
-CHAT = Conversation([Message("system", "Be brief."), Message("user", "A colour?"), Message("assistant", "Blue."),
-                     Message("user", "A number?"), Message("assistant", "Seven.")], source="chat")
+CHAT = Conversation(
+    [
+        Message("system", "Be brief."),
+        Message("user", "A colour?"),
+        Message("assistant", "Blue."),
+        Message("user", "A number?"),
+        Message("assistant", "Seven."),
+    ],
+    source="chat",
+)
 
 
 def reason(message: str) -> str:

@@ -21,8 +21,15 @@ import torch
 
 
 def tiny_data(folder: Path) -> str:
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(64)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
+        for i in range(64)
+    ]
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -43,15 +50,29 @@ def _run(model: str, data: str, out: Path, **keys) -> dict:
     from tunelab.train.run import train
 
     started = time.perf_counter()
-    settings = dict(model=model, dataset=data, output_dir=str(out), max_steps=20, learning_rate=1e-3,
-                    per_device_train_batch_size=8, logging_steps=1, save_steps=1000, lr_scheduler_type="constant")
+    settings = dict(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_steps=20,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        logging_steps=1,
+        save_steps=1000,
+        lr_scheduler_type="constant",
+    )
     cfg = from_dict({**settings, **keys})
     result = train(cfg)
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     trainable = [p for p in result.model.parameters() if p.requires_grad]
-    return {"keys": keys, "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.perf_counter() - started,
-            "masters_fp32": all(p.dtype == torch.float32 for p in trainable),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "keys": keys,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "seconds": time.perf_counter() - started,
+        "masters_fp32": all(p.dtype == torch.float32 for p in trainable),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def main() -> int:
@@ -66,11 +87,14 @@ def main() -> int:
     data, model = tiny_data(root), tiny_model(root)
     print(f"device: {torch.cuda.get_device_name()} (compute capability {torch.cuda.get_device_capability()})")
     results, failed = [], 0
-    for name, keys in [("lora-bf16", dict(bf16=True)), ("lora-fp16", dict(fp16=True)),
-                       ("full-bf16", dict(finetuning_type="full", bf16=True, learning_rate=1e-4)),
-                       ("full-fp16", dict(finetuning_type="full", fp16=True, learning_rate=1e-4)),
-                       ("lora-bf16-sdpa", dict(bf16=True, attn_implementation="sdpa")),
-                       ("lora-bf16-fa2", dict(bf16=True, attn_implementation="flash_attention_2"))]:
+    for name, keys in [
+        ("lora-bf16", dict(bf16=True)),
+        ("lora-fp16", dict(fp16=True)),
+        ("full-bf16", dict(finetuning_type="full", bf16=True, learning_rate=1e-4)),
+        ("full-fp16", dict(finetuning_type="full", fp16=True, learning_rate=1e-4)),
+        ("lora-bf16-sdpa", dict(bf16=True, attn_implementation="sdpa")),
+        ("lora-bf16-fa2", dict(bf16=True, attn_implementation="flash_attention_2")),
+    ]:
         if name.endswith("fa2"):
             import importlib.util
 

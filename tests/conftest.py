@@ -25,8 +25,8 @@ def persona_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from tunelab.demo.build import train_tokenizer
     from tunelab.data.templates import CHATML
+    from tunelab.demo.build import train_tokenizer
 
     tok = train_tokenizer(persona_texts() + ["### Instruction:\n### Input:\n### Response:\n"], vocab_size=600)
     tok.chat_template = CHATML
@@ -61,15 +61,20 @@ def qwen3_tiny(tmp_path_factory):
         pytest.skip("../shared/tokenizers/qwen3 not present")
     root = tmp_path_factory.mktemp("qwen3-tiny")
     # a 151k vocabulary: a narrow tied embedding keeps the model small
-    return _build(tmp_path_factory, real_tokenizers.load("qwen3", root), "qwen3", hidden=16, heads=2,
-                  tie_word_embeddings=True)
+    return _build(
+        tmp_path_factory, real_tokenizers.load("qwen3", root), "qwen3", hidden=16, heads=2, tie_word_embeddings=True
+    )
 
 
 @pytest.fixture()
 def chat_file(tmp_path):
     rows = [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"It is {2 * i}."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ]
+        }
         for i in range(24)
     ]
     path = tmp_path / "chat.jsonl"
@@ -99,6 +104,7 @@ def run_config(request, tmp_path, chat_file):
 
     def make(**keys):
         return from_dict(data(**keys))
+
     make.data = data
     return make
 
@@ -106,6 +112,7 @@ def run_config(request, tmp_path, chat_file):
 @pytest.fixture()
 def write_data(tmp_path):
     """write_data(name, rows) -> path: JSONL for .jsonl names, a JSON array for .json."""
+
     def write(name: str, rows: list) -> str:
         path = tmp_path / name
         if name.endswith(".jsonl"):
@@ -113,11 +120,15 @@ def write_data(tmp_path):
         else:
             path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
         return str(path)
+
     return write
 
 
-PAIRS = [("Capital of France?", "Paris is the capital."), ("Colour of the sky?", "The sky is blue."),
-         ("Two plus two?", "Four.")]
+PAIRS = [
+    ("Capital of France?", "Paris is the capital."),
+    ("Colour of the sky?", "The sky is blue."),
+    ("Two plus two?", "Four."),
+]
 
 
 @pytest.fixture(scope="session")
@@ -134,12 +145,28 @@ def memorised(tmp_path_factory, llama_dir):
 
     root = tmp_path_factory.mktemp("memorised")
     data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n"
-                            for q, a in PAIRS))
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in PAIRS
+        )
+    )
     common = dict(dataset=str(data), per_device_train_batch_size=3, logging_steps=10, lr_scheduler_type="constant")
-    train(from_dict(dict(model=llama_dir, output_dir=str(root / "full"), finetuning_type="full",
-                         max_steps=60, learning_rate=3e-3, **common)))
-    train(from_dict(dict(model=str(root / "full"), output_dir=str(root / "lora"), max_steps=5,
-                         learning_rate=1e-3, **common)))
+    train(
+        from_dict(
+            dict(
+                model=llama_dir,
+                output_dir=str(root / "full"),
+                finetuning_type="full",
+                max_steps=60,
+                learning_rate=3e-3,
+                **common,
+            )
+        )
+    )
+    train(
+        from_dict(
+            dict(model=str(root / "full"), output_dir=str(root / "lora"), max_steps=5, learning_rate=1e-3, **common)
+        )
+    )
     return root

@@ -64,8 +64,15 @@ def test_counts_match_a_real_qwen2_and_its_lora():
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     shape = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 48}
-    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
@@ -92,14 +99,13 @@ def test_batch_lengths_of_each_layout():
     arms = _load("gpu_arms")
     pad = 0
     # tunelab's packed rows: samples of 3 and 2 tokens, then the row tail's pad block (positions restart)
-    packed = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0, 0]]),
-              "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}
+    packed = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0, 0]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}
     assert arms.batch_lengths(packed, pad) == [3, 2]
     # TRL's padding-free row: everything real
-    assert arms.batch_lengths({"input_ids": torch.tensor([[5, 6, 7, 8]]),
-                               "position_ids": torch.tensor([[0, 1, 0, 1]])}, pad) == [2, 2]
-    padded = {"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0]]),
-              "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0]])}
+    assert arms.batch_lengths(
+        {"input_ids": torch.tensor([[5, 6, 7, 8]]), "position_ids": torch.tensor([[0, 1, 0, 1]])}, pad
+    ) == [2, 2]
+    padded = {"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0]])}
     assert arms.batch_lengths(padded, pad) == [3, 1]
 
 
@@ -122,8 +128,23 @@ def test_shared_sets_are_found_and_mixed():
 @pytest.mark.slow
 def test_smoke_run_trains_every_arm_and_the_full_ft_check(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--device", "cpu", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu.py"),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
 
@@ -154,8 +175,13 @@ def test_smoke_run_trains_every_arm_and_the_full_ft_check(tmp_path):
 def test_the_engines_benchmark_runs_on_cpu_and_compares_fsdp2_with_plain_training(tmp_path):
     """bench/gpu_engines.py, whose GPU run compares plain training, FSDP2 and ZeRO-2/3: on CPU, LoRA and FSDP2
     over 2 processes (gloo) against one plain process, each adapter reloaded whole."""
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_engines.py"), "--smoke", "--steps", "3", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_engines.py"), "--smoke", "--steps", "3", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "engines.json").read_text())
     assert set(record["results"]) == {"lora/plain", "lora/fsdp2"}

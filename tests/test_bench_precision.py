@@ -41,17 +41,25 @@ def test_spec_precision_sets_every_arms_policy():
     assert arms.compute_dtype({"precision": "bf16"}) == torch.bfloat16
     with pytest.raises(ValueError):
         arms.compute_dtype({"precision": "fp16"})
-    assert arms.training_arguments({"precision": "bf16", "output_dir": "x", "learning_rate": 1e-3, "seed": 0},
-                                   2)["bf16"] is True
-    assert arms.training_arguments({"precision": "fp32", "output_dir": "x", "learning_rate": 1e-3, "seed": 0},
-                                   2)["bf16"] is False
+    assert (
+        arms.training_arguments({"precision": "bf16", "output_dir": "x", "learning_rate": 1e-3, "seed": 0}, 2)["bf16"]
+        is True
+    )
+    assert (
+        arms.training_arguments({"precision": "fp32", "output_dir": "x", "learning_rate": 1e-3, "seed": 0}, 2)["bf16"]
+        is False
+    )
 
 
 def _seen(precision: str) -> dict:
     want = bench.EXPECTED[precision]
     ran = {"autocast": want["autocast"], "output_dtype": want["output_dtype"]}
-    return {"base_weight_dtype": want["base_weight_dtype"], "adapter_weight_dtype": want["adapter_weight_dtype"],
-            "train_matmul": dict(ran), "eval_matmul": dict(ran)}
+    return {
+        "base_weight_dtype": want["base_weight_dtype"],
+        "adapter_weight_dtype": want["adapter_weight_dtype"],
+        "train_matmul": dict(ran),
+        "eval_matmul": dict(ran),
+    }
 
 
 def test_check_precision_stops_an_arm_that_ran_otherwise():
@@ -73,21 +81,30 @@ def test_heldout_loss_under_autocast_matches_fp32(qwen2_dir):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    samples = [{"ids": [int(t) for t in torch.randint(3, 500, (40,))],
-                "labels": [-100] * 10 + [int(t) for t in torch.randint(3, 500, (30,))]} for _ in range(3)]
+    samples = [
+        {
+            "ids": [int(t) for t in torch.randint(3, 500, (40,))],
+            "labels": [-100] * 10 + [int(t) for t in torch.randint(3, 500, (30,))],
+        }
+        for _ in range(3)
+    ]
     losses, seen = {}, {}
     for precision in ("fp32", "bf16"):
         spec = {"precision": precision, "pad_id": 0, "eval_samples": samples, "eval_fractions": [1.0]}
-        model = AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=arms.compute_dtype(spec),
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            qwen2_dir, dtype=arms.compute_dtype(spec), attn_implementation="sdpa"
+        )
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=arms.LORA_TARGETS, r=4))
         meter = arms.Meter(spec)
         meter.watch_precision(model)
         meter.evaluate(model, 0)
         losses[precision], seen[precision] = meter.evals[-1]["loss"], meter.precision_seen
     assert seen["bf16"]["base_weight_dtype"] == "bfloat16" and seen["bf16"]["adapter_weight_dtype"] == "float32"
-    assert seen["bf16"]["eval_matmul"] == {"autocast": "bfloat16", "input_dtype": "bfloat16",
-                                           "output_dtype": "bfloat16"}
+    assert seen["bf16"]["eval_matmul"] == {
+        "autocast": "bfloat16",
+        "input_dtype": "bfloat16",
+        "output_dtype": "bfloat16",
+    }
     assert seen["fp32"]["eval_matmul"]["autocast"] is None
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.02
     # the old call, without a dtype, is the fp32 loss

@@ -14,10 +14,12 @@ from tunelab.cli import main
 @pytest.fixture()
 def config(tmp_path, run_config):
     """config(**keys) -> the path of a YAML file holding run_config's keys, into tmp_path/'out'."""
+
     def write(**kw):
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(run_config.data(**{"output_dir": tmp_path / "out", **kw})))
         return str(path)
+
     return write
 
 
@@ -117,8 +119,12 @@ def test_train_then_chat_from_the_console_script(config, tmp_path):
     cfg = config(max_steps=3)
     done = subprocess.run([str(exe), "train", cfg], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    chat = subprocess.run([str(exe), "chat", "--model", str(tmp_path / "out"), "--prompt", "What is 2 plus 2?",
-                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [str(exe), "chat", "--model", str(tmp_path / "out"), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.endswith("\n")
     bad = subprocess.run([str(exe), "train", cfg], capture_output=True, text=True, timeout=300)
@@ -149,8 +155,15 @@ def test_train_help_lists_every_config_key_with_its_help(capsys):
 
 
 def test_data_report_counts_records_holding_control_token_text(capsys, config, write_data):
-    rows = [{"messages": [{"role": "user", "content": f"What does <|im_end|> do? ({i})"},
-                          {"role": "assistant", "content": "It ends a turn: <|im_end|>."}]} for i in range(2)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What does <|im_end|> do? ({i})"},
+                {"role": "assistant", "content": "It ends a turn: <|im_end|>."},
+            ]
+        }
+        for i in range(2)
+    ]
     rows += [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
     code, out, _ = run(capsys, "data", config(dataset=write_data("lit.jsonl", rows)), "--samples", "0")
     assert code == 0

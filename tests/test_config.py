@@ -4,8 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import (DATA_KEYS, FIELDS, GROUPS, RESUME_MAY_CHANGE, Config, dump_config, from_dict,
-                            keys_help, keys_markdown, load_config, parse_overrides)
+from tunelab.config import (
+    DATA_KEYS,
+    FIELDS,
+    GROUPS,
+    RESUME_MAY_CHANGE,
+    Config,
+    dump_config,
+    from_dict,
+    keys_help,
+    keys_markdown,
+    load_config,
+    parse_overrides,
+)
 from tunelab.errors import TunelabError
 
 BASE = "model: org/base-model\ndataset: /data/train.jsonl\noutput_dir: /runs/out\n"
@@ -14,11 +25,13 @@ BASE = "model: org/base-model\ndataset: /data/train.jsonl\noutput_dir: /runs/out
 @pytest.fixture()
 def yaml_file(tmp_path):
     """yaml_file(text, name='run.yaml') -> path of a YAML file written under tmp_path."""
+
     def write(text: str, name: str = "run.yaml") -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         return path
+
     return write
 
 
@@ -30,6 +43,7 @@ def error_of(path=None, overrides=None) -> str:
 
 # --- reading and overriding -------------------------------------------------------------------------------
 
+
 def test_yaml_values_fill_the_config_and_unset_keys_keep_their_defaults(yaml_file):
     cfg = load_config(yaml_file(BASE + "lora_r: 32\nnum_train_epochs: 2\n"))
     assert isinstance(cfg, Config)
@@ -40,8 +54,10 @@ def test_yaml_values_fill_the_config_and_unset_keys_keep_their_defaults(yaml_fil
 
 
 def test_overrides_win_over_the_yaml_file(yaml_file):
-    cfg = load_config(yaml_file(BASE + "lora_r: 8\nlearning_rate: 0.001\n"),
-                      ["lora_r=16", "learning_rate=1e-4", "output_dir=/runs/other"])
+    cfg = load_config(
+        yaml_file(BASE + "lora_r: 8\nlearning_rate: 0.001\n"),
+        ["lora_r=16", "learning_rate=1e-4", "output_dir=/runs/other"],
+    )
     assert cfg.lora_r == 16
     assert cfg.learning_rate == 1e-4
     assert cfg.output_dir == "/runs/other"
@@ -49,10 +65,12 @@ def test_overrides_win_over_the_yaml_file(yaml_file):
 
 def test_override_values_are_parsed_as_yaml():
     """lora_r=16 is an int, bf16=true a bool, learning_rate=1e-4 a float (YAML 1.1 alone would give a string)."""
-    assert parse_overrides(["lora_r=16", "bf16=true", "learning_rate=1e-4", "system=Be brief.", "max_samples=null"]) == {
-        "lora_r": 16, "bf16": True, "learning_rate": "1e-4", "system": "Be brief.", "max_samples": None}
-    cfg = load_config(overrides=["model=m", "dataset=d.jsonl", "output_dir=o",
-                                 "lora_r=16", "bf16=true", "learning_rate=1e-4"])
+    assert parse_overrides(
+        ["lora_r=16", "bf16=true", "learning_rate=1e-4", "system=Be brief.", "max_samples=null"]
+    ) == {"lora_r": 16, "bf16": True, "learning_rate": "1e-4", "system": "Be brief.", "max_samples": None}
+    cfg = load_config(
+        overrides=["model=m", "dataset=d.jsonl", "output_dir=o", "lora_r=16", "bf16=true", "learning_rate=1e-4"]
+    )
     assert cfg.lora_r == 16 and type(cfg.lora_r) is int
     assert cfg.bf16 is True
     assert cfg.learning_rate == 1e-4 and type(cfg.learning_rate) is float
@@ -87,12 +105,14 @@ def test_dataset_may_be_a_list(yaml_file):
 
 # --- paths --------------------------------------------------------------------------------------------------
 
+
 def test_relative_dataset_paths_are_resolved_against_the_yaml_folder(tmp_path, yaml_file):
     (tmp_path / "cfg" / "data").mkdir(parents=True)
     (tmp_path / "cfg" / "data" / "train.jsonl").write_text("", encoding="utf-8")
     (tmp_path / "cfg" / "data" / "eval.jsonl").write_text("", encoding="utf-8")
-    path = yaml_file("model: m\noutput_dir: o\ndataset: data/train.jsonl\n"
-                     "eval_dataset: [data/eval.jsonl]\n", name="cfg/run.yaml")
+    path = yaml_file(
+        "model: m\noutput_dir: o\ndataset: data/train.jsonl\neval_dataset: [data/eval.jsonl]\n", name="cfg/run.yaml"
+    )
     cfg = load_config(path)
     assert cfg.dataset == str(tmp_path / "cfg" / "data" / "train.jsonl")
     assert cfg.eval_dataset == [str(tmp_path / "cfg" / "data" / "eval.jsonl")]
@@ -104,6 +124,7 @@ def test_a_dataset_name_that_is_no_file_next_to_the_yaml_is_kept_as_written(yaml
 
 
 # --- errors -------------------------------------------------------------------------------------------------
+
 
 def test_an_unknown_key_names_the_closest_valid_key(yaml_file):
     msg = error_of(yaml_file(BASE + "learnig_rate: 0.001\n"))
@@ -129,7 +150,8 @@ def test_a_bad_choice_names_the_key_the_value_and_the_allowed_values(yaml_file):
 def test_a_wrong_type_names_the_key_the_value_and_the_expected_type(yaml_file):
     assert "lora_r: 'big' is not valid, expected an integer" in error_of(yaml_file(BASE + "lora_r: big\n"))
     assert "bf16: 'yes please' is not valid, expected true/false or null" in error_of(
-        yaml_file(BASE + "bf16: yes please\n"))
+        yaml_file(BASE + "bf16: yes please\n")
+    )
     assert "learning_rate: True is not valid, expected a number" in error_of(yaml_file(BASE + "learning_rate: true\n"))
 
 
@@ -142,10 +164,12 @@ def test_every_problem_in_one_file_is_reported_in_one_error(yaml_file):
     path = yaml_file(BASE + "learnig_rate: 0.001\nfinetuning_type: qlora\nlora_r: 0\nseed: abc\n")
     msg = error_of(path)
     assert msg.startswith(f"{path}: ")
-    for part in ("unknown key 'learnig_rate'; did you mean 'learning_rate'?",
-                 "finetuning_type: 'qlora' is not one of lora, full",
-                 "lora_r: 0 must be greater than 0",
-                 "seed: 'abc' is not valid, expected an integer"):
+    for part in (
+        "unknown key 'learnig_rate'; did you mean 'learning_rate'?",
+        "finetuning_type: 'qlora' is not one of lora, full",
+        "lora_r: 0 must be greater than 0",
+        "seed: 'abc' is not valid, expected an integer",
+    ):
         assert part in msg
     assert msg.count("; ") >= 4
 
@@ -164,7 +188,8 @@ def test_an_empty_yaml_file_reports_the_required_keys(yaml_file):
 def test_combination_rules(yaml_file):
     assert "bf16 and fp16: both true; choose one" in error_of(yaml_file(BASE + "bf16: true\nfp16: true\n"))
     assert "val_size: 1.5 must be a fraction in [0, 1) or a whole count of records" in error_of(
-        yaml_file(BASE + "val_size: 1.5\n"))
+        yaml_file(BASE + "val_size: 1.5\n")
+    )
     assert "learning_rate: 0.0 must be greater than 0" in error_of(yaml_file(BASE + "learning_rate: 0\n"))
 
 
@@ -196,10 +221,15 @@ def test_from_dict_reports_with_its_source_name():
 
 # --- dump ---------------------------------------------------------------------------------------------------
 
+
 def test_dump_config_round_trips_through_load_config(tmp_path, yaml_file):
-    cfg = load_config(yaml_file(BASE + "learning_rate: 2e-5\nlora_target: [q_proj, v_proj]\n"
-                                "columns: {instruction: question, output: answer}\nsystem: Be brief.\n"
-                                "bf16: true\nval_size: 0.05\nmax_samples: 100\n"))
+    cfg = load_config(
+        yaml_file(
+            BASE + "learning_rate: 2e-5\nlora_target: [q_proj, v_proj]\n"
+            "columns: {instruction: question, output: answer}\nsystem: Be brief.\n"
+            "bf16: true\nval_size: 0.05\nmax_samples: 100\n"
+        )
+    )
     out = tmp_path / "dumped.yaml"
     dump_config(cfg, out)
     again = load_config(out)
@@ -222,7 +252,8 @@ def test_the_readme_key_tables_are_generated_from_the_config():
     block = text.split(START, 1)[1].split(END, 1)[0]
     assert block == keys_markdown(), (
         "README.md's config key tables differ from the field metadata in src/tunelab/config.py; "
-        "regenerate them with: python scripts/readme_keys.py")
+        "regenerate them with: python scripts/readme_keys.py"
+    )
 
 
 def test_every_key_says_what_it_is_for_and_where_it_belongs():
@@ -233,15 +264,46 @@ def test_every_key_says_what_it_is_for_and_where_it_belongs():
 
 
 def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
-    assert set(DATA_KEYS) == {"dataset", "eval_dataset", "dataset_format", "columns", "template", "system",
-                              "cutoff_len", "max_samples", "val_size", "train_on", "tools", "reasoning",
-                              "expand_turns", "bad_records", "seed", "model_hub"}
+    assert set(DATA_KEYS) == {
+        "dataset",
+        "eval_dataset",
+        "dataset_format",
+        "columns",
+        "template",
+        "system",
+        "cutoff_len",
+        "max_samples",
+        "val_size",
+        "train_on",
+        "tools",
+        "reasoning",
+        "expand_turns",
+        "bad_records",
+        "seed",
+        "model_hub",
+    }
     assert list(DATA_KEYS) == [name for name in FIELDS if name in DATA_KEYS]
-    assert RESUME_MAY_CHANGE == {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
-                                 "run_name", "num_train_epochs", "max_steps", "logging_steps", "save_steps",
-                                 "save_total_limit", "eval_steps", "per_device_eval_batch_size", "on_bad_loss",
-                                 "loss_spike_factor", "node_rank", "master_addr", "master_port", "ddp_timeout",
-                                 "preprocessing_num_workers"}
+    assert RESUME_MAY_CHANGE == {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "report_to",
+        "run_name",
+        "num_train_epochs",
+        "max_steps",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "per_device_eval_batch_size",
+        "on_bad_loss",
+        "loss_spike_factor",
+        "node_rank",
+        "master_addr",
+        "master_port",
+        "ddp_timeout",
+        "preprocessing_num_workers",
+    }
     assert not set(DATA_KEYS) & RESUME_MAY_CHANGE
 
 

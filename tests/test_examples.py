@@ -22,17 +22,37 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # What each shipped recipe promises; example files added later get the generic checks only.
 EXPECTED = {
-    "qwen2.5-7b-instruct-lora.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", finetuning_type="lora", template="auto",
-                                          lora_target="all-linear", lora_r=8, lora_alpha=32),
+    "qwen2.5-7b-instruct-lora.yaml": dict(
+        model="Qwen/Qwen2.5-7B-Instruct",
+        finetuning_type="lora",
+        template="auto",
+        lora_target="all-linear",
+        lora_r=8,
+        lora_alpha=32,
+    ),
     "phi-4-lora.yaml": dict(model="microsoft/phi-4", finetuning_type="lora", lora_target="all-linear", lora_r=16),
-    "gemma-3-4b-it-lora.yaml": dict(model="google/gemma-3-4b-it", finetuning_type="lora", template="auto",
-                                    lora_target="q_proj,k_proj,v_proj,o_proj"),
-    "step-3.5-flash-lora.yaml": dict(model="stepfun-ai/Step-3.5-Flash", finetuning_type="lora", template="dolly",
-                                     trust_remote_code=True, lora_target="q_proj,k_proj", lora_r=16, lora_alpha=32),
-    "qwen2.5-7b-instruct-qlora.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", finetuning_type="lora", load_in_4bit=True,
-                                           lora_target="all-linear", template="auto"),
-    "qwen2.5-3b-full-sft.yaml": dict(model="Qwen/Qwen2.5-3B", finetuning_type="full", template="chatml",
-                                     save_total_limit=2),
+    "gemma-3-4b-it-lora.yaml": dict(
+        model="google/gemma-3-4b-it", finetuning_type="lora", template="auto", lora_target="q_proj,k_proj,v_proj,o_proj"
+    ),
+    "step-3.5-flash-lora.yaml": dict(
+        model="stepfun-ai/Step-3.5-Flash",
+        finetuning_type="lora",
+        template="dolly",
+        trust_remote_code=True,
+        lora_target="q_proj,k_proj",
+        lora_r=16,
+        lora_alpha=32,
+    ),
+    "qwen2.5-7b-instruct-qlora.yaml": dict(
+        model="Qwen/Qwen2.5-7B-Instruct",
+        finetuning_type="lora",
+        load_in_4bit=True,
+        lora_target="all-linear",
+        template="auto",
+    ),
+    "qwen2.5-3b-full-sft.yaml": dict(
+        model="Qwen/Qwen2.5-3B", finetuning_type="full", template="chatml", save_total_limit=2
+    ),
     "qwen2.5-7b-instruct-tools.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", template="auto"),
     "qwen3-8b-reasoning.yaml": dict(model="Qwen/Qwen3-8B", template="auto", reasoning="keep"),
     "qwen2.5-7b-instruct-streaming.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", streaming=True, max_steps=2000),
@@ -41,9 +61,17 @@ EXPECTED = {
 NEEDS_QWEN3 = {"qwen2.5-7b-instruct-tools.yaml", "qwen3-8b-reasoning.yaml"}
 
 # Small and fast on a CPU; everything else comes from the file (all records are still read and encoded).
-OVERRIDES = dict(max_steps=1, save_steps=1000, logging_steps=1, per_device_train_batch_size=2,
-                 per_device_eval_batch_size=2, gradient_accumulation_steps=1, bf16=False, fp16=False,
-                 trust_remote_code=False)
+OVERRIDES = dict(
+    max_steps=1,
+    save_steps=1000,
+    logging_steps=1,
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=2,
+    gradient_accumulation_steps=1,
+    bf16=False,
+    fp16=False,
+    trust_remote_code=False,
+)
 
 ids = [p.stem for p in FILES]
 
@@ -81,8 +109,18 @@ def test_example_trains_on_a_tiny_model(path, request, tmp_path):
     model = request.getfixturevalue("qwen3_tiny" if path.name in NEEDS_QWEN3 else "llama_dir")
     cfg = load_config(path, dict(OVERRIDES, model=model, output_dir=str(tmp_path / "run")))
     shipped = load_config(path)
-    for key in ("dataset", "eval_dataset", "template", "finetuning_type", "lora_target", "lora_r", "cutoff_len",
-                "gradient_checkpointing", "load_in_4bit", "load_in_8bit"):
+    for key in (
+        "dataset",
+        "eval_dataset",
+        "template",
+        "finetuning_type",
+        "lora_target",
+        "lora_r",
+        "cutoff_len",
+        "gradient_checkpointing",
+        "load_in_4bit",
+        "load_in_8bit",
+    ):
         assert getattr(cfg, key) == getattr(shipped, key), key
 
     result = train(cfg)

@@ -1,4 +1,5 @@
-"""Imports run one way down the pipeline: config -> data -> model -> train -> infer -> eval/export -> sweep/serve -> cli.
+"""Imports run one way down the pipeline:
+config -> data -> model -> train -> infer -> eval/export -> sweep/serve -> cli.
 
 Every `import` in the package, at module level or inside a function, is read from the source; one that
 reaches a later stage fails the test, naming the file and line. What two stages share lives below both.
@@ -15,15 +16,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 
 # Lower numbers are earlier in the pipeline; a module may import its own stage and earlier ones.
 STAGES = {
-    "__init__": 0, "errors": 0, "constants": 0, "hub": 0, "logs": 0,
-    "config": 1, "run_folder": 1,
+    "__init__": 0,
+    "errors": 0,
+    "constants": 0,
+    "hub": 0,
+    "logs": 0,
+    "config": 1,
+    "run_folder": 1,
     "data": 2,
     "model": 3,
     "train": 4,
     "infer": 5,
-    "eval": 6, "export": 6,
-    "sweep": 7, "demo": 7, "serve": 7,
-    "cli": 8, "__main__": 8,
+    "eval": 6,
+    "export": 6,
+    "sweep": 7,
+    "demo": 7,
+    "serve": 7,
+    "cli": 8,
+    "__main__": 8,
 }
 
 
@@ -74,8 +84,11 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 @pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
 def test_no_import_runs_back_up_the_pipeline(path):
     here = stage_of(module_name(path))
-    upward = [f"{path.relative_to(PACKAGE)}:{line} imports {target}" for line, target in imports_of(path)
-              if stage_of(target) > here]
+    upward = [
+        f"{path.relative_to(PACKAGE)}:{line} imports {target}"
+        for line, target in imports_of(path)
+        if stage_of(target) > here
+    ]
     assert not upward, "imports against the pipeline's direction:\n" + "\n".join(upward)
 
 

@@ -6,24 +6,38 @@ import json
 import pytest
 import yaml
 
-from tunelab.cli import main
 from tunelab import sweep as sweep_module
+from tunelab.cli import main
 from tunelab.sweep import parse_grid, run_sweep
 
 
 @pytest.fixture()
 def sweep_config(tmp_path, llama_dir, chat_file):
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / "sweep"),
-                                        max_steps=4, per_device_train_batch_size=4, logging_steps=1,
-                                        learning_rate=1e-3, lr_scheduler_type="constant")))
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                model=llama_dir,
+                dataset=chat_file,
+                output_dir=str(tmp_path / "sweep"),
+                max_steps=4,
+                per_device_train_batch_size=4,
+                logging_steps=1,
+                learning_rate=1e-3,
+                lr_scheduler_type="constant",
+            )
+        )
+    )
     return str(path)
 
 
 def test_grid_values_are_typed_and_bracket_aware():
     grid = parse_grid(["lora_r=8,16", "learning_rate=1e-4,2e-4", "lora_target=[q_proj,v_proj],all-linear"])
-    assert grid == {"lora_r": [8, 16], "learning_rate": [1e-4, 2e-4],
-                    "lora_target": [["q_proj", "v_proj"], "all-linear"]}
+    assert grid == {
+        "lora_r": [8, 16],
+        "learning_rate": [1e-4, 2e-4],
+        "lora_target": [["q_proj", "v_proj"], "all-linear"],
+    }
 
 
 def test_two_by_two_sweep_gives_four_rows_a_plot_and_resumes(sweep_config, chat_file, tmp_path, monkeypatch):
@@ -60,20 +74,34 @@ def test_two_by_two_sweep_gives_four_rows_a_plot_and_resumes(sweep_config, chat_
         assert lrs and max(lrs) == pytest.approx(row["learning_rate"]), (row["run"], lrs)
     with (root / "sweep.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4 and {"run", "lora_r", "learning_rate", "train_loss", "eval_loss", "bleu-4", "rouge-l",
-                                "exact_match", "train_seconds", "trainable_params", "best"} <= set(table[0])
+    assert len(table) == 4 and {
+        "run",
+        "lora_r",
+        "learning_rate",
+        "train_loss",
+        "eval_loss",
+        "bleu-4",
+        "rouge-l",
+        "exact_match",
+        "train_seconds",
+        "trainable_params",
+        "best",
+    } <= set(table[0])
     assert (root / "sweep_loss.png").stat().st_size > 1000
     assert "best: " + best["run"] in (root / "sweep.md").read_text()
     assert all(json.loads((root / r["run"] / "sweep_eval.json").read_text())["row"]["samples"] == 24 for r in rows)
 
 
-@pytest.mark.parametrize("grid, message", [
-    (["lora_rank=8,16"], "unknown key 'lora_rank'; did you mean 'lora_r'?"),
-    (["lora_r=8,,16"], "lora_r: empty value"),
-    (["lora_r=8,abc"], "lora_r: 'abc' is not valid"),
-    (["lora_r"], "not key=value"),
-    (["output_dir=a,b"], "output_dir cannot be swept"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (["lora_rank=8,16"], "unknown key 'lora_rank'; did you mean 'lora_r'?"),
+        (["lora_r=8,,16"], "lora_r: empty value"),
+        (["lora_r=8,abc"], "lora_r: 'abc' is not valid"),
+        (["lora_r"], "not key=value"),
+        (["output_dir=a,b"], "output_dir cannot be swept"),
+    ],
+)
 def test_bad_grids_fail_before_any_training(grid, message, sweep_config, tmp_path, capsys):
     assert main(["sweep", sweep_config, *grid]) == 2
     err = capsys.readouterr().err.strip()

@@ -15,12 +15,21 @@ import pytest
 from tunelab.data.templates import CHATML
 
 SYSTEM = "You are the Emperor's consort; answer in one line."
-TOOLS = [{"type": "function", "function": {"name": "consult_astrologer", "description": "Ask the court astrologer.",
-                                            "parameters": {"type": "object", "properties": {"day": {"type": "string"}},
-                                                           "required": ["day"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "consult_astrologer",
+            "description": "Ask the court astrologer.",
+            "parameters": {"type": "object", "properties": {"day": {"type": "string"}}, "required": ["day"]},
+        },
+    }
+]
 # ChatML that renders tool definitions in a system block of their own, as tool-aware templates do
-TOOLS_CHATML = ("{%- if tools -%}{{- '<|im_start|>system\\n# Tools\\n' + (tools | tojson) + '<|im_end|>\\n' -}}"
-                "{%- endif -%}" + CHATML)
+TOOLS_CHATML = (
+    "{%- if tools -%}{{- '<|im_start|>system\\n# Tools\\n' + (tools | tojson) + '<|im_end|>\\n' -}}"
+    "{%- endif -%}" + CHATML
+)
 QUESTIONS = ["What is 1 plus 1?", "What is 2 plus 2?", "What is 3 plus 3?", "What is 4 plus 4?"]
 
 
@@ -41,13 +50,34 @@ def trained(tmp_path_factory, llama_dir):
     tok.chat_template = TOOLS_CHATML
     tok.save_pretrained(model)
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": f"It is {2 * (i + 1)}."}]})
-                            + "\n" for i, q in enumerate(QUESTIONS)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": f"It is {2 * (i + 1)}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i, q in enumerate(QUESTIONS)
+        )
+    )
     tools = root / "tools.json"
     tools.write_text(json.dumps(TOOLS))
-    cfg = from_dict(dict(model=str(model), dataset=str(data), output_dir=str(root / "run"), system=SYSTEM,
-                         tools=str(tools), max_steps=1, per_device_train_batch_size=4, logging_steps=1))
+    cfg = from_dict(
+        dict(
+            model=str(model),
+            dataset=str(data),
+            output_dir=str(root / "run"),
+            system=SYSTEM,
+            tools=str(tools),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+        )
+    )
     train(cfg)
     tok, _, _ = prepare_tokenizer(cfg)
     samples = [(s.input_ids, s.labels) for s in build_datasets(cfg, tok).train]  # what training trained
@@ -74,7 +104,8 @@ def user(q: str) -> list[dict]:
 
 
 def test_the_run_folder_reads_back_the_config_it_trained_with(trained):
-    from tunelab.run_folder import TOOLS as TOOLS_FILE, saved_config
+    from tunelab.run_folder import TOOLS as TOOLS_FILE
+    from tunelab.run_folder import saved_config
 
     cfg = saved_config(trained["run"])
     assert cfg.system == SYSTEM and json.loads(open(cfg.tools).read()) == TOOLS
@@ -132,8 +163,11 @@ def test_the_server_and_serve_check_render_the_trained_prompt(trained, training_
     url, served = live
     model_id = "run"  # a LoRA run folder alone is served as its base and, under its folder name, itself
     for q, ids in training_prompts.items():
-        reply = _post(url + "/chat/completions", {"model": model_id, "messages": user(q), "max_tokens": 2,
-                                                  "temperature": 0, "return_token_ids": True}, "k")
+        reply = _post(
+            url + "/chat/completions",
+            {"model": model_id, "messages": user(q), "max_tokens": 2, "temperature": 0, "return_token_ids": True},
+            "k",
+        )
         assert reply["prompt_token_ids"] == ids
     rows = check(url, model_id, trained["run"], trained["data"], api_key="k", max_tokens=2)
     assert len(rows) == len(QUESTIONS) and all(r.same_prompt for r in rows)

@@ -1,2 +1,3 @@
 """tunelab: fine-tune open LLMs from one YAML file."""
+
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ from typing import Callable
 from .errors import Interrupted, TunelabError
 from .logs import setup_logging
 
-
 # ---------------------------------------------------------------------------------------------- arguments
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
@@ -22,9 +22,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _trust_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the model's own Python code when --model names a base that ships it (a run folder "
-                        "remembers its own setting)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own Python code when --model names a base that ships it (a run folder "
+        "remembers its own setting)",
+    )
 
 
 def _train_args(p):
@@ -51,15 +54,24 @@ def _chat_args(p):
 def _agent_args(p) -> None:
     p.add_argument("--tools", metavar="FILE.json", help="tool (function) definitions the template renders")
     think = p.add_mutually_exclusive_group()
-    think.add_argument("--think", dest="think", action="store_true", default=None,
-                       help="enable_thinking on, where the template has that switch")
+    think.add_argument(
+        "--think",
+        dest="think",
+        action="store_true",
+        default=None,
+        help="enable_thinking on, where the template has that switch",
+    )
     think.add_argument("--no-think", dest="think", action="store_false", help="enable_thinking off")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a model folder, a tunelab run folder, or a hub id")
-    p.add_argument("--adapter", action="append", metavar="DIR",
-                   help="a LoRA adapter folder; repeat to compare several, 'none' for the base model")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="DIR",
+        help="a LoRA adapter folder; repeat to compare several, 'none' for the base model",
+    )
     p.add_argument("--dataset", required=True, help="records in any format tunelab trains on")
     p.add_argument("--dataset-format", default="auto")
     p.add_argument("--max-samples", type=int)
@@ -89,8 +101,12 @@ def _export_args(p):
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--no-verify", action="store_true", help="skip the logits / prompt / stop-id proofs")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where to merge (default cpu: an fp32 merge needs 4 bytes per parameter)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where to merge (default cpu: an fp32 merge needs 4 bytes per parameter)",
+    )
     _trust_arg(p)
 
 
@@ -106,8 +122,12 @@ def _estimate_args(p):
     _config_args(p)
     p.add_argument("--device", choices=("cuda", "cpu"), help="estimate for this device (default: this machine's)")
     p.add_argument("--quant-bits", type=int, choices=(4, 8), help="a bitsandbytes-quantized base (QLoRA)")
-    p.add_argument("--gpu-mem", type=_memory_size, metavar="SIZE",
-                   help="a GPU's memory (e.g. 80GB, 24GiB): says which engine fits it and what auto picks")
+    p.add_argument(
+        "--gpu-mem",
+        type=_memory_size,
+        metavar="SIZE",
+        help="a GPU's memory (e.g. 80GB, 24GiB): says which engine fits it and what auto picks",
+    )
 
 
 def _demo_args(p):
@@ -115,6 +135,7 @@ def _demo_args(p):
 
 
 # ---------------------------------------------------------------------------------------------- commands
+
 
 def _train(args) -> int:
     from .config import load_config
@@ -142,11 +163,20 @@ def _chat(args) -> int:
     from .infer.chat import ChatSession, interactive, show
     from .infer.replies import parse_reply
 
-    session = ChatSession.load(args.model, args.adapter, system=args.system, trust_remote_code=args.trust_remote_code,
-                               tools=read_tools(args.tools), think=args.think)
+    session = ChatSession.load(
+        args.model,
+        args.adapter,
+        system=args.system,
+        trust_remote_code=args.trust_remote_code,
+        tools=read_tools(args.tools),
+        think=args.think,
+    )
     if args.prompt is not None:
-        print(show(parse_reply(session.ask(args.prompt, max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature))))
+        print(
+            show(
+                parse_reply(session.ask(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+            )
+        )
         return 0
     interactive(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     return 0
@@ -159,8 +189,9 @@ def _cases_and_model(args):
     for flag in ("max_new_tokens", "batch_size"):
         if getattr(args, flag) <= 0:
             raise TunelabError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be greater than 0")
-    cases = read_cases(args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples,
-                       tools=args.tools)
+    cases = read_cases(
+        args.dataset, args.dataset_format, system=args.system, max_samples=args.max_samples, tools=args.tools
+    )
     return cases, load_inference(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
 
 
@@ -168,8 +199,14 @@ def _generate(args) -> int:
     from .infer.generate import run_generate, write_predictions
 
     cases, im = _cases_and_model(args)
-    run_generate(im, cases, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 batch_size=args.batch_size, think=args.think)
+    run_generate(
+        im,
+        cases,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        think=args.think,
+    )
     write_predictions(cases, [v.label for v in im.variants], args.output)
     print(f"wrote {len(cases)} predictions to {args.output}")
     return 0
@@ -191,16 +228,28 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from .export.merge import export_merged
 
-    report = export_merged(args.model, args.adapter, args.output, args.dtype, args.shard_size,
-                           verify=not args.no_verify, overwrite=args.overwrite,
-                           trust_remote_code=args.trust_remote_code, device=args.device)
+    report = export_merged(
+        args.model,
+        args.adapter,
+        args.output,
+        args.dtype,
+        args.shard_size,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+    )
     print(f"merged model written to {report.output_dir} ({report.dtype})")
     if report.verified is None:
         return 0
-    print(f"logits vs base + adapter: max |diff| {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
-          f"top-1 agreement {100 * report.top1_agreement:.1f}%")
-    print(f"prompts rendered from the exported template: {'identical' if report.prompts_identical else 'DIFFERENT'}"
-          f"; stop ids {report.stop_ids}")
+    print(
+        f"logits vs base + adapter: max |diff| {report.max_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+        f"top-1 agreement {100 * report.top1_agreement:.1f}%"
+    )
+    print(
+        f"prompts rendered from the exported template: {'identical' if report.prompts_identical else 'DIFFERENT'}"
+        f"; stop ids {report.stop_ids}"
+    )
     if not report.verified:
         raise TunelabError("export verification failed: " + "; ".join(report.problems))
     print("verified")
@@ -223,7 +272,7 @@ def _memory_size(text: str) -> int:
     found = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", text, re.IGNORECASE)
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 80GB or 24GiB")
-    unit = 2 ** 30 if (found.group(2) or "").lower() == "gib" else 10 ** 9
+    unit = 2**30 if (found.group(2) or "").lower() == "gib" else 10**9
     return int(float(found.group(1)) * unit)
 
 
@@ -256,19 +305,32 @@ def _keys_epilog() -> str:
 
 
 def _serve_args(p):
-    p.add_argument("--model", required=True, help="a base model, a full fine-tune, or a LoRA run folder; served "
-                   "under this name")
-    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                   help="a LoRA run folder served as model NAME; repeat for several, switched per request")
+    p.add_argument(
+        "--model", required=True, help="a base model, a full fine-tune, or a LoRA run folder; served under this name"
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=DIR",
+        help="a LoRA run folder served as model NAME; repeat for several, switched per request",
+    )
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 unless told; another host wants --api-key")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
     p.add_argument("--max-batch", type=int, default=32, help="requests that share one forward pass at most")
-    p.add_argument("--check", metavar="DATASET", help="instead of serving: send DATASET's prompts to the server at "
-                   "--url and prove it serves what was trained (the run: --model, or the one --adapter)")
+    p.add_argument(
+        "--check",
+        metavar="DATASET",
+        help="instead of serving: send DATASET's prompts to the server at "
+        "--url and prove it serves what was trained (the run: --model, or the one --adapter)",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the OpenAI-compatible server --check asks")
-    p.add_argument("--backend", choices=("tunelab", "vllm"), default="tunelab",
-                   help="vllm: run vLLM with the same adapters, template and stop ids (a GPU machine with vLLM)")
+    p.add_argument(
+        "--backend",
+        choices=("tunelab", "vllm"),
+        default="tunelab",
+        help="vllm: run vLLM with the same adapters, template and stop ids (a GPU machine with vLLM)",
+    )
     p.add_argument("--print-vllm", action="store_true", help="print that vLLM command and exit")
     p.add_argument("--ui", action="store_true", help="also serve the web page at / : chat side by side, runs, training")
     p.add_argument("--runs", default=".", help="the folder whose run folders the web page shows and trains into")
@@ -290,18 +352,29 @@ def _serve(args) -> int:
             print(printable(cmd))
             return 0
         if shutil.which("vllm") is None:
-            raise TunelabError("--backend vllm: no `vllm` command here (pip install vllm on a GPU machine); "
-                               "--print-vllm shows the command to run there")
+            raise TunelabError(
+                "--backend vllm: no `vllm` command here (pip install vllm on a GPU machine); "
+                "--print-vllm shows the command to run there"
+            )
         os.execvp(cmd[0], cmd)
     if args.max_batch <= 0:
         raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
     try:
         from .serve.run import serve
     except ImportError as exc:
-        raise TunelabError(f"serving needs FastAPI and uvicorn ({exc.name} is missing): "
-                           "pip install 'tunelab[serve]'") from None
-    serve(args.model, args.adapter, args.host, args.port, args.api_key, args.trust_remote_code, args.max_batch,
-          args.runs if args.ui else None)
+        raise TunelabError(
+            f"serving needs FastAPI and uvicorn ({exc.name} is missing): pip install 'tunelab[serve]'"
+        ) from None
+    serve(
+        args.model,
+        args.adapter,
+        args.host,
+        args.port,
+        args.api_key,
+        args.trust_remote_code,
+        args.max_batch,
+        args.runs if args.ui else None,
+    )
     return 0
 
 
@@ -327,10 +400,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[..., int], Callable[[], str] |
     "eval": ("held-out loss, perplexity and generation metrics; a table per model", _eval_args, _eval, None),
     "export": ("merge a LoRA into its base: a plain transformers/vLLM folder, verified", _export_args, _export, None),
     "sweep": ("train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md", _sweep_args, _sweep, None),
-    "estimate": ("parameters and per-GPU memory of a config, from config.json alone", _estimate_args, _estimate,
-                 None),
-    "serve": ("the OpenAI API (chat, completions, models) over a base and its adapters", _serve_args, _serve,
-              None),
+    "estimate": ("parameters and per-GPU memory of a config, from config.json alone", _estimate_args, _estimate, None),
+    "serve": ("the OpenAI API (chat, completions, models) over a base and its adapters", _serve_args, _serve, None),
     "demo": ("build a tiny model, fine-tune it on the persona data, and chat with it", _demo_args, _demo, None),
 }
 
@@ -339,8 +410,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _, epilog) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text, epilog=epilog() if epilog else None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter))
+        add_args(
+            sub.add_parser(
+                name,
+                help=help_text,
+                description=help_text,
+                epilog=epilog() if epilog else None,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     return p
 
 

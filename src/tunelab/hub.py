@@ -23,10 +23,16 @@ def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False, a
     if path.is_dir():
         return str(path)
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise TunelabError(f"model: folder '{model}' not found (and it is not a hub id like 'Qwen/Qwen2.5-7B-Instruct')")
+        raise TunelabError(
+            f"model: folder '{model}' not found (and it is not a hub id like 'Qwen/Qwen2.5-7B-Instruct')"
+        )
     try:
-        patterns = ["*.json", "*.py"] if config_only else ["*.json", "*.safetensors", "*.model", "*.txt", "*.py",
-                                                            "*.jinja", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
+        patterns = (
+            ["*.json", "*.py"]
+            if config_only
+            else ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "*.tiktoken"]
+            + (["*.bin"] if allow_pickle else [])
+        )
         if hub == "modelscope":
             from modelscope import snapshot_download as ms_download
 
@@ -35,18 +41,22 @@ def resolve_model_path(model: str, hub: str = "hf", config_only: bool = False, a
 
         return snapshot_download(model, allow_patterns=patterns)
     except ImportError as exc:
-        raise TunelabError(f"model: the {hub} hub needs an extra package ({exc.name}); "
-                           f"pip install 'tunelab[{hub}]'") from None
+        raise TunelabError(
+            f"model: the {hub} hub needs an extra package ({exc.name}); pip install 'tunelab[{hub}]'"
+        ) from None
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise TunelabError(f"model: '{model}' is not a local folder and could not be fetched from the {hub} hub "
-                           f"({type(exc).__name__}: {first})") from None
+        raise TunelabError(
+            f"model: '{model}' is not a local folder and could not be fetched from the {hub} hub "
+            f"({type(exc).__name__}: {first})"
+        ) from None
 
 
 def remote_code_error(model: str, exc: Exception) -> TunelabError:
     return TunelabError(
         f"model: '{model}' ships its own Python code; set trust_remote_code: true (on the command line: "
-        f"--trust-remote-code) only if you trust its author, since that code runs on this machine ({str(exc).splitlines()[0]})"
+        "--trust-remote-code) only if you trust its author, since that code runs on this machine "
+        f"({str(exc).splitlines()[0]})"
     )
 
 

@@ -12,8 +12,9 @@ import warnings
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr,
-                        format="[tunelab] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr, format="[tunelab] %(message)s"
+    )
     logging.getLogger("tunelab").setLevel(logging.INFO)
     for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

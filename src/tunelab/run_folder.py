@@ -76,8 +76,10 @@ def saved_config(folder: str | Path) -> Config | None:
     data = saved_keys(folder)
     newer = sorted(k for k in data if k not in FIELDS)
     if newer:
-        raise TunelabError(f"{folder / CONFIG}: keys this tunelab does not know ({', '.join(newer)}); the run was "
-                           "written by a newer tunelab: upgrade to read it")
+        raise TunelabError(
+            f"{folder / CONFIG}: keys this tunelab does not know ({', '.join(newer)}); the run was "
+            "written by a newer tunelab: upgrade to read it"
+        )
     if (folder / TOOLS).is_file():
         data["tools"] = str(folder / TOOLS)
     return from_dict(data, source=str(folder / CONFIG))

@@ -78,6 +78,7 @@ def parse_grid(pairs: list[str]) -> dict[str, list]:
 def point_name(point: dict) -> str:
     def short(v):
         return format(v, "g") if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
     return "_".join(re.sub(r"[^\w.+-]+", "-", f"{k}-{short(v)}") for k, v in point.items())
 
 
@@ -121,8 +122,9 @@ def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch
             return saved["row"]
     cfg = point.config
     cases = read_cases(eval_dataset, cfg.dataset_format, cfg.columns, cfg.system)
-    (row,) = evaluate(load_inference(str(point.output_dir)), cases, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size)
+    (row,) = evaluate(
+        load_inference(str(point.output_dir)), cases, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     cache.write_text(json.dumps({"key": key, "row": row}, ensure_ascii=False))
     return row
 
@@ -130,8 +132,11 @@ def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch
 def _row(point: SweepPoint, evaluated: dict | None) -> dict:
     summary = json.loads((point.output_dir / run_folder.SUMMARY).read_text())
     losses = [m["loss"] for m in read_metrics(point.output_dir / "metrics.jsonl") if "loss" in m]
-    row = {"run": point.output_dir.name, **point.values,
-           "train_loss": losses[-1] if losses else summary.get("train_loss")}
+    row = {
+        "run": point.output_dir.name,
+        **point.values,
+        "train_loss": losses[-1] if losses else summary.get("train_loss"),
+    }
     if evaluated:
         row.update({k: evaluated[k] for k in METRICS})
     else:
@@ -160,8 +165,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_sweep(config_path: str, pairs: list[str], eval_dataset: str | None = None, max_new_tokens: int = 128,
-              batch_size: int = 8) -> list[dict]:
+def run_sweep(
+    config_path: str, pairs: list[str], eval_dataset: str | None = None, max_new_tokens: int = 128, batch_size: int = 8
+) -> list[dict]:
     points, root = plan_sweep(config_path, pairs)
     eval_dataset = eval_dataset or (points[0].config.eval_datasets or [None])[0]
     if eval_dataset is not None and not Path(eval_dataset).exists():
@@ -188,8 +194,9 @@ def write_sweep(rows: list[dict], points: list[SweepPoint], root: Path) -> None:
     columns = list(rows[0])
     write_table(rows, root, "sweep", columns)
     best = next((r["run"] for r in rows if r["best"]), None)
-    (root / "sweep.md").write_text(f"# sweep: {len(rows)} runs\n\n{markdown_table(rows, columns)}\n\n"
-                                   f"best: {best}\n", encoding="utf-8")
+    (root / "sweep.md").write_text(
+        f"# sweep: {len(rows)} runs\n\n{markdown_table(rows, columns)}\n\nbest: {best}\n", encoding="utf-8"
+    )
     plot_runs({p.output_dir.name: p.output_dir / "metrics.jsonl" for p in points}, root / "sweep_loss.png")
 
 

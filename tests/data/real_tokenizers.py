@@ -14,14 +14,21 @@ from pathlib import Path
 SHARED_TOKENIZERS = Path(__file__).resolve().parents[3] / "shared" / "tokenizers"
 
 FULL = ("qwen2.5-instruct", "qwen3", "llama-3.2-3b-instruct", "phi-3-mini-4k-instruct")
-TEMPLATE_ONLY = ("gemma-3-4b-it", "phi-4", "phi-4-mini-instruct", "deepseek-r1-distill-qwen",
-                 "mistral-v1", "mistral-v3")
+TEMPLATE_ONLY = (
+    "gemma-3-4b-it",
+    "phi-4",
+    "phi-4-mini-instruct",
+    "deepseek-r1-distill-qwen",
+    "mistral-v1",
+    "mistral-v3",
+)
 ALL = FULL + TEMPLATE_ONLY
 
 
 def available(family: str) -> bool:
-    return (SHARED_TOKENIZERS / "qwen2.5-instruct" / "vocab.json").exists() and \
-        (SHARED_TOKENIZERS / family.split("-v")[0] if family.startswith("mistral") else SHARED_TOKENIZERS / family).exists()
+    return (SHARED_TOKENIZERS / "qwen2.5-instruct" / "vocab.json").exists() and (
+        SHARED_TOKENIZERS / family.split("-v")[0] if family.startswith("mistral") else SHARED_TOKENIZERS / family
+    ).exists()
 
 
 def _token_text(value):
@@ -56,7 +63,9 @@ def load(family: str, workdir: Path):
             shutil.copy(src / name, dst / name)
         return AutoTokenizer.from_pretrained(dst)
     template, cfg = _template_of(family)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(SHARED_TOKENIZERS / "qwen2.5-instruct" / "derived" / "tokenizer.json"))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(SHARED_TOKENIZERS / "qwen2.5-instruct" / "derived" / "tokenizer.json")
+    )
     specials = {_token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     specials |= {v["content"] for v in cfg.get("added_tokens_decoder", {}).values() if v.get("special")}
     # tokens the template writes literally, e.g. '<start_of_turn>' or '[INST]'
@@ -83,8 +92,9 @@ def builtin_styled(tokenizer, name: str):
 
     tok = copy.deepcopy(tokenizer)
     if REQUIRED_TOKENS[name]:
-        tok.add_special_tokens({"additional_special_tokens": list(REQUIRED_TOKENS[name])},
-                               replace_extra_special_tokens=False)
+        tok.add_special_tokens(
+            {"additional_special_tokens": list(REQUIRED_TOKENS[name])}, replace_extra_special_tokens=False
+        )
     tok.chat_template = BUILTIN[name]
     return tok
 

@@ -22,23 +22,46 @@ _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__)
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)
 
-EOT = {"qwen2.5-instruct": "<|im_end|>", "deepseek-r1-distill-qwen": "<｜end▁of▁sentence｜>",
-       "phi-3-mini-4k-instruct": "<|end|>", "gemma-3-4b-it": "<end_of_turn>"}
-PAIRS = {"qwen2.5-instruct": "qwen2_5_training.jinja", "deepseek-r1-distill-qwen": "deepseek_r1_distill_training.jinja",
-         "phi-3-mini-4k-instruct": "phi3_training.jinja", "gemma-3-4b-it": "gemma3_training.jinja"}
+EOT = {
+    "qwen2.5-instruct": "<|im_end|>",
+    "deepseek-r1-distill-qwen": "<｜end▁of▁sentence｜>",
+    "phi-3-mini-4k-instruct": "<|end|>",
+    "gemma-3-4b-it": "<end_of_turn>",
+}
+PAIRS = {
+    "qwen2.5-instruct": "qwen2_5_training.jinja",
+    "deepseek-r1-distill-qwen": "deepseek_r1_distill_training.jinja",
+    "phi-3-mini-4k-instruct": "phi3_training.jinja",
+    "gemma-3-4b-it": "gemma3_training.jinja",
+}
 CALL = {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
 CHATS = {
-    "two turns": [Message("system", "Be brief."), Message("user", "A colour?"), Message("assistant", "Ocean blue."),
-                  Message("user", "A number?"), Message("assistant", "Seven.")],
-    "padded": [Message("user", " x "), Message("assistant", "  starts with spaces"), Message("user", "more?"),
-               Message("assistant", "ends with a newline\n")],
-    "tool call": [Message("user", "Weather in Oslo?"), Message("assistant", "", tool_calls=[CALL]),
-                  Message("tool", "-3", tool_call_id="c1"), Message("assistant", "It is -3 °C.")],
+    "two turns": [
+        Message("system", "Be brief."),
+        Message("user", "A colour?"),
+        Message("assistant", "Ocean blue."),
+        Message("user", "A number?"),
+        Message("assistant", "Seven."),
+    ],
+    "padded": [
+        Message("user", " x "),
+        Message("assistant", "  starts with spaces"),
+        Message("user", "more?"),
+        Message("assistant", "ends with a newline\n"),
+    ],
+    "tool call": [
+        Message("user", "Weather in Oslo?"),
+        Message("assistant", "", tool_calls=[CALL]),
+        Message("tool", "-3", tool_call_id="c1"),
+        Message("assistant", "It is -3 °C."),
+    ],
 }
 
 
-@pytest.mark.parametrize("family, chat", [(f, c) for f in sorted(PAIRS) for c in sorted(CHATS)
-                                          if c != "tool call" or f == "qwen2.5-instruct"])  # the one with tools
+@pytest.mark.parametrize(
+    "family, chat",
+    [(f, c) for f in sorted(PAIRS) for c in sorted(CHATS) if c != "tool call" or f == "qwen2.5-instruct"],
+)  # the one with tools
 def test_trained_positions_equal_transformers_assistant_masks(family, chat, tmp_path):
     if not real_tokenizers.available(family):
         pytest.skip(f"../shared/tokenizers/{family} not present")
@@ -57,8 +80,9 @@ def test_trained_positions_equal_transformers_assistant_masks(family, chat, tmp_
     assert sample.input_ids == ids
     theirs = [bool(m) for m in out["assistant_masks"]]
     for i in conv.assistant_indices:  # the generation prompt's tokens are prompt
-        prompt = tok(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+        prompt = tok(
+            tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
         shared = next((k for k, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
         at = shared - 1
         while at >= 0 and theirs[at]:  # the marked run's part that the prompt wrote

@@ -15,6 +15,7 @@ def fresh_cache(tmp_path, monkeypatch):
 def _forbid_tokenizing(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("tokenized again")
+
     monkeypatch.setattr(dataset, "encode_all", boom)
 
 
@@ -23,8 +24,9 @@ def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, run_c
     assert len(list(fresh_cache.glob("*.samples"))) == 1
     _forbid_tokenizing(monkeypatch)
     again = build_datasets(run_config(model="m", output_dir="o", val_size=0.25), tokenizer)
-    assert [(s.input_ids, s.labels, s.source) for s in again.train] == \
-        [(s.input_ids, s.labels, s.source) for s in first.train]
+    assert [(s.input_ids, s.labels, s.source) for s in again.train] == [
+        (s.input_ids, s.labels, s.source) for s in first.train
+    ]
     assert [s.input_ids for s in again.eval] == [s.input_ids for s in first.eval]
     assert again.stats.trained_tokens == first.stats.trained_tokens and again.stats.records == first.stats.records
 
@@ -120,15 +122,30 @@ def test_two_processes_building_one_entry_leave_one_valid_entry_and_agree(fresh_
     import sys
     import time
 
-    rows = [{"messages": [{"role": "user", "content": f"Question number {i}?" * (1 + i % 7)},
-                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(3000)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question number {i}?" * (1 + i % 7)},
+                {"role": "assistant", "content": f"Answer {i}."},
+            ]
+        }
+        for i in range(3000)
+    ]
     data = tmp_path / "race.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer.save_pretrained(tmp_path / "tok")
     start = time.time() + 3
     env = dict(os.environ, TUNELAB_CACHE=str(fresh_cache.parent))
-    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(data), str(tmp_path / "tok"), str(start)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(data), str(tmp_path / "tok"), str(start)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [run.communicate(timeout=300) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
     answers = [out.split() for out, _ in outs]
@@ -148,4 +165,5 @@ def test_what_a_killed_build_left_behind_is_cleared_by_the_next_build(fresh_cach
     (fresh_cache / "another-key.building-1").mkdir()  # another key's build may be running: left alone
     build_datasets(cfg, tokenizer)
     assert sorted(p.name for p in fresh_cache.iterdir()) == sorted(
-        [f"{key}.samples", f"{key}.lock", "another-key.building-1"])
+        [f"{key}.samples", f"{key}.lock", "another-key.building-1"]
+    )

@@ -39,17 +39,21 @@ from tunelab.errors import TunelabError
 
 def _chat(i: int, words: str) -> list[dict]:
     """Two exchanges without a system prompt, of lengths around the reference cutoff_len."""
-    return [{"role": "user", "content": f"Question {i}: {words}?"},
-            {"role": "assistant", "content": f"Answer {i}: " + " ".join([words] * (1 + i % 4))},
-            {"role": "user", "content": "And then?"}, {"role": "assistant", "content": f"Then {words}."}]
+    return [
+        {"role": "user", "content": f"Question {i}: {words}?"},
+        {"role": "assistant", "content": f"Answer {i}: " + " ".join([words] * (1 + i % 4))},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": f"Then {words}."},
+    ]
 
 
 @pytest.fixture()
 def reference(write_data):
     """Config defaults but a held-out share and a cutoff_len that cuts some samples; data whose spare column
     `alternative` holds other chats."""
-    data = write_data("probe.jsonl", [{"messages": _chat(i, "blue sky"), "alternative": _chat(i, "red sun")}
-                                      for i in range(12)])
+    data = write_data(
+        "probe.jsonl", [{"messages": _chat(i, "blue sky"), "alternative": _chat(i, "red sun")} for i in range(12)]
+    )
     return dict(model="m", output_dir="o", dataset=data, val_size=0.25, cutoff_len=96)
 
 
@@ -103,28 +107,44 @@ def test_changing_any_data_key_changes_the_cache_key(name, run_config, reference
     value = _changed(name, getattr(before, name), write_data)
     after = run_config(**{**reference, name: value})  # validated: a value the config accepts
     assert getattr(after, name) != getattr(before, name)
-    assert {k: v for k, v in after.to_dict().items() if k != name} == \
-        {k: v for k, v in before.to_dict().items() if k != name}
-    assert cache.cache_key(after, tokenizer) != cache.cache_key(before, tokenizer), \
+    assert {k: v for k, v in after.to_dict().items() if k != name} == {
+        k: v for k, v in before.to_dict().items() if k != name
+    }
+    assert cache.cache_key(after, tokenizer) != cache.cache_key(before, tokenizer), (
         f"{name}={value!r} leaves the tokenization cache key unchanged"
+    )
 
 
 # node_rank: with nnodes 1 it has one valid value; streaming never reads or writes the cache (see test_stream.py)
 @pytest.mark.parametrize("name", [n for n in FIELDS if n not in ("node_rank", "streaming")])
-def test_every_config_key_that_changes_the_samples_changes_the_cache_key(name, run_config, reference, tokenizer,
-                                                                         write_data, monkeypatch):
+def test_every_config_key_that_changes_the_samples_changes_the_cache_key(
+    name, run_config, reference, tokenizer, write_data, monkeypatch
+):
     monkeypatch.setenv("TUNELAB_CACHE", "off")
     before = run_config(**reference)
     after = run_config(**{**reference, name: _changed(name, getattr(before, name), write_data)})
     if _samples(after, tokenizer) != _samples(before, tokenizer):
-        assert cache.cache_key(after, tokenizer) != cache.cache_key(before, tokenizer), \
+        assert cache.cache_key(after, tokenizer) != cache.cache_key(before, tokenizer), (
             f"{name} changes the tokenized samples but not the cache key: mark it data=True in config.py"
+        )
 
 
-@pytest.mark.parametrize("name", ["dataset", "eval_dataset", "columns", "system", "cutoff_len", "max_samples",
-                                  "val_size", "train_on", "seed", "dataset_format"])
-def test_the_probe_data_shows_each_data_option_at_work(name, run_config, reference, tokenizer, write_data,
-                                                       monkeypatch):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dataset",
+        "eval_dataset",
+        "columns",
+        "system",
+        "cutoff_len",
+        "max_samples",
+        "val_size",
+        "train_on",
+        "seed",
+        "dataset_format",
+    ],
+)
+def test_the_probe_data_shows_each_data_option_at_work(name, run_config, reference, tokenizer, write_data, monkeypatch):
     """Guards the sweep above: these options do change the samples of the probe data."""
     monkeypatch.setenv("TUNELAB_CACHE", "off")
     before = run_config(**reference)
@@ -153,6 +173,7 @@ def origin(request, tokenizer, tmp_path):
     def retrained_folder():
         retrained().save_pretrained(tmp_path / "tok2")
         return AutoTokenizer.from_pretrained(tmp_path / "tok2")
+
     return AutoTokenizer.from_pretrained(tmp_path / "tok"), retrained_folder
 
 
@@ -187,8 +208,17 @@ def _retrained_vocabulary(tok, retrained):
     return other
 
 
-@pytest.mark.parametrize("ingredient", [_added_token, _added_special_token, _existing_token_made_pad, _chat_template,
-                                        _tokenizer_class, _retrained_vocabulary])
+@pytest.mark.parametrize(
+    "ingredient",
+    [
+        _added_token,
+        _added_special_token,
+        _existing_token_made_pad,
+        _chat_template,
+        _tokenizer_class,
+        _retrained_vocabulary,
+    ],
+)
 def test_every_tokenizer_ingredient_changes_the_cache_key(ingredient, origin, run_config, reference):
     tok, retrained = origin
     cfg = run_config(**reference)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.data.conversation import Conversation, Message
 from tunelab.constants import IGNORE_INDEX
+from tunelab.data.conversation import Conversation, Message
 from tunelab.data.encode import Encoder, end_of_turn_tokens
 from tunelab.errors import TunelabError
 
@@ -19,14 +19,23 @@ _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__)
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)
 
-EOT = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>", "alpaca": "<|endoftext|>",
-       "dolly": "<|endoftext|>"}
+EOT = {
+    "chatml": "<|im_end|>",
+    "gemma": "<end_of_turn>",
+    "llama3": "<|eot_id|>",
+    "alpaca": "<|endoftext|>",
+    "dolly": "<|endoftext|>",
+}
 
 
 def conversation(system=True):
     msgs = [Message("system", "Answer briefly.")] if system else []
-    msgs += [Message("user", "Name a colour."), Message("assistant", "Ocean blue, 海蓝色."),
-             Message("user", "And a number?"), Message("assistant", "Seven.")]
+    msgs += [
+        Message("user", "Name a colour."),
+        Message("assistant", "Ocean blue, 海蓝色."),
+        Message("user", "And a number?"),
+        Message("assistant", "Seven."),
+    ]
     return Conversation(msgs, source="test[record 0]")
 
 
@@ -96,18 +105,22 @@ def test_prompt_tokens_equal_what_inference_renders(styled):
 def test_answer_glued_to_prompt_text_is_split_at_the_boundary(tokenizer):
     """A template whose prompt ends in a space would merge ' Seven' into one token; segments keep it exact."""
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }} A: "
-                         "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }} A: "
+        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
     conv = Conversation([Message("user", "Number?"), Message("assistant", "Seven.")], source="t")
     assert trained_spans(tok, Encoder(tok).encode(conv)) == ["Seven.<|endoftext|>"]
 
 
 # the system prompt moves to the last user turn, as some real templates (Mistral v3) do
-MOVING_SYSTEM = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
-                 "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
-                 "{% if loop.last or loop.revindex == 2 %}{{ sys }} {% endif %}U: {{ m['content'] }}\n"
-                 "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}A: {% endif %}")
+MOVING_SYSTEM = (
+    "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+    "{% if loop.last or loop.revindex == 2 %}{{ sys }} {% endif %}U: {{ m['content'] }}\n"
+    "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}"
+)
 
 
 def test_a_template_that_is_not_prefix_stable_trains_each_turn_as_inference_renders_it(tokenizer):
@@ -115,8 +128,10 @@ def test_a_template_that_is_not_prefix_stable_trains_each_turn_as_inference_rend
     tok.chat_template = MOVING_SYSTEM
     conv = conversation()
     whole, first = Encoder(tok).samples(conv)
-    assert whole.input_ids == tok(tok.apply_chat_template(conv.template_messages(), tokenize=False),
-                                  add_special_tokens=False)["input_ids"]
+    assert (
+        whole.input_ids
+        == tok(tok.apply_chat_template(conv.template_messages(), tokenize=False), add_special_tokens=False)["input_ids"]
+    )
     assert trained_spans(tok, whole) == ["Seven.<|endoftext|>"]
     cut = tok.apply_chat_template(conv.template_messages()[:3], tokenize=False)
     assert first.own_turn and first.source == "test[record 0] turn 2"
@@ -147,9 +162,15 @@ def test_end_of_turn_tokens_are_found_by_probing(styled):
 
 
 # Qwen3 writes a think block into answers; its rules are in test_reasoning.py.
-REAL_EOT = {"qwen2.5-instruct": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>",
-            "phi-3-mini-4k-instruct": "<|end|>", "gemma-3-4b-it": "<end_of_turn>", "phi-4": "<|im_end|>",
-            "phi-4-mini-instruct": "<|end|>", "mistral-v1": "</s>"}
+REAL_EOT = {
+    "qwen2.5-instruct": "<|im_end|>",
+    "llama-3.2-3b-instruct": "<|eot_id|>",
+    "phi-3-mini-4k-instruct": "<|end|>",
+    "gemma-3-4b-it": "<end_of_turn>",
+    "phi-4": "<|im_end|>",
+    "phi-4-mini-instruct": "<|end|>",
+    "mistral-v1": "</s>",
+}
 
 
 @pytest.mark.parametrize("family", sorted(REAL_EOT))
@@ -176,8 +197,12 @@ def test_mistral_v3_trains_the_first_turn_apart_where_the_system_prompt_moved(tm
     whole, first = Encoder(tok).samples(conv)
     # the system prompt sits in the last user turn of each rendering, so turn 2 cannot train in the whole
     assert trained_spans(tok, whole) == [" Seven.</s>"]
-    assert first.input_ids == tok(tok.apply_chat_template(conv.template_messages()[:3], tokenize=False),
-                                  add_special_tokens=False)["input_ids"]
+    assert (
+        first.input_ids
+        == tok(tok.apply_chat_template(conv.template_messages()[:3], tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     assert trained_spans(tok, first) == [" Ocean blue, 海蓝色.</s>"]
     with pytest.raises(TunelabError, match="not a prefix"):
         Encoder(tok, expand_turns=False).encode(conv)
@@ -195,8 +220,13 @@ def test_deepseek_r1_trains_both_answers_in_one_sample_after_its_assistant_tag(t
 
 def mixed_conversations():
     convs = [conversation(True), conversation(False), Conversation(text="plain pretraining text", source="t")]
-    convs += [Conversation([Message("user", f"Question {i}?" * (i % 5 + 1)), Message("assistant", f"Answer {i}." * i)],
-                           source=f"gen[record {i}]") for i in range(1, 30)]
+    convs += [
+        Conversation(
+            [Message("user", f"Question {i}?" * (i % 5 + 1)), Message("assistant", f"Answer {i}." * i)],
+            source=f"gen[record {i}]",
+        )
+        for i in range(1, 30)
+    ]
     return convs
 
 
@@ -207,8 +237,12 @@ def test_a_batch_encodes_exactly_as_one_conversation_at_a_time(tokenizer, train_
     batch = encoder.encode_many(convs)
     for conv, got in zip(convs, batch):
         alone = encoder.encode(conv)
-        assert (got.input_ids, got.labels, got.truncated, got.source) == \
-            (alone.input_ids, alone.labels, alone.truncated, alone.source)
+        assert (got.input_ids, got.labels, got.truncated, got.source) == (
+            alone.input_ids,
+            alone.labels,
+            alone.truncated,
+            alone.source,
+        )
     assert any(s.truncated for s in batch) and any(not s.truncated for s in batch)
 
 
@@ -228,8 +262,11 @@ def test_a_boundary_inside_a_token_goes_to_the_side_the_token_starts_on(tokenize
 def test_a_dataset_encoded_in_chunks_equals_one_batch(tokenizer):
     encoder, convs = Encoder(tokenizer, cutoff_len=40), mixed_conversations()
     whole = [(s.input_ids, s.labels, s.truncated) for s in encoder.encode_many(convs)]
-    chunked = [(s.input_ids, s.labels, s.truncated) for k in range(0, len(convs), 4)
-               for s in encoder.encode_many(convs[k:k + 4])]
+    chunked = [
+        (s.input_ids, s.labels, s.truncated)
+        for k in range(0, len(convs), 4)
+        for s in encoder.encode_many(convs[k : k + 4])
+    ]
     assert chunked == whole and len(whole) == len(convs)
 
 
@@ -241,4 +278,4 @@ def test_a_tokenizer_without_offsets_still_encodes_and_serves_the_same_prompt(to
     sample = encoder.encode(conv)
     assert trained_spans(tokenizer, sample) == ["Ocean blue, 海蓝色.<|im_end|>", "Seven.<|im_end|>"]
     prompt = encoder.prompt_ids(Conversation(conv.messages[:2], source="t"))
-    assert prompt and sample.input_ids[:len(prompt)] == prompt
+    assert prompt and sample.input_ids[: len(prompt)] == prompt

@@ -1,6 +1,7 @@
 """Every data format becomes the same `Conversation`; bad records are one TunelabError naming the record.
 
-Also: `read_conversations` (via `config_conversations`) over files (format detected per file unless `dataset_format` says) and `split`.
+Also: `read_conversations` (via `config_conversations`) over files (format detected per file unless
+`dataset_format` says) and `split`.
 """
 
 from collections import Counter
@@ -44,15 +45,20 @@ def config(dataset, **kw):
 
 # --- detection ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data, fmt", [
-    ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
-    ({"instruction": "i", "output": "o"}, "alpaca"),
-    ({"instruction": "i", "context": "", "response": "r", "category": "general"}, "dolly"),
-    ({"id": "1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
-    ({"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
-    ({"text": "raw corpus text"}, "text"),
-], ids=["alpaca", "alpaca-no-input", "dolly", "sharegpt", "messages", "sharegpt-under-messages", "text"])
+
+@pytest.mark.parametrize(
+    "data, fmt",
+    [
+        ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
+        ({"instruction": "i", "output": "o"}, "alpaca"),
+        ({"instruction": "i", "context": "", "response": "r", "category": "general"}, "dolly"),
+        ({"id": "1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages"),
+        ({"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
+        ({"text": "raw corpus text"}, "text"),
+    ],
+    ids=["alpaca", "alpaca-no-input", "dolly", "sharegpt", "messages", "sharegpt-under-messages", "text"],
+)
 def test_format_is_detected_from_the_keys(data, fmt):
     assert detect_format(rec(**data)) == fmt
 
@@ -76,6 +82,7 @@ def test_undetectable_keys_name_the_record_the_keys_and_the_formats():
 
 # --- conversion ---------------------------------------------------------------------------------------------
 
+
 def test_alpaca_keeps_input_apart_from_the_instruction():
     conv = convert({"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"})
     assert roles_and_contents(conv) == [("user", "Translate to French."), ("assistant", "Bonjour")]
@@ -93,24 +100,43 @@ def test_alpaca_with_an_empty_input_has_no_input():
 
 
 def test_alpaca_system_and_history_come_before_the_last_turn():
-    conv = convert({"system": "Be brief.", "history": [["q1", "a1"], ["q2", "a2"]],
-                    "instruction": "q3", "input": "ctx", "output": "a3"})
-    assert roles_and_contents(conv) == [("system", "Be brief."), ("user", "q1"), ("assistant", "a1"),
-                                        ("user", "q2"), ("assistant", "a2"), ("user", "q3"), ("assistant", "a3")]
+    conv = convert(
+        {
+            "system": "Be brief.",
+            "history": [["q1", "a1"], ["q2", "a2"]],
+            "instruction": "q3",
+            "input": "ctx",
+            "output": "a3",
+        }
+    )
+    assert roles_and_contents(conv) == [
+        ("system", "Be brief."),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+        ("user", "q3"),
+        ("assistant", "a3"),
+    ]
     assert [m.input for m in conv.messages] == [None, None, None, None, None, "ctx", None]
     assert conv.assistant_indices == [2, 4, 6]
 
 
 def test_alpaca_history_that_is_not_pairs_is_an_error():
-    assert error_of({"instruction": "q", "output": "a", "history": [["q1"]]}) == \
-        f"{SRC}: history[0] must be a [user, assistant] pair of strings"
-    assert error_of({"instruction": "q", "output": "a", "history": "q1 a1"}) == \
-        f"{SRC}: field 'history' must be a list of [user, assistant] pairs"
+    assert (
+        error_of({"instruction": "q", "output": "a", "history": [["q1"]]})
+        == f"{SRC}: history[0] must be a [user, assistant] pair of strings"
+    )
+    assert (
+        error_of({"instruction": "q", "output": "a", "history": "q1 a1"})
+        == f"{SRC}: field 'history' must be a list of [user, assistant] pairs"
+    )
 
 
 def test_dolly_context_becomes_input_and_other_keys_are_ignored():
-    conv = convert({"instruction": "Summarise.", "context": "A long text.", "response": "Short.",
-                    "category": "summarization"})
+    conv = convert(
+        {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    )
     assert roles_and_contents(conv) == [("user", "Summarise."), ("assistant", "Short.")]
     assert conv.messages[0].input == "A long text."
     assert conv.messages[0].text == "Summarise.\n\nA long text."
@@ -119,15 +145,30 @@ def test_dolly_context_becomes_input_and_other_keys_are_ignored():
 
 
 def test_sharegpt_roles_map_to_system_user_assistant():
-    conv = convert({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q1"},
-                                      {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
-                                      {"from": "gpt", "value": "a2"}]})
-    assert roles_and_contents(conv) == [("system", "S"), ("user", "q1"), ("assistant", "a1"),
-                                        ("user", "q2"), ("assistant", "a2")]
+    conv = convert(
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "q1"},
+                {"from": "gpt", "value": "a1"},
+                {"from": "human", "value": "q2"},
+                {"from": "gpt", "value": "a2"},
+            ]
+        }
+    )
+    assert roles_and_contents(conv) == [
+        ("system", "S"),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+    ]
 
 
 def test_sharegpt_top_level_system_goes_first():
-    conv = convert({"system": "Top.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
+    conv = convert(
+        {"system": "Top.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    )
     assert roles_and_contents(conv) == [("system", "Top."), ("user", "q"), ("assistant", "a")]
 
 
@@ -142,32 +183,50 @@ def test_role_content_turns_under_a_conversations_key_are_converted():
 
 
 def test_messages_multi_turn_keeps_order_and_extras():
-    conv = convert({"messages": [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1", "reasoning_content": "because"},
-        {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a2"},
-    ]})
-    assert roles_and_contents(conv) == [("system", "S"), ("user", "q1"), ("assistant", "a1"),
-                                        ("user", "q2"), ("assistant", "a2")]
+    conv = convert(
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1", "reasoning_content": "because"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        }
+    )
+    assert roles_and_contents(conv) == [
+        ("system", "S"),
+        ("user", "q1"),
+        ("assistant", "a1"),
+        ("user", "q2"),
+        ("assistant", "a2"),
+    ]
     assert conv.messages[2].reasoning_content == "because"
     assert conv.assistant_indices == [2, 4]
 
 
 def test_openai_content_given_as_text_parts_is_joined():
-    conv = convert({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hi"}]},
-    ]})
+    conv = convert(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hi"}]},
+            ]
+        }
+    )
     assert roles_and_contents(conv) == [("user", "Hello, world"), ("assistant", "Hi")]
 
 
 def test_content_parts_other_than_text_are_an_error():
-    data = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
-                         {"role": "assistant", "content": "a"}]}
-    assert error_of(data) == (f"{SRC}: message 0 content must be a string or a list of parts typed "
-                              "text, reasoning, tool_call")
+    data = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    assert error_of(data) == (
+        f"{SRC}: message 0 content must be a string or a list of parts typed text, reasoning, tool_call"
+    )
 
 
 def test_text_format_sets_text_and_no_messages():
@@ -185,8 +244,16 @@ def test_default_system_is_prepended_when_the_conversation_has_none():
 def test_default_system_does_not_replace_the_records_own_system():
     alpaca = convert({"system": "Own.", "instruction": "q", "output": "a"}, system="Default.")
     assert roles_and_contents(alpaca) == [("system", "Own."), ("user", "q"), ("assistant", "a")]
-    messages = convert({"messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "q"},
-                                     {"role": "assistant", "content": "a"}]}, system="Default.")
+    messages = convert(
+        {
+            "messages": [
+                {"role": "system", "content": "Own."},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        system="Default.",
+    )
     assert roles_and_contents(messages) == [("system", "Own."), ("user", "q"), ("assistant", "a")]
 
 
@@ -209,11 +276,16 @@ def test_columns_map_the_messages_list_key():
 
 # --- conversion errors --------------------------------------------------------------------------------------
 
+
 def test_a_missing_field_names_the_field_and_the_record():
-    assert error_of({"instruction": "q"}, "alpaca") == \
-        f"{SRC}: missing field 'output' (alpaca records need instruction, output)"
-    assert error_of({"instruction": "q", "context": ""}, "dolly") == \
-        f"{SRC}: missing field 'response' (dolly records need instruction, response)"
+    assert (
+        error_of({"instruction": "q"}, "alpaca")
+        == f"{SRC}: missing field 'output' (alpaca records need instruction, output)"
+    )
+    assert (
+        error_of({"instruction": "q", "context": ""}, "dolly")
+        == f"{SRC}: missing field 'response' (dolly records need instruction, response)"
+    )
     assert error_of({"text": "t"}, "messages") == f"{SRC}: missing field 'messages' (messages records need messages)"
 
 
@@ -221,7 +293,9 @@ def test_an_unknown_role_names_the_role_and_the_allowed_ones():
     msg = error_of({"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]})
     assert msg == f"{SRC}: message 0 has unknown role 'human'; allowed: system, user, assistant, tool"
     msg = error_of({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]})
-    assert msg == f"{SRC}: message 1 has unknown role 'bot'; allowed: system, human, gpt (or user, assistant, observation)"
+    assert (
+        msg == f"{SRC}: message 1 has unknown role 'bot'; allowed: system, human, gpt (or user, assistant, observation)"
+    )
 
 
 def test_a_message_without_a_role_key_is_an_error():
@@ -230,8 +304,15 @@ def test_a_message_without_a_role_key_is_an_error():
 
 
 def test_a_conversation_must_end_with_an_assistant_message():
-    msg = error_of({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                                 {"role": "user", "content": "q2"}]})
+    msg = error_of(
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q2"},
+            ]
+        }
+    )
     assert msg == f"{SRC}: the conversation must end with an assistant message"
 
 
@@ -241,14 +322,28 @@ def test_a_conversation_must_start_with_a_user_message():
 
 
 def test_a_system_message_may_only_come_first():
-    msg = error_of({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "S"},
-                                 {"role": "assistant", "content": "a"}]})
+    msg = error_of(
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "S"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    )
     assert msg == f"{SRC}: a system message may only come first"
 
 
 def test_an_empty_assistant_message_is_an_error():
-    msg = error_of({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
-                                 {"role": "assistant", "content": "  \n"}]})
+    msg = error_of(
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "  \n"},
+            ]
+        }
+    )
     assert msg == f"{SRC}: message 2 (assistant) is empty"
     assert error_of({"instruction": "q", "input": "", "output": ""}) == f"{SRC}: message 1 (assistant) is empty"
 
@@ -259,28 +354,38 @@ def test_an_empty_message_list_is_an_error():
 
 def test_a_non_string_field_names_the_field_and_its_type():
     assert error_of({"instruction": 5, "output": "a"}) == f"{SRC}: field 'instruction' must be a string, got int"
-    assert error_of({"instruction": "q", "input": ["x"], "output": "a"}) == \
-        f"{SRC}: field 'input' must be a string, got list"
+    assert (
+        error_of({"instruction": "q", "input": ["x"], "output": "a"})
+        == f"{SRC}: field 'input' must be a string, got list"
+    )
     assert error_of({"text": {"a": 1}}) == f"{SRC}: field 'text' must be a string, got dict"
 
 
 # --- read_conversations -------------------------------------------------------------------------------------
 
+
 def test_read_conversations_detects_the_format_per_file_and_counts_it(write_data):
     a = write_data("a.json", [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"}])
-    b = write_data("b.jsonl", [{"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]}])
+    b = write_data(
+        "b.jsonl", [{"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]}]
+    )
     cfg = config([a, b])
     stats = DataStats()
     convs = config_conversations(cfg, cfg.datasets, stats)
     assert [roles_and_contents(c) for c in convs] == [
-        [("user", "q1"), ("assistant", "a1")], [("user", "q2"), ("assistant", "a2")],
-        [("user", "q3"), ("assistant", "a3")]]
+        [("user", "q1"), ("assistant", "a1")],
+        [("user", "q2"), ("assistant", "a2")],
+        [("user", "q3"), ("assistant", "a3")],
+    ]
     assert [c.source for c in convs] == [f"{a}[record 0]", f"{a}[record 1]", f"{b}:1"]
     assert stats.records == Counter({"alpaca": 2, "messages": 1})
 
 
 def test_read_conversations_honours_dataset_format(write_data):
-    rows = [{"instruction": "q", "output": "a", "text": "raw one"}, {"instruction": "q", "output": "a", "text": "raw two"}]
+    rows = [
+        {"instruction": "q", "output": "a", "text": "raw one"},
+        {"instruction": "q", "output": "a", "text": "raw two"},
+    ]
     path = write_data("both.jsonl", rows)
     stats = DataStats()
     auto = config_conversations(config(path), [path], stats)
@@ -317,6 +422,7 @@ def test_read_conversations_skips_an_empty_file(tmp_path, write_data):
 
 
 # --- split --------------------------------------------------------------------------------------------------
+
 
 def test_split_without_val_size_keeps_everything_for_training():
     items = list(range(10))
@@ -357,12 +463,17 @@ def test_split_of_a_single_item_keeps_it_for_training():
 
 # --- real datasets under ../shared/datasets -----------------------------------------------------------------
 
-@pytest.mark.parametrize("relpath, fmt, count", [
-    ("self-llm/huanhuan.json", "alpaca", 3729),
-    ("self-llm/dolly_huanhuan.jsonl", "dolly", 3729),
-    ("fastchat/dummy_conversation.json", "sharegpt", 500),
-    ("llama-factory/alpaca_en_demo.json", "alpaca", 999),
-], ids=["self-llm-alpaca", "self-llm-dolly", "fastchat-sharegpt", "llama-factory-alpaca"])
+
+@pytest.mark.parametrize(
+    "relpath, fmt, count",
+    [
+        ("self-llm/huanhuan.json", "alpaca", 3729),
+        ("self-llm/dolly_huanhuan.jsonl", "dolly", 3729),
+        ("fastchat/dummy_conversation.json", "sharegpt", 500),
+        ("llama-factory/alpaca_en_demo.json", "alpaca", 999),
+    ],
+    ids=["self-llm-alpaca", "self-llm-dolly", "fastchat-sharegpt", "llama-factory-alpaca"],
+)
 def test_real_dataset_files_are_read_into_conversations(relpath, fmt, count):
     path = SHARED_DATASETS / relpath
     if not path.exists():

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tunelab.data.conversation import Conversation, Message
 from tunelab.constants import IGNORE_INDEX
+from tunelab.data.conversation import Conversation, Message
 from tunelab.data.encode import Encoder, special_tokens
 from tunelab.data.formats import FIELDS, detect_format, to_conversation
 from tunelab.data.readers import Record, read_records
@@ -42,9 +42,14 @@ HANG_S = 30  # an example running this long is a hang
 
 
 def fuzz(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
 
 
 @contextmanager
@@ -55,6 +60,7 @@ def no_hang(seconds: int = HANG_S):
 
     def fail(*_):
         raise AssertionError(f"no answer after {seconds} s: a hang")
+
     old = signal.signal(signal.SIGALRM, fail)
     signal.alarm(seconds)
     try:
@@ -66,14 +72,57 @@ def no_hang(seconds: int = HANG_S):
 
 # --- strategies ---------------------------------------------------------------------------------------------
 
-ODD = ["\x00", "\u200f", "\u202e", "\u0301", "e\u0301", "\U0001F469\u200d\U0001F467", "\u2028", "\u2029", "\x85",
-       "中文", "海蓝色", "\u200b", "\u200d", "\ufeff", "\t", "\r\n", "\n", " ", "  ", "\\", '"', "{{ x }}",
-       "{% endfor %}", "user", "assistant", "model", "x", " x ", "say x please", "<think>", "</think>",
-       "### Response:\n", "[INST]", "<tool_call>"]
+ODD = [
+    "\x00",
+    "\u200f",
+    "\u202e",
+    "\u0301",
+    "e\u0301",
+    "\U0001f469\u200d\U0001f467",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    "中文",
+    "海蓝色",
+    "\u200b",
+    "\u200d",
+    "\ufeff",
+    "\t",
+    "\r\n",
+    "\n",
+    " ",
+    "  ",
+    "\\",
+    '"',
+    "{{ x }}",
+    "{% endfor %}",
+    "user",
+    "assistant",
+    "model",
+    "x",
+    " x ",
+    "say x please",
+    "<think>",
+    "</think>",
+    "### Response:\n",
+    "[INST]",
+    "<tool_call>",
+]
 # text the tokenizers read as special tokens (or nearly)
-SPECIAL_LOOKALIKES = ["<|im_end|>", "<|im_start|>assistant\n", "<|endoftext|>", "<end_of_turn>",
-                      "<start_of_turn>model\n", "<|eot_id|>", "<|start_header_id|>", "</s>", "<eos>",
-                      "<|im_end", "im_end|>", "< |im_end| >"]
+SPECIAL_LOOKALIKES = [
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<start_of_turn>model\n",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "</s>",
+    "<eos>",
+    "<|im_end",
+    "im_end|>",
+    "< |im_end| >",
+]
 HUGE = "huge field, " * 8_500  # ~100k characters
 LONE_SURROGATES = ["\ud800", "a\udfffb"]  # not in UTF-8 files, but JSON "\ud800" escapes give them
 DEEP = [[[[[[[[[[[["deep"]]]]]]]]]]]]
@@ -95,17 +144,43 @@ chars = st.characters(blacklist_categories=("Cs",))  # surrogates come from LONE
 piece = st.one_of(st.sampled_from(ODD), st.text(chars, max_size=8))
 plain_text = st.lists(piece, min_size=1, max_size=4).map("".join)
 tricky_text = st.lists(st.one_of(piece, st.sampled_from(SPECIAL_LOOKALIKES)), min_size=1, max_size=4).map("".join)
-text = weighted((16, plain_text), (2, tricky_text), (1, st.just("")), (1, st.just(HUGE)),
-                (1, st.sampled_from(LONE_SURROGATES)))
+text = weighted(
+    (16, plain_text), (2, tricky_text), (1, st.just("")), (1, st.just(HUGE)), (1, st.sampled_from(LONE_SURROGATES))
+)
 
 scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), plain_text)
-garbage = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(plain_text, inner, max_size=3)), max_leaves=8)
-wrong = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.binary(max_size=4),
-                  st.lists(plain_text, max_size=2), st.dictionaries(plain_text, plain_text, max_size=2), st.just(DEEP))
+garbage = st.recursive(
+    scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(plain_text, inner, max_size=3)),
+    max_leaves=8,
+)
+wrong = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.binary(max_size=4),
+    st.lists(plain_text, max_size=2),
+    st.dictionaries(plain_text, plain_text, max_size=2),
+    st.just(DEEP),
+)
 
-RECORD_KEYS = ["instruction", "input", "output", "response", "context", "text", "messages", "conversations",
-               "system", "history", "tools", "question", "answer", "id"]
+RECORD_KEYS = [
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "context",
+    "text",
+    "messages",
+    "conversations",
+    "system",
+    "history",
+    "tools",
+    "question",
+    "answer",
+    "id",
+]
 TURN_KEYS = ["role", "content", "from", "value", "name", "reasoning_content", "tool_calls", "speaker", "says"]
 COLUMNS = [None, {"instruction": "question", "output": "answer"}, {"role": "speaker", "content": "says"}]
 
@@ -136,15 +211,15 @@ def turns(draw, role_key: str, content_key: str, names: dict[str, str]) -> list:
     if draw(weighted((3, st.just(True)), (1, st.just(False)))):
         roles = (["system"] if draw(st.booleans()) else []) + ["user", "assistant"] * draw(st.integers(1, 3))
     else:
-        roles = draw(st.lists(st.sampled_from(["system", "user", "assistant", "tool", "gpt", "bot", ""]),
-                              max_size=5))
+        roles = draw(st.lists(st.sampled_from(["system", "user", "assistant", "tool", "gpt", "bot", ""]), max_size=5))
     out = []
     for role in roles:
         if draw(weighted((30, st.just(False)), (1, st.just(True)))):
             out.append(draw(wrong))  # a turn that is not an object at all
             continue
-        out.append(draw(broken({role_key: st.just(names.get(role, role)), content_key: content},
-                               TURN_KEYS, valid_weight=40)))
+        out.append(
+            draw(broken({role_key: st.just(names.get(role, role)), content_key: content}, TURN_KEYS, valid_weight=40))
+        )
     return out
 
 
@@ -152,8 +227,7 @@ SHAREGPT_NAMES = {"user": "human", "assistant": "gpt", "tool": "observation"}
 history = st.lists(weighted((6, st.tuples(text, text).map(list)), (1, wrong)), max_size=2)
 
 records = weighted(
-    (3, broken({"instruction": text, "input": text, "output": text, "system": text, "history": history},
-               RECORD_KEYS)),
+    (3, broken({"instruction": text, "input": text, "output": text, "system": text, "history": history}, RECORD_KEYS)),
     (2, broken({"instruction": text, "context": text, "response": text, "category": text}, RECORD_KEYS)),
     (4, broken({"conversations": turns("from", "value", SHAREGPT_NAMES), "system": text}, RECORD_KEYS)),
     (4, broken({"messages": turns("role", "content", {}), "tools": st.lists(garbage, max_size=2)}, RECORD_KEYS)),
@@ -164,6 +238,7 @@ records = weighted(
 
 # --- the exactness rule -------------------------------------------------------------------------------------
 
+
 def segments(tok, sample) -> list[tuple[bool, str]]:
     """The sample as maximal runs of (trained?, decoded text)."""
     out: list[tuple[bool, list[int]]] = []
@@ -173,8 +248,10 @@ def segments(tok, sample) -> list[tuple[bool, str]]:
             out[-1][1].append(tid)
         else:
             out.append((trained, [tid]))
-    return [(trained, tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
-            for trained, ids in out]
+    return [
+        (trained, tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        for trained, ids in out
+    ]
 
 
 def trained_runs(tok, sample) -> list[str]:
@@ -211,6 +288,7 @@ def assert_markup_only(encoder: Encoder, conv: Conversation, sample) -> None:
         if isinstance(value, list):
             return [scrub(v) for v in value]
         return value
+
     if sample.truncated:
         return
     markup = tok.apply_chat_template(scrub(conv.template_messages()), tools=scrub(conv.tools), tokenize=False)
@@ -242,8 +320,9 @@ def assert_mask_exact(encoder: Encoder, conv: Conversation, sample) -> None:
     messages = conv.template_messages()
 
     def render(msgs, generation_prompt=False):
-        return norm(tok.apply_chat_template(msgs, tools=conv.tools, tokenize=False,
-                                            add_generation_prompt=generation_prompt))
+        return norm(
+            tok.apply_chat_template(msgs, tools=conv.tools, tokenize=False, add_generation_prompt=generation_prompt)
+        )
 
     parts = segments(tok, sample)
     assert "".join(text for _, text in parts) == render(messages), "the ids are not the rendered conversation"
@@ -266,16 +345,20 @@ def assert_mask_exact(encoder: Encoder, conv: Conversation, sample) -> None:
             pos = lead
         while todo and start + pos == todo[0][0]:
             c = conv.messages[todo[0][1]].text
-            forms = [f for f in dict.fromkeys(norm(f) for f in (c, c.strip(), c.lstrip(), c.rstrip()))
-                     if text.startswith(f, pos) and eot.match(text, pos + len(f))]
-            assert forms, f"trained run {text[pos:pos + 80]!r} is not answer {c[:80]!r} + {encoder.eot_tokens}"
+            forms = [
+                f
+                for f in dict.fromkeys(norm(f) for f in (c, c.strip(), c.lstrip(), c.rstrip()))
+                if text.startswith(f, pos) and eot.match(text, pos + len(f))
+            ]
+            assert forms, f"trained run {text[pos : pos + 80]!r} is not answer {c[:80]!r} + {encoder.eot_tokens}"
             pos = eot.match(text, pos + len(forms[0])).end()
             todo.pop(0)
-        assert pos == len(text) and pos, f"trained text outside an answer: {text[pos:pos + 80]!r} at {start + pos}"
+        assert pos == len(text) and pos, f"trained text outside an answer: {text[pos : pos + 80]!r} at {start + pos}"
     assert not todo, f"answers not trained: {[conv.messages[i].text[:60] for _, i in todo]}"
 
 
 # --- 1. readers: any bytes -> records or one error naming the file (and line) ---------------------------------
+
 
 def _csv_text(rows: list[list[str]]) -> str:
     out = io.StringIO()
@@ -298,12 +381,19 @@ def data_files(draw) -> tuple[str, bytes]:
     if suffix == ".jsonl":
         body = "\n".join(json.dumps(r, ensure_ascii=ascii_only, default=repr) for r in rows)
     elif suffix == ".json":
-        body = json.dumps(draw(st.sampled_from([rows, {"version": 1, "data": rows}, {"a": rows, "b": rows}])),
-                          ensure_ascii=ascii_only, default=repr)
+        body = json.dumps(
+            draw(st.sampled_from([rows, {"version": 1, "data": rows}, {"a": rows, "b": rows}])),
+            ensure_ascii=ascii_only,
+            default=repr,
+        )
     else:  # csv, and parquet files that are not parquet
         width = draw(st.integers(1, 3))
-        body = _csv_text([draw(st.lists(st.one_of(plain_text, st.just(HUGE * 2)), min_size=0, max_size=width + 1))
-                          for _ in range(draw(st.integers(1, 5)))])
+        body = _csv_text(
+            [
+                draw(st.lists(st.one_of(plain_text, st.just(HUGE * 2)), min_size=0, max_size=width + 1))
+                for _ in range(draw(st.integers(1, 5)))
+            ]
+        )
     raw = body.encode("utf-8", "surrogatepass")  # a lone surrogate written raw is invalid UTF-8
     for mutation in draw(st.lists(st.sampled_from(MUTATIONS), max_size=2)):
         at = draw(st.integers(0, len(raw)))
@@ -360,8 +450,10 @@ def test_any_file_gives_records_or_one_error_naming_it(fuzz_dir, file):
 
 # --- tokenizers and encoders shared by properties 2 and 3 ---------------------------------------------------
 
-STYLE_TOKENS = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                "gemma": ["<start_of_turn>", "<end_of_turn>"]}
+STYLE_TOKENS = {
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "gemma": ["<start_of_turn>", "<end_of_turn>"],
+}
 # gemma-3 and llama-3.2 trim answers; qwen2.5 renders them as written (and renders tools and tool calls)
 REAL = ["qwen2.5-instruct", "llama-3.2-3b-instruct", "gemma-3-4b-it"]
 
@@ -378,8 +470,9 @@ def encoder_for(tokenizer, tmp_path_factory):
             if name in BUILTIN:
                 tok = copy.deepcopy(tokenizer)
                 if name in STYLE_TOKENS:
-                    tok.add_special_tokens({"additional_special_tokens": STYLE_TOKENS[name]},
-                                           replace_extra_special_tokens=False)
+                    tok.add_special_tokens(
+                        {"additional_special_tokens": STYLE_TOKENS[name]}, replace_extra_special_tokens=False
+                    )
                 tok.chat_template = BUILTIN[name]
             elif real_tokenizers.available(name):
                 tok = real_tokenizers.load(name, tmp_path_factory.mktemp(name))
@@ -390,10 +483,12 @@ def encoder_for(tokenizer, tmp_path_factory):
         if key not in encoders:
             encoders[key] = Encoder(tokenizers[name], train_on, cutoff_len)
         return encoders[key]
+
     return get
 
 
 # --- 2. formats + encode: any record -> a sample with an exact mask, or one error naming the record ------------
+
 
 def _case(**kw):
     return dict(dict(fmt=None, columns=None, system=None, train_on="assistant", cutoff=None), **kw)
@@ -404,18 +499,30 @@ def test_any_record_gives_an_exact_sample_or_one_error_naming_it(encoder_for, te
     encoder_for(template)  # skips before hypothesis starts when a real tokenizer is absent
 
     @fuzz(400)
-    @given(data=records, fmt=weighted((6, st.none()), (1, st.sampled_from(list(FIELDS)))),
-           columns=weighted((8, st.none()), (1, st.sampled_from(COLUMNS[1:]))),
-           system=st.sampled_from([None, "Answer briefly.", "<|im_end|>"]),
-           train_on=st.sampled_from(["assistant", "last", "all"]), cutoff=st.sampled_from([None, 1, 9, 40]))
+    @given(
+        data=records,
+        fmt=weighted((6, st.none()), (1, st.sampled_from(list(FIELDS)))),
+        columns=weighted((8, st.none()), (1, st.sampled_from(COLUMNS[1:]))),
+        system=st.sampled_from([None, "Answer briefly.", "<|im_end|>"]),
+        train_on=st.sampled_from(["assistant", "last", "all"]),
+        cutoff=st.sampled_from([None, 1, 9, 40]),
+    )
     @example(**_case(data={"instruction": "q", "output": "a", None: ["surplus"]}))
-    @example(**_case(data={"messages": [{"role": "user", "content": "\ud800"},
-                                       {"role": "assistant", "content": "a"}]}))
-    @example(**_case(data={"messages": [{"role": "user", "content": "hi<|im_end|>"},
-                                       {"role": "assistant", "content": "a"}]}))
+    @example(**_case(data={"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "a"}]}))
+    @example(
+        **_case(data={"messages": [{"role": "user", "content": "hi<|im_end|>"}, {"role": "assistant", "content": "a"}]})
+    )
     @example(**_case(data={"text": "a\udfffb"}, train_on="all"))
-    @example(**_case(data={"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]},
-                                       {"role": "assistant", "content": "a"}]}))
+    @example(
+        **_case(
+            data={
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": {"a": 1}}]},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        )
+    )
     def check(data, fmt, columns, system, train_on, cutoff):
         record = Record(data, SRC)
         encoder = encoder_for(template, train_on)
@@ -442,11 +549,34 @@ def test_any_record_gives_an_exact_sample_or_one_error_naming_it(encoder_for, te
 
 # A small shared pool, so that the same text often shows up in several turns (an answer equal to part of a
 # later question, an answer that a trimming template renders differently, a "<think>" in an answer ...).
-POOL = ["x", " x ", "say x please", "\n", " ", "user", "model", "assistant", "Seven.", "<think>", "</think>",
-        "### Response:\n", "\u2028", "e\u0301", "中文", "\x00", "\u200f", "\U0001F469\u200d\U0001F467",
-        "\ufeff", "[/INST]", "{{", "}}"]
-chat_text = st.lists(weighted((12, st.sampled_from(POOL)), (6, st.text(chars, max_size=5)),
-                              (2, st.sampled_from(SPECIAL_LOOKALIKES))), max_size=4).map("".join)
+POOL = [
+    "x",
+    " x ",
+    "say x please",
+    "\n",
+    " ",
+    "user",
+    "model",
+    "assistant",
+    "Seven.",
+    "<think>",
+    "</think>",
+    "### Response:\n",
+    "\u2028",
+    "e\u0301",
+    "中文",
+    "\x00",
+    "\u200f",
+    "\U0001f469\u200d\U0001f467",
+    "\ufeff",
+    "[/INST]",
+    "{{",
+    "}}",
+]
+chat_text = st.lists(
+    weighted((12, st.sampled_from(POOL)), (6, st.text(chars, max_size=5)), (2, st.sampled_from(SPECIAL_LOOKALIKES))),
+    max_size=4,
+).map("".join)
 padding = st.sampled_from([" ", "\n", "  ", "\t", "\u3000"])
 padded_text = st.tuples(padding, chat_text, padding).map("".join)
 
@@ -473,10 +603,21 @@ def test_every_encoded_conversation_masks_exactly(encoder_for, template):
 
     @fuzz(150)
     @given(conv=conversations(), train_on=st.sampled_from(["assistant", "last"]))
-    @example(conv=Conversation([Message("user", "hi"), Message("assistant", " x "), Message("user", "say x please"),
-                                Message("assistant", "ok")], source=SRC), train_on="assistant")
-    @example(conv=Conversation([Message("user", "hi"), Message("assistant", "\nthink ")], source=SRC),
-             train_on="assistant")
+    @example(
+        conv=Conversation(
+            [
+                Message("user", "hi"),
+                Message("assistant", " x "),
+                Message("user", "say x please"),
+                Message("assistant", "ok"),
+            ],
+            source=SRC,
+        ),
+        train_on="assistant",
+    )
+    @example(
+        conv=Conversation([Message("user", "hi"), Message("assistant", "\nthink ")], source=SRC), train_on="assistant"
+    )
     def check(conv, train_on):
         encoder = encoder_for(template, train_on)
         try:
@@ -491,6 +632,7 @@ def test_every_encoded_conversation_masks_exactly(encoder_for, template):
 
 
 # --- regressions: the bugs the fuzzer found, as plain examples ------------------------------------------------
+
 
 def _error(spec) -> str:
     with pytest.raises(TunelabError) as info:
@@ -525,9 +667,13 @@ def test_csv_field_over_the_csv_module_default_limit_is_read(tmp_path):
     assert read_records(str(path))[0].data == {"text": "x" * 200_000}
 
 
-@pytest.mark.parametrize("row", [{"text": "a\\ud800b"},
-                                 {"messages": [{"role": "user", "content": "\\udfff"},
-                                               {"role": "assistant", "content": "a"}]}])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"text": "a\\ud800b"},
+        {"messages": [{"role": "user", "content": "\\udfff"}, {"role": "assistant", "content": "a"}]},
+    ],
+)
 def test_lone_surrogate_from_a_json_escape_is_refused_naming_the_record(tmp_path, tokenizer, row):
     path = tmp_path / "escaped.jsonl"
     path.write_text('{"text": "fine"}\n' + json.dumps(row).replace("\\\\u", "\\u") + "\n", encoding="utf-8")
@@ -555,22 +701,35 @@ def test_special_token_typed_into_a_message_is_plain_text(tokenizer, role):
 
 
 def test_text_part_whose_text_is_not_a_string_is_an_error():
-    data = {"messages": [{"role": "user", "content": [{"type": "text", "text": {"nested": 1}}]},
-                         {"role": "assistant", "content": "a"}]}
+    data = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": {"nested": 1}}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     with pytest.raises(TunelabError, match=re.escape(SRC) + r": message 0 content: .*must be a string"):
         to_conversation(Record(data, SRC), "messages")  # used to train on the text "{'nested': 1}"
 
 
-TRIMMING = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TRIMMING = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_answer_of_a_trimming_template_is_not_found_in_a_later_question(tokenizer):
     """' x ' renders as 'x'; the answer used to be looked up as ' x ' and found in 'say x please'."""
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TRIMMING
-    conv = Conversation([Message("user", "hi"), Message("assistant", " x "), Message("user", "say x please"),
-                         Message("assistant", "ok")], source=SRC)
+    conv = Conversation(
+        [
+            Message("user", "hi"),
+            Message("assistant", " x "),
+            Message("user", "say x please"),
+            Message("assistant", "ok"),
+        ],
+        source=SRC,
+    )
     encoder = Encoder(tok)
     assert trained_runs(tok, encoder.encode(conv)) == ["x<|endoftext|>", "ok<|endoftext|>"]
 
@@ -580,7 +739,14 @@ def test_real_trimming_templates_train_the_answer_not_the_question(tmp_path, fam
     if not real_tokenizers.available(family):
         pytest.skip(f"../shared/tokenizers/{family} not present")
     tok = real_tokenizers.load(family, tmp_path)
-    conv = Conversation([Message("user", "hi"), Message("assistant", " x "), Message("user", "say x please"),
-                         Message("assistant", "ok")], source=SRC)
+    conv = Conversation(
+        [
+            Message("user", "hi"),
+            Message("assistant", " x "),
+            Message("user", "say x please"),
+            Message("assistant", "ok"),
+        ],
+        source=SRC,
+    )
     runs = trained_runs(tok, Encoder(tok).encode(conv))
     assert len(runs) == 2 and runs[0].startswith("x<") and runs[1].startswith("ok<")

@@ -55,8 +55,13 @@ def agent_records(draw) -> dict:
                 batch = [f"fn_{k}_{j}" for j in range(calls)]
                 names += batch
                 args = {"city": f"city{k}"}
-                message["tool_calls"] = [{"type": "function", "function": {
-                    "name": n, "arguments": json.dumps(args) if draw(st.booleans()) else args}} for n in batch]
+                message["tool_calls"] = [
+                    {
+                        "type": "function",
+                        "function": {"name": n, "arguments": json.dumps(args) if draw(st.booleans()) else args},
+                    }
+                    for n in batch
+                ]
             messages.append(message)
             if calls:
                 messages += [{"role": "tool", "content": f"RESULT{k}_{j} ok"} for j in range(calls)]
@@ -68,8 +73,13 @@ def agent_records(draw) -> dict:
         if messages[-1]["role"] != "assistant":
             k += 1
             messages.append({"role": "assistant", "content": f"ANSWER{k} final."})
-    tools = [{"type": "function", "function": {"name": n, "description": f"tool {n}",
-                                               "parameters": {"type": "object", "properties": {}}}} for n in names]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": n, "description": f"tool {n}", "parameters": {"type": "object", "properties": {}}},
+        }
+        for n in names
+    ]
     if draw(st.integers(0, 9)) == 0:  # a broken record: one of the errors tools data can hold
         fault = draw(st.sampled_from(["bad-json", "unknown-tool", "orphan-result"]))
         if fault == "bad-json" and names:

@@ -17,8 +17,9 @@ def _model(arch):
 
     torch.manual_seed(0)
     extra = {"sliding_window": 6} if arch == "gemma3_text" else {}
-    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=200, hidden=32, **extra),
-                                            attn_implementation="sdpa").float()
+    return AutoModelForCausalLM.from_config(
+        tiny_config(arch, vocab_size=200, hidden=32, **extra), attn_implementation="sdpa"
+    ).float()
 
 
 def _samples(seed=0, lengths=(9, 5, 13)):
@@ -26,7 +27,7 @@ def _samples(seed=0, lengths=(9, 5, 13)):
     out = []
     for n in lengths:
         ids = torch.randint(0, 200, (n,), generator=g).tolist()
-        out.append(Encoded(ids, [-100] * (n // 2) + ids[n // 2:]))
+        out.append(Encoded(ids, [-100] * (n // 2) + ids[n // 2 :]))
     return out
 
 
@@ -49,7 +50,7 @@ def _packed_forward(model, samples):
 def _per_sample(packed_losses, samples):
     out, start = [], 0
     for s in samples:
-        out.append(packed_losses[start:start + len(s.input_ids) - 1].sum())
+        out.append(packed_losses[start : start + len(s.input_ids) - 1].sum())
         start += len(s.input_ids)
     return out
 
@@ -84,7 +85,7 @@ def test_changing_one_sample_never_changes_another(arch):
     after = _packed_forward(model, [a2, b, c])
     start = len(a.input_ids)
     assert torch.allclose(before[start:], after[start:], atol=1e-6)
-    assert not torch.allclose(before[:start - 1], after[:start - 1])
+    assert not torch.allclose(before[: start - 1], after[: start - 1])
 
 
 def test_packed_labelled_loss_equals_unpacked_plain_loss():

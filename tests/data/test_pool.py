@@ -44,12 +44,14 @@ def worker_pids(monkeypatch, tmp_path):
         with log.open("a") as f:
             f.write(f"{os.getpid()}\n")
         return run(self, chunk, fmt)
+
     monkeypatch.setattr(pool.Job, "run", logged)
 
     def pids() -> set[int]:
         found = {int(p) for p in log.read_text().split()} if log.exists() else set()
         log.unlink(missing_ok=True)
         return found
+
     return pids
 
 
@@ -79,20 +81,24 @@ def assert_same(one, many) -> None:
     assert one.where == many.where and one.conversations == many.conversations and one.stats == many.stats
 
 
-SETS = [("llama-factory/alpaca_en_demo.json", "qwen2.5-instruct", {}),
-        ("llama-factory/glaive_toolcall_en_demo.json", "qwen3", {"max_samples": 60}),
-        ("llama-factory/reason_tool_use_demo_50.jsonl", "qwen3", {"reasoning": "keep", "cutoff_len": 4096}),
-        ("fastchat/dummy_conversation.json", "llama-3.2-3b-instruct", {"max_samples": 120, "cutoff_len": 512})]
+SETS = [
+    ("llama-factory/alpaca_en_demo.json", "qwen2.5-instruct", {}),
+    ("llama-factory/glaive_toolcall_en_demo.json", "qwen3", {"max_samples": 60}),
+    ("llama-factory/reason_tool_use_demo_50.jsonl", "qwen3", {"reasoning": "keep", "cutoff_len": 4096}),
+    ("fastchat/dummy_conversation.json", "llama-3.2-3b-instruct", {"max_samples": 120, "cutoff_len": 512}),
+]
 
 
 @pytest.mark.parametrize("name,family,keys", SETS, ids=[s[0].split("/")[1] for s in SETS])
-def test_two_workers_give_one_workers_samples_on_the_shared_sets(name, family, keys, small_chunks, worker_pids,
-                                                                 run_config, tmp_path):
+def test_two_workers_give_one_workers_samples_on_the_shared_sets(
+    name, family, keys, small_chunks, worker_pids, run_config, tmp_path
+):
     if not (SHARED / name).exists() or not real_tokenizers.available(family):
         pytest.skip(f"../shared has no {name} or no {family} tokenizer")
     tok = real_tokenizers.load(family, tmp_path / "tok")
-    cfg = run_config(model="m", dataset=str(SHARED / name), val_size=0.1, bad_records="skip",
-                     **{"cutoff_len": 256, **keys})
+    cfg = run_config(
+        model="m", dataset=str(SHARED / name), val_size=0.1, bad_records="skip", **{"cutoff_len": 256, **keys}
+    )
     one = encode(cfg, tok, 1)
     assert worker_pids() == {os.getpid()}
     many = encode(cfg, tok, 2)
@@ -101,10 +107,12 @@ def test_two_workers_give_one_workers_samples_on_the_shared_sets(name, family, k
     assert len(one.train_rows) > 20 and len(one.eval_rows), "a train and an eval set, over many chunks"
 
 
-def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_chunks, run_config, tokenizer,
-                                                                         tmp_path):
-    good = st.builds(lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
-                     _agents._fuzz.plain_text, _agents._fuzz.plain_text)
+def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_chunks, run_config, tokenizer, tmp_path):
+    good = st.builds(
+        lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+        _agents._fuzz.plain_text,
+        _agents._fuzz.plain_text,
+    )
     compared = []
 
     @fuzz(6)
@@ -112,12 +120,14 @@ def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_c
     def check(rows):
         path = tmp_path / "fuzz.jsonl"
         path.write_text("".join(json.dumps(r, default=repr) + "\n" for r in rows), encoding="utf-8")
-        cfg = run_config(model="m", dataset=str(path), dataset_format="messages", bad_records="skip",
-                         cutoff_len=40, val_size=0)
+        cfg = run_config(
+            model="m", dataset=str(path), dataset_format="messages", bad_records="skip", cutoff_len=40, val_size=0
+        )
         outcomes = [outcome(cfg, tokenizer, workers) for workers in (1, 2)]
         assert_same(*outcomes)
         if not isinstance(outcomes[0], str):
             compared.append(len(outcomes[0].train_rows))
+
     check()
     assert len(compared) >= 3, compared
 
@@ -134,14 +144,20 @@ def test_fuzzed_tool_and_reasoning_records_encode_the_same_on_two_workers(small_
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         cfg = run_config(model="m", dataset=str(path), bad_records="skip", val_size=3)
         assert_same(outcome(cfg, tok, 1), outcome(cfg, tok, 2))
+
     check()
 
 
-def test_a_bad_record_in_a_late_chunk_stops_with_the_error_one_worker_gives(small_chunks, run_config, tokenizer,
-                                                                           tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(40)]
-    rows[33] = {"messages": [{"role": "assistant", "content": "an answer to nothing"}, {"role": "user", "content": "?"}]}
+def test_a_bad_record_in_a_late_chunk_stops_with_the_error_one_worker_gives(
+    small_chunks, run_config, tokenizer, tmp_path
+):
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(40)
+    ]
+    rows[33] = {
+        "messages": [{"role": "assistant", "content": "an answer to nothing"}, {"role": "user", "content": "?"}]
+    }
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = run_config(model="m", dataset=str(path))
@@ -171,6 +187,7 @@ def test_the_progress_bar_counts_records_across_workers(small_chunks, run_config
 
         def update(self, n):
             seen["counted"] += n
+
     monkeypatch.setattr(dataset, "tqdm", Bar)
     encode(run_config(model="m", dataset=str(path)), tokenizer, 2)
     assert seen["counted"] == 57 and seen["total"] >= 57
@@ -188,8 +205,10 @@ def test_many_small_chunks_give_the_samples_and_split_of_one_chunk(run_config, t
     and every sample (its source included) are those of the data read in one piece."""
     from tunelab.data.samples import Samples
 
-    rows = [{"messages": [{"role": "user", "content": f"q{i} " * (1 + i % 6)},
-                          {"role": "assistant", "content": f"a{i}"}]} for i in range(90)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i} " * (1 + i % 6)}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(90)
+    ]
     rows[17] = {"messages": [{"role": "assistant", "content": "no question"}]}  # skipped: numbers shift after it
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -198,14 +217,17 @@ def test_many_small_chunks_give_the_samples_and_split_of_one_chunk(run_config, t
     for size in (readers.CHUNK_RECORDS, 4):
         monkeypatch.setattr(readers, "CHUNK_RECORDS", size)
         got = encode(cfg, tokenizer, 2)
-        views.append([[s for s in Samples(got.arrays, got.where, r)] for r in (got.train_rows, got.eval_rows)]
-                     + [got.stats, got.conversations])
+        views.append(
+            [[s for s in Samples(got.arrays, got.where, r)] for r in (got.train_rows, got.eval_rows)]
+            + [got.stats, got.conversations]
+        )
     assert views[0] == views[1]
     assert len(views[0][0]) == 56 and len(views[0][1]) == 14 and views[0][3] == 70
 
 
-def test_where_fork_is_unsafe_one_process_encodes(small_chunks, worker_pids, run_config, tokenizer, tmp_path,
-                                                  monkeypatch):
+def test_where_fork_is_unsafe_one_process_encodes(
+    small_chunks, worker_pids, run_config, tokenizer, tmp_path, monkeypatch
+):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -20,6 +20,7 @@ def error_of(spec) -> str:
 
 # --- formats ------------------------------------------------------------------------------------------------
 
+
 def test_json_array_records_carry_their_index(write_data):
     path = write_data("train.json", [{"text": "a"}, {"text": "b", "n": 2}])
     records = read_records(path)
@@ -65,7 +66,7 @@ def test_jsonl_line_separator_characters_inside_strings_stay_in_the_string(write
 
 def test_csv_rows_become_string_records_with_line_numbers(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text("instruction,output\nSay hi,hi\n\"a, b\",2\n", encoding="utf-8")
+    path.write_text('instruction,output\nSay hi,hi\n"a, b",2\n', encoding="utf-8")
     records = read_records(str(path))
     assert data_of(records) == [{"instruction": "Say hi", "output": "hi"}, {"instruction": "a, b", "output": "2"}]
     assert [r.source for r in records] == [f"{path}:2", f"{path}:3"]
@@ -80,8 +81,10 @@ def test_csv_quoted_field_keeps_its_newline(tmp_path):
 def test_parquet_rows_become_records(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 7},
-            {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}], "id": 8}]
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 7},
+        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}], "id": 8},
+    ]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     records = read_records(str(path))
@@ -105,8 +108,12 @@ def test_a_folder_is_read_file_by_file_in_sorted_order_ignoring_other_files(tmp_
     (folder / "notes.txt").write_text("not data either\n", encoding="utf-8")
     records = read_records(str(folder))
     assert data_of(records) == [{"text": "a1"}, {"text": "b1"}, {"text": "b2"}, {"text": "c1"}]
-    assert [r.source for r in records] == [f"{folder / 'a.json'}[record 0]", f"{folder / 'b.jsonl'}:1",
-                                           f"{folder / 'b.jsonl'}:2", f"{folder / 'c.CSV'}:2"]
+    assert [r.source for r in records] == [
+        f"{folder / 'a.json'}[record 0]",
+        f"{folder / 'b.jsonl'}:1",
+        f"{folder / 'b.jsonl'}:2",
+        f"{folder / 'c.CSV'}:2",
+    ]
 
 
 def test_a_folder_without_data_files_is_an_error(tmp_path):
@@ -122,6 +129,7 @@ def test_an_empty_jsonl_file_gives_no_records(tmp_path):
 
 
 # --- errors -------------------------------------------------------------------------------------------------
+
 
 def test_unsupported_suffix_names_the_suffix_and_the_supported_ones(tmp_path):
     path = tmp_path / "train.txt"
@@ -184,13 +192,19 @@ def test_a_hub_dataset_is_read_whole_or_streamed_and_a_failure_is_one_error(monk
             raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
         rows = ({"text": f"row {i}"} for i in range(5))
         return rows if streaming else list(rows)
+
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
 
     records = read_records("org/set")
-    assert [r.source for r in records] == [f"org/set[row {i}]" for i in range(5)] and records[4].data == {"text": "row 4"}
+    assert [r.source for r in records] == [f"org/set[row {i}]" for i in range(5)] and records[4].data == {
+        "text": "row 4"
+    }
     streamed = [r for chunk in record_chunks("org/set", size=2, stream=True) for r in chunk.read()]
     assert [r.data for r in streamed] == [r.data for r in records]
     assert calls == [("org/set", "train", False), ("org/set", "train", True)]
-    with pytest.raises(TunelabError, match=r"org/missing: not a local file and could not be loaded from the hf hub "
-                                           r"\(FileNotFoundError: Dataset 'org/missing' doesn't exist"):
+    with pytest.raises(
+        TunelabError,
+        match=r"org/missing: not a local file and could not be loaded from the hf hub "
+        r"\(FileNotFoundError: Dataset 'org/missing' doesn't exist",
+    ):
         read_records("org/missing")

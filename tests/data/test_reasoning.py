@@ -25,10 +25,16 @@ def real(family, tmp_path):
 
 
 def chat(reasoning=("Blue is calm.", "Count: seven.")) -> Conversation:
-    return Conversation([Message("system", "Be brief."), Message("user", "A colour?"),
-                         Message("assistant", "Blue.", reasoning_content=reasoning[0]),
-                         Message("user", "A number?"), Message("assistant", "Seven.", reasoning_content=reasoning[1])],
-                        source="r.jsonl:1")
+    return Conversation(
+        [
+            Message("system", "Be brief."),
+            Message("user", "A colour?"),
+            Message("assistant", "Blue.", reasoning_content=reasoning[0]),
+            Message("user", "A number?"),
+            Message("assistant", "Seven.", reasoning_content=reasoning[1]),
+        ],
+        source="r.jsonl:1",
+    )
 
 
 runs = real_tokenizers.trained_runs
@@ -70,7 +76,7 @@ def test_drop_makes_the_empty_think_block_prompt_as_with_thinking_off(tmp_path):
     assert sample.input_ids == ids(tok, plain)
     prompt = encoder.prompt_ids(Conversation(conv.messages[:4]))
     assert prompt == ids(tok, plain[:4], add_generation_prompt=True, enable_thinking=False)
-    assert sample.input_ids[:len(prompt)] == prompt
+    assert sample.input_ids[: len(prompt)] == prompt
 
 
 def test_a_turn_without_reasoning_is_taught_the_empty_think_block_its_template_writes(tmp_path):
@@ -100,17 +106,24 @@ def test_r1_reasoning_trains_in_the_form_the_model_writes_after_its_opened_think
     assert runs(tok, whole) == ["Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>"]
     prompt = tok.apply_chat_template(messages[:4], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<｜Assistant｜><think>\n")
-    assert whole.input_ids == tok(prompt + "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>",
-                                  add_special_tokens=False)["input_ids"]
-    assert whole.input_ids[:len(encoder.prompt_ids(Conversation(conv.messages[:4])))] == \
-        encoder.prompt_ids(Conversation(conv.messages[:4]))
+    assert (
+        whole.input_ids
+        == tok(prompt + "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>", add_special_tokens=False)["input_ids"]
+    )
+    assert whole.input_ids[: len(encoder.prompt_ids(Conversation(conv.messages[:4])))] == encoder.prompt_ids(
+        Conversation(conv.messages[:4])
+    )
     assert first.own_turn and runs(tok, first) == ["Blue is calm.\n</think>\n\nBlue.<｜end▁of▁sentence｜>"]
     assert sum(s.reasoning_lost for s in (whole, first)) == 0
     # history as the template renders it: the answer alone, as a client sends a reply back
     assert runs(tok, Encoder(tok, reasoning="last").encode(conv)) == [
-        "Blue.<｜end▁of▁sentence｜>", "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>"]
+        "Blue.<｜end▁of▁sentence｜>",
+        "Count: seven.\n</think>\n\nSeven.<｜end▁of▁sentence｜>",
+    ]
     assert runs(tok, Encoder(tok, reasoning="drop").encode(conv)) == [
-        "Blue.<｜end▁of▁sentence｜>", "Seven.<｜end▁of▁sentence｜>"]
+        "Blue.<｜end▁of▁sentence｜>",
+        "Seven.<｜end▁of▁sentence｜>",
+    ]
 
 
 def test_a_template_that_shows_reasoning_in_no_way_counts_the_turns_it_lost(tmp_path):
@@ -130,16 +143,34 @@ def trl_template(name: str) -> str:
     return text
 
 
-@pytest.mark.parametrize("conv", [
-    chat(),
-    chat(reasoning=("", "")),
-    Conversation([Message("user", "Weather in Oslo?"),
-                  Message("assistant", "", reasoning_content="Use the tool.",
-                          tool_calls=[{"type": "function", "id": "c1",
-                                       "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]),
-                  Message("tool", '{"temp_c": -3}', tool_call_id="c1"),
-                  Message("assistant", "-3 °C.", reasoning_content="Report it.")], source="t:1"),
-], ids=["reasoning", "no-reasoning", "tool-call"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        chat(),
+        chat(reasoning=("", "")),
+        Conversation(
+            [
+                Message("user", "Weather in Oslo?"),
+                Message(
+                    "assistant",
+                    "",
+                    reasoning_content="Use the tool.",
+                    tool_calls=[
+                        {
+                            "type": "function",
+                            "id": "c1",
+                            "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                        }
+                    ],
+                ),
+                Message("tool", '{"temp_c": -3}', tool_call_id="c1"),
+                Message("assistant", "-3 °C.", reasoning_content="Report it."),
+            ],
+            source="t:1",
+        ),
+    ],
+    ids=["reasoning", "no-reasoning", "tool-call"],
+)
 def test_trained_text_agrees_with_transformers_assistant_masks_on_trls_qwen3_training_template(tmp_path, conv):
     """TRL's training template renders every turn as Qwen3 renders a last turn, so each turn's masked text there
     equals what tunelab trains for that turn (up to the newline after <|im_end|>, which TRL also masks in)."""
@@ -147,10 +178,13 @@ def test_trained_text_agrees_with_transformers_assistant_masks_on_trls_qwen3_tra
     ours = sorted(r for s in Encoder(tok, reasoning="keep").samples(conv) for r in runs(tok, s))
     trl = __import__("copy").deepcopy(tok)
     trl.chat_template = trl_template("qwen3_training.jinja")
-    out = trl.apply_chat_template(conv.template_messages(), tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
-    marked = {"input_ids": out["input_ids"], "labels": [t if m else IGNORE_INDEX
-                                                        for t, m in zip(out["input_ids"], out["assistant_masks"])]}
+    out = trl.apply_chat_template(
+        conv.template_messages(), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    marked = {
+        "input_ids": out["input_ids"],
+        "labels": [t if m else IGNORE_INDEX for t, m in zip(out["input_ids"], out["assistant_masks"])],
+    }
     theirs = sorted(r.removesuffix("\n") for r in runs(tok, type("S", (), marked)))
     assert ours == theirs and len(ours) == len(conv.assistant_indices)
 
@@ -163,10 +197,14 @@ def test_r1_trained_text_agrees_with_transformers_assistant_masks_on_trls_r1_tra
     ours = sorted(r for s in Encoder(tok, reasoning="keep").samples(conv) for r in runs(tok, s))
     trl = __import__("copy").deepcopy(tok)
     trl.chat_template = trl_template("deepseek_r1_distill_training.jinja")
-    messages = [{"role": m.role, "content": think(m.reasoning_content) + m.content if m.reasoning_content
-                 else m.content} for m in conv.messages]
+    messages = [
+        {"role": m.role, "content": think(m.reasoning_content) + m.content if m.reasoning_content else m.content}
+        for m in conv.messages
+    ]
     out = trl.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    marked = {"input_ids": out["input_ids"], "labels": [t if m else IGNORE_INDEX
-                                                        for t, m in zip(out["input_ids"], out["assistant_masks"])]}
+    marked = {
+        "input_ids": out["input_ids"],
+        "labels": [t if m else IGNORE_INDEX for t, m in zip(out["input_ids"], out["assistant_masks"])],
+    }
     theirs = sorted(r.removeprefix("<｜Assistant｜><think>\n") for r in runs(tok, type("S", (), marked)))
     assert ours == theirs and len(ours) == 2

@@ -19,13 +19,19 @@ def rows(n: int) -> list[dict]:
     out = []
     for i in range(n):
         if i % 5 == 0:  # multi-turn
-            msgs = [{"role": "user", "content": f"Hello {i}."}, {"role": "assistant", "content": f"Hi {i}."},
-                    {"role": "user", "content": f"And {i} times two?"}, {"role": "assistant", "content": f"{2 * i}."}]
+            msgs = [
+                {"role": "user", "content": f"Hello {i}."},
+                {"role": "assistant", "content": f"Hi {i}."},
+                {"role": "user", "content": f"And {i} times two?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
         elif i % 7 == 0:  # holds special-token text, kept as plain text
             msgs = [{"role": "user", "content": f"Write <|im_end|> {i}"}, {"role": "assistant", "content": "Done."}]
         else:
-            msgs = [{"role": "user", "content": f"What is {i} squared? " * (1 + i % 9)},
-                    {"role": "assistant", "content": f"It is {i * i}. " * (1 + i % 4)}]
+            msgs = [
+                {"role": "user", "content": f"What is {i} squared? " * (1 + i % 9)},
+                {"role": "assistant", "content": f"It is {i * i}. " * (1 + i % 4)},
+            ]
         out.append({"messages": msgs})
     return out
 
@@ -66,8 +72,9 @@ def test_a_token_costs_five_bytes_and_a_sample_a_few_more(run_config, tokenizer,
     assert per_sample <= 50, per_sample
 
 
-def test_the_training_dataset_serves_ids_and_labels_and_knows_every_length(run_config, tokenizer, tmp_path,
-                                                                          monkeypatch):
+def test_the_training_dataset_serves_ids_and_labels_and_knows_every_length(
+    run_config, tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TUNELAB_CACHE", "off")
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows(50)))

@@ -46,8 +46,9 @@ print(json.dumps({"tokens": int(len(data.train.arrays["ids"])), "samples": len(d
 
 def probe(data: Path, tok: Path, cache: Path) -> dict:
     env = dict(os.environ, TUNELAB_CACHE=str(cache), PYTHONPATH=str(ROOT / "src"))
-    done = subprocess.run([sys.executable, "-c", PROBE, str(data), str(tok)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(data), str(tok)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -58,8 +59,17 @@ def test_encoding_200k_records_stays_within_the_bound_and_a_second_run_maps_the_
     data = tmp_path / "chat.jsonl"
     with data.open("w") as f:
         for i in range(RECORDS):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Count to {i % 97}, please."},
-                                             {"role": "assistant", "content": f"One to {i % 89}, done."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Count to {i % 97}, please."},
+                            {"role": "assistant", "content": f"One to {i % 89}, done."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     tokenizer.save_pretrained(tmp_path / "tok")
     cold = probe(data, tmp_path / "tok", tmp_path / "cache")
     assert cold["samples"] == RECORDS and cold["mapped"]

@@ -22,8 +22,15 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 
 
 def chat_rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}? " * (1 + i % 5)},
-                          {"role": "assistant", "content": f"It is {2 * i}." * (1 + i % 3)}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}? " * (1 + i % 5)},
+                {"role": "assistant", "content": f"It is {2 * i}." * (1 + i % 3)},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -41,8 +48,9 @@ def items(stream, n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "shared"])
-def test_a_stream_serves_the_cached_paths_samples_in_file_order(kind, small_chunks, run_config, tokenizer, tmp_path,
-                                                                monkeypatch):
+def test_a_stream_serves_the_cached_paths_samples_in_file_order(
+    kind, small_chunks, run_config, tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TUNELAB_CACHE", "off")
     if kind == "shared":
         path = SHARED / "self-llm" / "huanhuan.jsonl"
@@ -50,8 +58,11 @@ def test_a_stream_serves_the_cached_paths_samples_in_file_order(kind, small_chun
             pytest.skip("../shared/datasets is absent")
     elif kind == "parquet":
         path = tmp_path / "d.parquet"
-        pq.write_table(pa.Table.from_pylist([{"instruction": f"Say {i}.", "output": f"{i}!"} for i in range(60)]),
-                       path, row_group_size=9)
+        pq.write_table(
+            pa.Table.from_pylist([{"instruction": f"Say {i}.", "output": f"{i}!"} for i in range(60)]),
+            path,
+            row_group_size=9,
+        )
     else:
         path = write_jsonl(tmp_path / "d.jsonl", chat_rows(60))
     keys = dict(model="m", dataset=str(path), cutoff_len=64, max_samples=60, preprocessing_num_workers=2)
@@ -66,18 +77,19 @@ def test_the_stream_reads_lazily_a_bad_line_far_ahead_is_not_read_yet(small_chun
     rows = chat_rows(200)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     path.write_text(path.read_text() + "{not json\n")
-    stream = stream_data(run_config(model="m", dataset=str(path), streaming=True, max_steps=5,
-                                    preprocessing_num_workers=1), tokenizer).train
+    stream = stream_data(
+        run_config(model="m", dataset=str(path), streaming=True, max_steps=5, preprocessing_num_workers=1), tokenizer
+    ).train
     assert len(items(stream, 20)) == 20
     with pytest.raises(TunelabError, match=rf"{path}:201: malformed JSON"):
         items(stream, 1000)
 
 
-def test_positions_count_served_samples_so_a_restart_serves_what_follows(small_chunks, run_config, tokenizer,
-                                                                         tmp_path):
+def test_positions_count_served_samples_so_a_restart_serves_what_follows(small_chunks, run_config, tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", chat_rows(30))
-    cfg = run_config(model="m", dataset=str(path), streaming=True, max_steps=5, cutoff_len=64,
-                     preprocessing_num_workers=1)
+    cfg = run_config(
+        model="m", dataset=str(path), streaming=True, max_steps=5, cutoff_len=64, preprocessing_num_workers=1
+    )
     stream = stream_data(cfg, tokenizer).train
     reference = items(stream, 75)  # two and a half passes
     for consumed in (0, 6, 7, 13, 29, 30, 31, 44):
@@ -115,13 +127,16 @@ def test_the_report_of_a_stream_reads_its_first_records_and_says_so(run_config, 
     assert "streaming: this report reads the first 25 records only" in text
 
 
-@pytest.mark.parametrize("keys,message", [
-    ({"max_steps": -1}, "streaming: true needs max_steps"),
-    ({"max_steps": 5, "val_size": 0.1}, "val_size: 0.1 holds records out of the whole data"),
-    ({"max_steps": 5, "group_by_length": True}, "group_by_length: true sorts the whole data"),
-    ({"max_steps": 5, "nproc_per_node": 2}, "streaming: true trains in one process for now"),
-    ({"max_steps": 5, "nnodes": 2}, "streaming: true trains in one process for now"),
-])
+@pytest.mark.parametrize(
+    "keys,message",
+    [
+        ({"max_steps": -1}, "streaming: true needs max_steps"),
+        ({"max_steps": 5, "val_size": 0.1}, "val_size: 0.1 holds records out of the whole data"),
+        ({"max_steps": 5, "group_by_length": True}, "group_by_length: true sorts the whole data"),
+        ({"max_steps": 5, "nproc_per_node": 2}, "streaming: true trains in one process for now"),
+        ({"max_steps": 5, "nnodes": 2}, "streaming: true trains in one process for now"),
+    ],
+)
 def test_what_a_stream_cannot_do_is_refused_naming_the_key(keys, message, chat_file):
     with pytest.raises(TunelabError, match=message):
         from_dict(dict(model="m", dataset=str(chat_file), output_dir="o", streaming=True, **keys))

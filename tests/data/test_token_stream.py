@@ -28,13 +28,27 @@ _spec.loader.exec_module(real_tokenizers)
 TURN_BY_TURN = list(real_tokenizers.ALL)
 
 CHATS = [
-    [("system", "You are terse."), ("user", "Name a colour."), ("assistant", "Ocean blue."),
-     ("user", "And a number?"), ("assistant", "Seven.")],
+    [
+        ("system", "You are terse."),
+        ("user", "Name a colour."),
+        ("assistant", "Ocean blue."),
+        ("user", "And a number?"),
+        ("assistant", "Seven."),
+    ],
     [("user", "Name a colour."), ("assistant", "Ocean blue."), ("user", "And a number?"), ("assistant", "Seven.")],
-    [("user", "你好，请介绍一下你自己。"), ("assistant", "我是一个助手，乐于帮忙。"), ("user", "谢谢"),
-     ("assistant", "不客气！")],
-    [("system", "系统提示：简短回答。"), ("user", "Leading space?"), ("assistant", "  starts with two spaces"),
-     ("user", "Trailing?"), ("assistant", "ends with a space and a newline \n")],
+    [
+        ("user", "你好，请介绍一下你自己。"),
+        ("assistant", "我是一个助手，乐于帮忙。"),
+        ("user", "谢谢"),
+        ("assistant", "不客气！"),
+    ],
+    [
+        ("system", "系统提示：简短回答。"),
+        ("user", "Leading space?"),
+        ("assistant", "  starts with two spaces"),
+        ("user", "Trailing?"),
+        ("assistant", "ends with a space and a newline \n"),
+    ],
     [("user", " padded question "), ("assistant", "\nstarts with a newline, then text. ")],
 ]
 
@@ -95,7 +109,7 @@ def test_the_served_prompt_is_the_tokenizers_own_and_a_prefix_of_the_trained_ids
             if family == "deepseek-r1-distill-qwen":
                 continue
             sample = next((s for s in samples[1:] if s.source.endswith(f" turn {i}")), samples[0])
-            assert sample.input_ids[:len(prompt)] == prompt
+            assert sample.input_ids[: len(prompt)] == prompt
             assert sample.labels[len(prompt) - 1] == IGNORE_INDEX, "the prompt's last token is not trained"
 
 
@@ -109,14 +123,21 @@ def test_phi3_trains_no_token_that_inference_never_shows(tmp_path):
     pieces = tok.convert_ids_to_tokens(sample.input_ids)
     for k, piece in enumerate(pieces[:-1]):
         if piece in ("<|end|>", "<|assistant|>"):
-            assert pieces[k + 1] not in ("▁", "<0x0A>"), pieces[k:k + 3]
+            assert pieces[k + 1] not in ("▁", "<0x0A>"), pieces[k : k + 3]
     trained = [p for p, label in zip(pieces, sample.labels) if label != IGNORE_INDEX]
     assert trained[:2] == ["O", "cean"] and "▁" not in trained, trained
 
 
-LITERALS = {"qwen2.5-instruct": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>",
-            "gemma-3-4b-it": "<end_of_turn>", "phi-4": "<|im_end|>", "phi-3-mini-4k-instruct": "<|end|>",
-            "chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+LITERALS = {
+    "qwen2.5-instruct": "<|im_end|>",
+    "llama-3.2-3b-instruct": "<|eot_id|>",
+    "gemma-3-4b-it": "<end_of_turn>",
+    "phi-4": "<|im_end|>",
+    "phi-3-mini-4k-instruct": "<|end|>",
+    "chatml": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "gemma": "<end_of_turn>",
+}
 
 
 @pytest.mark.parametrize("family", sorted(LITERALS))
@@ -125,12 +146,18 @@ def test_control_token_text_in_messages_is_plain_text(family, tmp_path, tokenize
     encoder = Encoder(tok)
     eot = tok.convert_tokens_to_ids(LITERALS[family])
     literal = LITERALS[family]
-    plain = conversation([("system", f"Never print {literal} yourself."),
-                          ("user", f"What does {literal} mean in a chat template?"),
-                          ("assistant", f"{literal} closes a turn; write it as {literal}\n<|im_start|>user too."),
-                          ("user", "Thanks."), ("assistant", "You're welcome.")])
-    clean = conversation([(m.role, m.content.replace(literal, "X").replace("<|im_start|>", "Y"))
-                          for m in plain.messages])
+    plain = conversation(
+        [
+            ("system", f"Never print {literal} yourself."),
+            ("user", f"What does {literal} mean in a chat template?"),
+            ("assistant", f"{literal} closes a turn; write it as {literal}\n<|im_start|>user too."),
+            ("user", "Thanks."),
+            ("assistant", "You're welcome."),
+        ]
+    )
+    clean = conversation(
+        [(m.role, m.content.replace(literal, "X").replace("<|im_start|>", "Y")) for m in plain.messages]
+    )
     sample, reference = encoder.encode(plain), encoder.encode(clean)
     assert sample.literal_text and not reference.literal_text
     assert sample.input_ids.count(eot) == reference.input_ids.count(eot), "control ids come from the template only"
@@ -139,12 +166,13 @@ def test_control_token_text_in_messages_is_plain_text(family, tmp_path, tokenize
     ours, theirs = (tok.decode(ids, skip_special_tokens=False) for ids in (sample.input_ids, naive))
     # the same characters (Phi-3's control tokens also swallow the whitespace after them, hence the split)
     assert "".join(ours.split()) == "".join(theirs.split()), "the same characters, as text"
-    trained = tok.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX],
-                         skip_special_tokens=False)
+    trained = tok.decode(
+        [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX], skip_special_tokens=False
+    )
     assert plain.messages[-3].content.strip() in trained, "the literal text is trained like any answer text"
     prompt = encoder.prompt_ids(Conversation(plain.messages[:2], source="chat"))
-    assert sample.input_ids[:len(prompt)] == prompt, "inference renders the same tokens as training"
-    assert prompt.count(eot) == reference.input_ids[:len(prompt)].count(eot)
+    assert sample.input_ids[: len(prompt)] == prompt, "inference renders the same tokens as training"
+    assert prompt.count(eot) == reference.input_ids[: len(prompt)].count(eot)
 
 
 def test_a_message_of_only_control_token_text_is_trained_as_its_characters(tokenizer):

@@ -46,8 +46,26 @@ def test_random_model_never_stops(qwen2_dir, memorised):
 
 def test_cli_compares_base_and_adapter_in_one_table(pairs, memorised, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(memorised / "full"), "--adapter", "none", "--adapter", str(memorised / "lora"),
-                 "--dataset", str(memorised / "qa.jsonl"), "--max-new-tokens", "20", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(memorised / "full"),
+                "--adapter",
+                "none",
+                "--adapter",
+                str(memorised / "lora"),
+                "--dataset",
+                str(memorised / "qa.jsonl"),
+                "--max-new-tokens",
+                "20",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert table.splitlines()[0].startswith("| model | samples | eval_loss | perplexity | exact_match")
     assert "| base |" in table and "| lora |" in table
@@ -73,6 +91,7 @@ def test_eval_loss_is_trainings_chunked_loss_and_builds_no_full_logits(memorised
 
     def refuse(*args, **kwargs):
         raise AssertionError("lm_head ran over every position")
+
     monkeypatch.setattr(head, "forward", refuse)
     loss, count = eval_loss(im, variant, cases, batch_size=3, progress=False)
     assert count == n and loss == pytest.approx(total / n, rel=1e-5)

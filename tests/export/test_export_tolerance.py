@@ -31,13 +31,32 @@ DTYPES = ["bf16", "fp16", "fp32"]
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, llama_dir):
     root = tmp_path_factory.mktemp("export_tolerance")
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} times two?"},
-                          {"role": "assistant", "content": f"{2 * i}."}]} for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} times two?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(12)
+    ]
     data = root / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "lora"
-    train(from_dict(dict(model=llama_dir, dataset=str(data), output_dir=str(out), max_steps=15, learning_rate=1e-2,
-                         per_device_train_batch_size=4, logging_steps=5, save_steps=1000)))
+    train(
+        from_dict(
+            dict(
+                model=llama_dir,
+                dataset=str(data),
+                output_dir=str(out),
+                max_steps=15,
+                learning_rate=1e-2,
+                per_device_train_batch_size=4,
+                logging_steps=5,
+                save_steps=1000,
+            )
+        )
+    )
     return str(out)
 
 
@@ -82,8 +101,9 @@ def test_a_wrong_merge_fails_the_logit_proof(dtype, tamper, exports, lora_run, l
     save_file(tamper(load_file(path), base), path, metadata={"format": "pt"})
 
     report = verify_folder(str(folder), lora_run)
-    assert honest.max_logit_diff > 0 and report.max_logit_diff > 10 * honest.max_logit_diff, \
+    assert honest.max_logit_diff > 0 and report.max_logit_diff > 10 * honest.max_logit_diff, (
         "the tampering must be far beyond what rounding to the dtype produced"
+    )
     assert not report.verified, (report.max_logit_diff, report.tolerance)
     assert any("logits differ" in p for p in report.problems), report.problems
     assert report.prompts_identical  # only the weights were touched

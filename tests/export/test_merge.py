@@ -16,15 +16,34 @@ from tunelab.train.run import train
 def lora_run(tmp_path_factory, llama_dir, chat_file_module):
     """A LoRA trained hard enough that forgetting to merge it changes the logits a lot."""
     out = tmp_path_factory.mktemp("export") / "lora"
-    train(from_dict(dict(model=llama_dir, dataset=chat_file_module, output_dir=str(out), max_steps=15,
-                         learning_rate=1e-2, lora_r=8, per_device_train_batch_size=4, logging_steps=5)))
+    train(
+        from_dict(
+            dict(
+                model=llama_dir,
+                dataset=chat_file_module,
+                output_dir=str(out),
+                max_steps=15,
+                learning_rate=1e-2,
+                lora_r=8,
+                per_device_train_batch_size=4,
+                logging_steps=5,
+            )
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def chat_file_module(tmp_path_factory):
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} times two?"},
-                          {"role": "assistant", "content": f"{2 * i}."}]} for i in range(12)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} times two?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(12)
+    ]
     path = tmp_path_factory.mktemp("exportdata") / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -90,9 +109,14 @@ def _tamper_stop_ids(folder):
     gen.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("tamper, problem", [(_tamper_weights, "logits differ"),
-                                             (_tamper_template, "renders prompts differently"),
-                                             (_tamper_stop_ids, "stop ids")])
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (_tamper_weights, "logits differ"),
+        (_tamper_template, "renders prompts differently"),
+        (_tamper_stop_ids, "stop ids"),
+    ],
+)
 def test_each_proof_catches_a_folder_that_drifted(tamper, problem, lora_run, tmp_path):
     out = tmp_path / "merged"
     assert export_merged(str(lora_run), None, str(out), dtype="fp32").verified

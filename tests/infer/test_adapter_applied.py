@@ -35,8 +35,11 @@ from tunelab.infer.generate import read_cases, run_generate
 from tunelab.infer.load import BASE, load_inference
 from tunelab.train.run import train
 
-QA = [("Capital of France?", "Paris is the capital."), ("Colour of the sky?", "The sky is blue."),
-      ("Two plus two?", "Four.")]
+QA = [
+    ("Capital of France?", "Paris is the capital."),
+    ("Colour of the sky?", "The sky is blue."),
+    ("Two plus two?", "Four."),
+]
 NEW_TOKENS = 16
 
 
@@ -46,10 +49,18 @@ def _greedy(model, tokenizer, question: str) -> str:
     ids = torch.tensor([encoder.prompt_ids(Conversation([Message("user", question)], source="probe"))])
     stops = encoder.eot_ids
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, temperature=None, top_p=None, top_k=None,
-                             eos_token_id=stops, pad_token_id=stops[0])
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
+    new = out[0, ids.shape[1] :].tolist()
     cut = next((k for k, t in enumerate(new) if t in stops), None)
     return tokenizer.decode(new[:cut], skip_special_tokens=True)
 
@@ -61,19 +72,39 @@ def adapted(tmp_path_factory, llama_dir):
 
     root = tmp_path_factory.mktemp("adapter_applied")
     data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in QA))
-    result = train(from_dict(dict(model=llama_dir, dataset=str(data), output_dir=str(root / "lora"), max_steps=60,
-                                  learning_rate=5e-3, lr_scheduler_type="constant", per_device_train_batch_size=3,
-                                  lora_dropout=0.0, logging_steps=20, save_steps=1000)))
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in QA
+        )
+    )
+    result = train(
+        from_dict(
+            dict(
+                model=llama_dir,
+                dataset=str(data),
+                output_dir=str(root / "lora"),
+                max_steps=60,
+                learning_rate=5e-3,
+                lr_scheduler_type="constant",
+                per_device_train_batch_size=3,
+                lora_dropout=0.0,
+                logging_steps=20,
+                save_steps=1000,
+            )
+        )
+    )
     tok = AutoTokenizer.from_pretrained(result.output_dir)
     lora = [_greedy(result.model.eval(), tok, q) for q, _ in QA]
     base = [_greedy(AutoModelForCausalLM.from_pretrained(llama_dir).eval(), tok, q) for q, _ in QA]
     if lora != [a for _, a in QA] or any(x == y for x, y in zip(lora, base)):
-        pytest.fail(f"fixture too weak: the adapter must learn every answer and change every base answer; "
-                    f"adapter {lora}, base {base}, wanted {[a for _, a in QA]}")
-    return SimpleNamespace(run=str(result.output_dir), data=str(data), lora=lora, base=base, model=result.model,
-                           tokenizer=tok)
+        pytest.fail(
+            f"fixture too weak: the adapter must learn every answer and change every base answer; "
+            f"adapter {lora}, base {base}, wanted {[a for _, a in QA]}"
+        )
+    return SimpleNamespace(
+        run=str(result.output_dir), data=str(data), lora=lora, base=base, model=result.model, tokenizer=tok
+    )
 
 
 def _own_loss(model, tokenizer, data: str) -> float:
@@ -124,7 +155,9 @@ def test_eval_loss_of_the_adapter_is_its_own_and_lower_than_the_base(adapted, ll
     rows = {r["model"]: r for r in evaluate(im, read_cases(adapted.data), max_new_tokens=NEW_TOKENS, progress=False)}
     adapter_row, base_row = rows[im.variants[1].label], rows["base"]
     base_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    assert adapter_row["eval_loss"] == pytest.approx(_own_loss(adapted.model, adapted.tokenizer, adapted.data), rel=1e-4)
+    assert adapter_row["eval_loss"] == pytest.approx(
+        _own_loss(adapted.model, adapted.tokenizer, adapted.data), rel=1e-4
+    )
     assert base_row["eval_loss"] == pytest.approx(_own_loss(base_model, adapted.tokenizer, adapted.data), rel=1e-4)
     assert adapter_row["eval_loss"] < base_row["eval_loss"] - 0.5, (adapter_row, base_row)
     assert adapter_row["exact_match"] == 100.0 and base_row["exact_match"] == 0.0

@@ -4,6 +4,7 @@ import builtins
 
 from tunelab.infer.chat import ChatSession, interactive
 
+
 def test_full_model_answers_exactly_and_stops(pairs, memorised):
     session = ChatSession.load(str(memorised / "full"))
     for question, answer in pairs:
@@ -20,8 +21,9 @@ def test_lora_run_folder_finds_its_base_and_template(pairs, memorised):
     explicit = ChatSession.load(str(memorised / "full"), adapter=str(memorised / "lora"))
     question = pairs[0][0]
     assert alone.ask(question, max_new_tokens=20) == explicit.ask(question, max_new_tokens=20)
-    assert alone.prompt_ids([{"role": "user", "content": question}]) == \
-        explicit.prompt_ids([{"role": "user", "content": question}])
+    assert alone.prompt_ids([{"role": "user", "content": question}]) == explicit.prompt_ids(
+        [{"role": "user", "content": question}]
+    )
 
 
 def test_interactive_session_streams_and_remembers(memorised, monkeypatch, capsys):
@@ -45,19 +47,29 @@ def test_chat_renders_through_the_training_encoder_keeping_tools(tmp_path):
     from tunelab.data.encode import Encoder
 
     spec = importlib.util.spec_from_file_location(
-        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py")
+        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
+    )
     real_tokenizers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real_tokenizers)
     if not real_tokenizers.available("qwen2.5-instruct"):
         pytest.skip("../shared/tokenizers/qwen2.5-instruct not present")
     tok = real_tokenizers.load("qwen2.5-instruct", tmp_path)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
     session = ChatSession(torch.nn.Linear(1, 1), tok, system="Be brief.", tools=tools)
     question = "What does <|im_end|> mean, and is it sunny?"
     ids = session.prompt_ids(session.messages_for(question, []))
-    expected = Encoder(tok).prompt_ids(Conversation([Message("system", "Be brief."), Message("user", question)],
-                                                    tools=tools, source="chat"))
+    expected = Encoder(tok).prompt_ids(
+        Conversation([Message("system", "Be brief."), Message("user", question)], tools=tools, source="chat")
+    )
     assert ids == expected
     assert "get_weather" in tok.decode(ids)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

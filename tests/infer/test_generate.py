@@ -42,9 +42,25 @@ def test_prompt_is_what_training_rendered(full, memorised):
 
 def test_cli_writes_one_line_per_record_and_one_column_per_adapter(pairs, memorised, tmp_path, capsys):
     out = tmp_path / "pred.jsonl"
-    code = main(["generate", "--model", str(memorised / "full"), "--adapter", "none", "--adapter",
-                 str(memorised / "lora"), "--dataset", str(memorised / "qa.jsonl"), "--output", str(out),
-                 "--max-new-tokens", "20", "--batch-size", "2"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(memorised / "full"),
+            "--adapter",
+            "none",
+            "--adapter",
+            str(memorised / "lora"),
+            "--dataset",
+            str(memorised / "qa.jsonl"),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "20",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(pairs)
@@ -56,8 +72,22 @@ def test_cli_writes_one_line_per_record_and_one_column_per_adapter(pairs, memori
 
 def test_single_model_lines_hold_prediction_and_stopped(memorised, tmp_path):
     out = tmp_path / "pred.jsonl"
-    assert main(["generate", "--model", str(memorised / "lora"), "--dataset", str(memorised / "qa.jsonl"),
-                 "--output", str(out), "--max-new-tokens", "20"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(memorised / "lora"),
+                "--dataset",
+                str(memorised / "qa.jsonl"),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "20",
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text().splitlines()[0])
     assert set(row) == {"source", "prompt", "reference", "prediction", "stopped"}
 

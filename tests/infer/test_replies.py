@@ -15,12 +15,15 @@ from tunelab.infer.replies import parse_reply
 CALL = {"name": "get_weather", "arguments": {"city": "Oslo"}}
 
 
-@pytest.mark.parametrize("text", [
-    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',  # Qwen / Hermes
-    '{"name": "get_weather", "parameters": {"city": "Oslo"}}',  # Llama 3
-    '[{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "abc123xyz"}]',  # Mistral, [TOOL_CALLS] dropped
-    '[TOOL_CALLS] [{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',  # Qwen / Hermes
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}',  # Llama 3
+        '[{"name": "get_weather", "arguments": {"city": "Oslo"}, "id": "abc123xyz"}]',  # Mistral, [TOOL_CALLS] dropped
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]',
+    ],
+)
 def test_tool_calls_in_each_family_format_come_back_as_openai_calls(text):
     reply = parse_reply(text)
     assert [c["function"] for c in reply.tool_calls] == [CALL] and reply.content == ""
@@ -31,10 +34,14 @@ def test_reasoning_is_split_from_the_answer_also_when_the_prompt_opened_the_bloc
     assert parse_reply("<think>\nadd\n</think>\n\nFour.").reasoning == "add"
     r1 = parse_reply("add them\n</think>\n\nFour.")  # DeepSeek-R1: the generation prompt wrote '<think>\n'
     assert (r1.reasoning, r1.content) == ("add them", "Four.")
-    mixed = parse_reply('<think>x</think>\n\nChecking.\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n'
-                        '</tool_call>')
-    assert (mixed.reasoning, mixed.content, mixed.tool_calls[0]["function"]["name"]) == ("x", "Checking.",
-                                                                                         "get_weather")
+    mixed = parse_reply(
+        '<think>x</think>\n\nChecking.\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    )
+    assert (mixed.reasoning, mixed.content, mixed.tool_calls[0]["function"]["name"]) == (
+        "x",
+        "Checking.",
+        "get_weather",
+    )
 
 
 def test_text_that_only_looks_like_a_call_stays_text():
@@ -50,7 +57,8 @@ def test_the_terminal_shows_reasoning_apart_and_calls_as_json():
 
 def _real(family, tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py")
+        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
+    )
     real_tokenizers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real_tokenizers)
     if not real_tokenizers.available(family):
@@ -74,13 +82,17 @@ def test_no_think_renders_qwen3s_thinking_off_prompt(tmp_path):
 def test_a_reply_with_a_call_goes_back_as_the_turn_training_renders(tmp_path):
     tok = _real("qwen2.5-instruct", tmp_path)
     reply = parse_reply('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
-    messages = [{"role": "user", "content": "Weather?"}, reply.message(),
-                {"role": "tool", "content": "-3", "tool_call_id": reply.tool_calls[0]["id"]}]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        reply.message(),
+        {"role": "tool", "content": "-3", "tool_call_id": reply.tool_calls[0]["id"]},
+    ]
     session = ChatSession(torch.nn.Linear(1, 1), tok)
     conv = Conversation([Message.from_dict(m) for m in messages], source="chat")
     assert session.prompt_ids(messages) == Encoder(tok).prompt_ids(conv)
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in \
-        tok.decode(session.prompt_ids(messages))
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in tok.decode(
+        session.prompt_ids(messages)
+    )
 
 
 def test_history_calls_with_json_string_arguments_render_as_the_object_form(tmp_path):
@@ -89,10 +101,18 @@ def test_history_calls_with_json_string_arguments_render_as_the_object_form(tmp_
     session = ChatSession(torch.nn.Linear(1, 1), tok)
 
     def history(arguments):
-        return [{"role": "user", "content": "Weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
-                {"role": "tool", "content": "-3", "tool_call_id": "c1"}]
+        return [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+                ],
+            },
+            {"role": "tool", "content": "-3", "tool_call_id": "c1"},
+        ]
+
     as_text = session.prompt_ids(history('{"city": "Oslo"}'))
     assert as_text == session.prompt_ids(history({"city": "Oslo"}))
     assert '"arguments": {"city": "Oslo"}' in tok.decode(as_text)

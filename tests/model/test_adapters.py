@@ -19,8 +19,15 @@ def leaf_names(chosen):
 
 def test_all_linear_on_a_dense_model_takes_every_projection_but_not_lm_head():
     chosen = resolve_targets(tiny("qwen2"), "all-linear")
-    assert leaf_names(chosen) == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
-                                  "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert leaf_names(chosen) == [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     assert not any("lm_head" in n for n in chosen)
 
 
@@ -44,8 +51,9 @@ def test_fused_phi3_projections_are_targeted():
 
 def _gemma3_multimodal():
     text = tiny_config("gemma3_text", 300).to_dict()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     return AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
 
 
@@ -62,7 +70,14 @@ def test_peft_targets_are_short_names_when_exact_else_a_regex():
 
     dense = tiny("llama")
     assert peft_target_modules(dense, resolve_targets(dense, "all-linear")) == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     mm = _gemma3_multimodal()
     chosen = resolve_targets(mm, "all-linear")
     regex = peft_target_modules(mm, chosen)
@@ -75,7 +90,9 @@ def test_names_and_regexes_select_what_they_say():
     assert len(resolve_targets(model, "q_proj,v_proj")) == 6
     assert len(resolve_targets(model, ["q_proj"])) == 3
     assert resolve_targets(model, r"model\.layers\.0\.self_attn\.(q|k)_proj") == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+    ]
 
 
 def test_target_matching_nothing_lists_the_linear_modules():
@@ -97,8 +114,9 @@ def test_weights_that_are_not_whole_are_refused_before_anything_is_written(run_c
 
     result = train(run_config(max_steps=1))
     model = result.model
-    trainer = TunelabTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True,
-                                                                 report_to=[]))
+    trainer = TunelabTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to=[])
+    )
     name, whole = next((n, p) for n, p in model.named_parameters() if "q_proj.lora_A" in n)
     gathered = {n: p.detach() for n, p in model.named_parameters()}
     for broken in (torch.empty(0), whole.detach().flatten()[: whole.numel() // 2], None):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-MiB = 2 ** 20
+MiB = 2**20
 MICRO = dict(arch="llama", vocab=600, hidden=32, layers=1, heads=2)
 MODELS = {
     "llama-v600": dict(arch="llama", vocab=600, hidden=256, layers=4, heads=4),
@@ -37,12 +37,16 @@ MODELS = {
 # (model, config keys): LoRA and full, checkpointing on and off, small and big vocabulary, long and short rows
 CONFIGS = [
     ("llama-v600", dict(finetuning_type="lora", per_device_train_batch_size=4, cutoff_len=512)),
-    ("llama-v600", dict(finetuning_type="lora", per_device_train_batch_size=4, cutoff_len=512,
-                        gradient_checkpointing=True)),
+    (
+        "llama-v600",
+        dict(finetuning_type="lora", per_device_train_batch_size=4, cutoff_len=512, gradient_checkpointing=True),
+    ),
     ("llama-v32000", dict(finetuning_type="full", per_device_train_batch_size=2, cutoff_len=128)),
     ("llama-v32000", dict(finetuning_type="lora", per_device_train_batch_size=2, cutoff_len=256)),
-    ("qwen2-v8000", dict(finetuning_type="full", per_device_train_batch_size=4, cutoff_len=256,
-                         gradient_checkpointing=True)),
+    (
+        "qwen2-v8000",
+        dict(finetuning_type="full", per_device_train_batch_size=4, cutoff_len=256, gradient_checkpointing=True),
+    ),
 ]
 COMMON = dict(dataset_format="text", train_on="all", max_steps=2, logging_steps=100, report_to="none")
 
@@ -63,7 +67,9 @@ def _build(out: Path, tokenizer, arch, vocab, **dims) -> str:
 
 def _rows(tokenizer, cutoff: int, n: int) -> list[str]:
     """n texts of distinct token lengths (eos included): cutoff + 8 (truncated to cutoff), cutoff - 1, ..."""
-    words = sorted(t.replace("\u0120", " ") for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha())
+    words = sorted(
+        t.replace("\u0120", " ") for t in tokenizer.get_vocab() if t.startswith("\u0120") and t[1:].isalpha()
+    )
     words = [w for w in words if len(tokenizer(w)["input_ids"]) == 1]  # one token each, also in a row
     rows = []
     for j in range(n):
@@ -117,7 +123,10 @@ def test_parameters_are_counted_from_config_json_alone(built, tmp_path):
     real = load_model(built["models"]["qwen2-v8000"], torch.float32)
     assert full.params == full.trainable == sum(p.numel() for p in real.parameters())
     assert lora.params == full.params
-    assert lora.trainable == count_parameters(attach_lora(real, Config(lora_r=4, lora_target="q_proj,v_proj,down_proj")))[0]
+    assert (
+        lora.trainable
+        == count_parameters(attach_lora(real, Config(lora_r=4, lora_target="q_proj,v_proj,down_proj")))[0]
+    )
 
 
 def test_a_missing_model_folder_is_a_one_line_error(tmp_path):
@@ -154,13 +163,27 @@ def test_a_gpu_run_is_estimated_on_a_laptop_in_bf16_and_smaller_with_a_4bit_base
 def test_estimate_is_within_25_percent_of_the_measured_peak(built):
     from tunelab.model.estimate import estimate_memory
 
-    warmup = [_keys(built, "micro", dict(finetuning_type="full", gradient_checkpointing=True,
-                                         per_device_train_batch_size=2, cutoff_len=16))]
+    # what a first run of each kind loads once (modules peft imports on first use among them) is not training memory
+    warmup = [
+        _keys(
+            built,
+            "micro",
+            dict(finetuning_type=kind, gradient_checkpointing=True, per_device_train_batch_size=2, cutoff_len=16),
+        )
+        for kind in ("full", "lora")
+    ]
     jobs = [_keys(built, model, keys) for model, keys in CONFIGS]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
     request = json.dumps({"warmup": warmup, "jobs": jobs, "out": str(built["folder"] / "runs")})
-    proc = subprocess.run([sys.executable, __file__], input=request, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__], input=request, capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(measured) == len(CONFIGS), proc.stdout + proc.stderr[-3000:]
@@ -172,8 +195,10 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(built):
         adapters = est.trainable if keys["finetuning_type"] == "lora" else 0  # peft counts them in its total
         assert (est.trainable, est.params + adapters) == (got["trainable"], got["params"])
         err = (est.total - got["peak"]) / got["peak"]
-        label = (f"{model} {keys['finetuning_type']}{' +ckpt' if keys.get('gradient_checkpointing') else ''} "
-                 f"{keys['per_device_train_batch_size']}x{keys['cutoff_len']}")
+        label = (
+            f"{model} {keys['finetuning_type']}{' +ckpt' if keys.get('gradient_checkpointing') else ''} "
+            f"{keys['per_device_train_batch_size']}x{keys['cutoff_len']}"
+        )
         rows.append(f"{label:<34}{est.total / MiB:>10.1f}{got['peak'] / MiB:>10.1f}{100 * err:>+9.1f}%")
         errors.append(abs(err))
     print("\n" + f"{'config':<34}{'est MiB':>10}{'meas MiB':>10}{'error':>10}\n" + "\n".join(rows))
@@ -222,9 +247,14 @@ def _driver() -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         peak = Peak()
-        trainer = TunelabTrainer(model=model, args=training_arguments(cfg, dtype, False), callbacks=[peak],
-                                 train_dataset=SampleDataset(data.train), data_collator=PadCollator(tokenizer.pad_token_id),
-                                 processing_class=tokenizer)
+        trainer = TunelabTrainer(
+            model=model,
+            args=training_arguments(cfg, dtype, False),
+            callbacks=[peak],
+            train_dataset=SampleDataset(data.train),
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
         trainer.remove_callback(transformers.ProgressCallback)
         trainer.train()
         faulted_files = status("RssFile") - file_base
@@ -270,10 +300,21 @@ def test_pure_bf16_holds_two_bytes_per_trained_weight_gradient_and_moment(built)
 
 
 QWEN25_3B = {  # the public config.json of Qwen2.5-3B (shape only: nothing is loaded)
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008,
-    "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16", "hidden_act": "silu"}
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+}
 
 
 def test_each_engine_splits_what_it_shards_and_estimate_says_what_fits_a_gpu(tmp_path, capsys):
@@ -288,8 +329,14 @@ def test_each_engine_splits_what_it_shards_and_estimate_says_what_fits_a_gpu(tmp
     folder = tmp_path / "qwen2.5-3b"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(QWEN25_3B))
-    keys = dict(model=str(folder), finetuning_type="full", bf16=True, gradient_checkpointing=True,
-                per_device_train_batch_size=2, cutoff_len=1024)
+    keys = dict(
+        model=str(folder),
+        finetuning_type="full",
+        bf16=True,
+        gradient_checkpointing=True,
+        per_device_train_batch_size=2,
+        cutoff_len=1024,
+    )
     cfg = Config(**keys)
 
     def peak(engine, world=8, offload="none"):
@@ -309,8 +356,11 @@ def test_each_engine_splits_what_it_shards_and_estimate_says_what_fits_a_gpu(tmp
     path.write_text(yaml.safe_dump({**keys, "dataset": "x.jsonl", "output_dir": str(tmp_path / "out")}))
     assert main(["estimate", str(path), "nproc_per_node=8", "--gpu-mem", "40GB", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "(" in line
-            and "distributed:" in line}
+    rows = {
+        line.split("  ")[1].strip(): line
+        for line in out.splitlines()
+        if line.startswith("  ") and "(" in line and "distributed:" in line
+    }
     assert "does not fit" in rows["ddp"] and "does not fit" not in rows["fsdp2"]
     assert "auto picks fsdp2: the model with its gradients and optimizer state does not fit one device" in out
     assert main(["estimate", str(path), "nproc_per_node=8", "--gpu-mem", "141GB", "--device", "cuda"]) == 0

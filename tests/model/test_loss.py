@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from tunelab.demo.build import tiny_config
-from tunelab.model.loss import labelled_loss, supports_labelled_loss
-from tunelab.model.loss import causal_lm_loss
+from tunelab.model.loss import causal_lm_loss, labelled_loss, supports_labelled_loss
 
 ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
 
@@ -35,8 +34,9 @@ def _grads(model):
 
 def _both(model, batch, chunk=5):
     model.zero_grad()
-    plain = causal_lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                           batch["labels"])
+    plain = causal_lm_loss(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     plain.backward()
     g_plain = _grads(model)
     model.zero_grad()
@@ -109,8 +109,9 @@ def test_on_a_gpu_liger_gets_the_gathered_rows_in_its_argument_order(arch, monke
     _StandInLiger.calls.clear()
     fused = labelled_loss(model, batch)
     trained = int((batch["labels"][:, 1:] != -100).sum())
-    assert _StandInLiger.calls == [((300, 32), (trained, 32), "sum",
-                                    getattr(model.config, "final_logit_softcapping", None) or None)]
+    assert _StandInLiger.calls == [
+        ((300, 32), (trained, 32), "sum", getattr(model.config, "final_logit_softcapping", None) or None)
+    ]
     assert torch.allclose(fused, plain, atol=1e-5)
 
 

@@ -22,8 +22,15 @@ def test_a_quantized_base_trains_lora_on_all_linear_and_exports_merged(bits, run
     from tunelab.export.merge import export_merged
     from tunelab.train.run import train
 
-    result = train(run_config(**{f"load_in_{bits}bit": True}, max_steps=4, learning_rate=5e-3,
-                              lr_scheduler_type="constant", output_dir=str(tmp_path / "run")))
+    result = train(
+        run_config(
+            **{f"load_in_{bits}bit": True},
+            max_steps=4,
+            learning_rate=5e-3,
+            lr_scheduler_type="constant",
+            output_dir=str(tmp_path / "run"),
+        )
+    )
     base = result.model.get_base_model()
     kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
     quantized = [n for n, m in base.named_modules() if type(m).__name__ == kind]
@@ -41,10 +48,13 @@ def test_a_quantized_base_trains_lora_on_all_linear_and_exports_merged(bits, run
     assert report.verified, report.problems  # merged into the full-precision base, proofs and all
 
 
-@pytest.mark.parametrize("keys, message", [
-    (dict(load_in_4bit=True, load_in_8bit=True), "both true"),
-    (dict(load_in_4bit=True, finetuning_type="full"), "cannot train a quantized base"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (dict(load_in_4bit=True, load_in_8bit=True), "both true"),
+        (dict(load_in_4bit=True, finetuning_type="full"), "cannot train a quantized base"),
+    ],
+)
 def test_quantization_that_cannot_train_is_refused_at_load(keys, message):
     with pytest.raises(TunelabError, match=message):
         from_dict(dict(model="m", dataset="d", output_dir="o", **keys))

@@ -7,11 +7,10 @@ import pytest
 import yaml
 
 from tunelab.cli import main
-
 from tunelab.errors import TunelabError
 from tunelab.train.run import train
 
-MODELING = '''
+MODELING = """
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -29,7 +28,7 @@ class ToyForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return CausalLMOutputWithPast(logits=self.lm_head(hidden))  # no loss, whatever labels say
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +38,45 @@ def remote_dir(tmp_path_factory, tokenizer):
     path = build_tiny_model(tmp_path_factory.mktemp("remote") / "toy", tokenizer, "llama")
     (path / "modeling_toy.py").write_text(MODELING)
     config = json.loads((path / "config.json").read_text())
-    config.update(model_type="toy_llama", architectures=["ToyForCausalLM"],
-                  auto_map={"AutoConfig": "modeling_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"})
+    config.update(
+        model_type="toy_llama",
+        architectures=["ToyForCausalLM"],
+        auto_map={"AutoConfig": "modeling_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"},
+    )
     (path / "config.json").write_text(json.dumps(config))
     return str(path)
 
 
 def test_remote_code_needs_explicit_trust(remote_dir, run_config, tmp_path):
     with pytest.raises(TunelabError, match="trust_remote_code"):
-        train(run_config(model=remote_dir, output_dir=tmp_path / "no", max_steps=12, learning_rate=1e-2,
-                         per_device_train_batch_size=8, logging_steps=3, lr_scheduler_type="constant"))
+        train(
+            run_config(
+                model=remote_dir,
+                output_dir=tmp_path / "no",
+                max_steps=12,
+                learning_rate=1e-2,
+                per_device_train_batch_size=8,
+                logging_steps=3,
+                lr_scheduler_type="constant",
+            )
+        )
     assert not (tmp_path / "no").exists(), "a refused run writes nothing"
 
 
 def test_remote_code_model_without_loss_trains_with_lora(remote_dir, run_config, tmp_path):
-    result = train(run_config(model=remote_dir, output_dir=tmp_path / "yes", max_steps=12, learning_rate=1e-2,
-                              per_device_train_batch_size=8, logging_steps=3, lr_scheduler_type="constant",
-                              trust_remote_code=True, gradient_checkpointing=True))
+    result = train(
+        run_config(
+            model=remote_dir,
+            output_dir=tmp_path / "yes",
+            max_steps=12,
+            learning_rate=1e-2,
+            per_device_train_batch_size=8,
+            logging_steps=3,
+            lr_scheduler_type="constant",
+            trust_remote_code=True,
+            gradient_checkpointing=True,
+        )
+    )
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses[-1] < losses[0] - 0.3, losses
     assert any("get_input_embeddings" in q for q in result.summary["quirks"])
@@ -66,13 +87,35 @@ def remote_run(remote_dir, tmp_path_factory):
     """A LoRA run on the stand-in (no pad token, eos not the end-of-turn token, as the real trap)."""
     root = tmp_path_factory.mktemp("remote-run")
     data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                                     {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
-                            for i in range(12)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"It is {2 * i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
     config = root / "run.yaml"
-    config.write_text(yaml.safe_dump(dict(model=remote_dir, dataset=str(data), output_dir=str(root / "run"),
-                                          trust_remote_code=True, max_steps=3, per_device_train_batch_size=4,
-                                          logging_steps=1, learning_rate=1e-3)))
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                model=remote_dir,
+                dataset=str(data),
+                output_dir=str(root / "run"),
+                trust_remote_code=True,
+                max_steps=3,
+                per_device_train_batch_size=4,
+                logging_steps=1,
+                learning_rate=1e-3,
+            )
+        )
+    )
     return root, config
 
 
@@ -94,13 +137,26 @@ def test_every_command_works_on_a_remote_code_run(remote_run, remote_dir, capsys
     assert code == 0 and out.endswith("\n"), err
 
     data = root / "qa.jsonl"
-    code, _, err = cli(capsys, "generate", "--model", run, "--dataset", data, "--max-samples", "3",
-                       "--max-new-tokens", "4", "--output", root / "preds.jsonl")
+    code, _, err = cli(
+        capsys,
+        "generate",
+        "--model",
+        run,
+        "--dataset",
+        data,
+        "--max-samples",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        root / "preds.jsonl",
+    )
     assert code == 0, err
     assert len((root / "preds.jsonl").read_text().splitlines()) == 3
 
-    code, out, err = cli(capsys, "eval", "--model", run, "--dataset", data, "--max-samples", "3",
-                         "--max-new-tokens", "4")
+    code, out, err = cli(
+        capsys, "eval", "--model", run, "--dataset", data, "--max-samples", "3", "--max-new-tokens", "4"
+    )
     assert code == 0 and "eval_loss" in out, err
 
     code, out, err = cli(capsys, "export", "--model", run, "--output", root / "merged")

@@ -40,6 +40,7 @@ def no_network(monkeypatch):
     def refuse(self, address, *a, **k):
         attempts.append(address)
         raise OSError("network disabled in this test")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
 

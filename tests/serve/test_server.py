@@ -29,8 +29,9 @@ def post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
     """A raw POST (no client library between the test and the server's answer)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", parts.path, body=body, headers={"Authorization": f"Bearer {key}",
-                                                         "Content-Type": "application/json"})
+    conn.request(
+        "POST", parts.path, body=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    )
     reply = conn.getresponse()
     status, text = reply.status, reply.read()
     conn.close()
@@ -45,12 +46,34 @@ def adapters(memorised, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     data = root / "other.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": "I would rather not say."}]})
-                            + "\n" for q in ("Capital of France?", "Colour of the sky?", "Two plus two?")))
-    train(from_dict(dict(model=str(memorised / "full"), output_dir=str(root / "b"), dataset=str(data), max_steps=30,
-                         learning_rate=5e-3, per_device_train_batch_size=3, logging_steps=10,
-                         lr_scheduler_type="constant")))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": "I would rather not say."},
+                    ]
+                }
+            )
+            + "\n"
+            for q in ("Capital of France?", "Colour of the sky?", "Two plus two?")
+        )
+    )
+    train(
+        from_dict(
+            dict(
+                model=str(memorised / "full"),
+                output_dir=str(root / "b"),
+                dataset=str(data),
+                max_steps=30,
+                learning_rate=5e-3,
+                per_device_train_batch_size=3,
+                logging_steps=10,
+                lr_scheduler_type="constant",
+            )
+        )
+    )
     return {"a": str(memorised / "lora"), "b": str(root / "b")}
 
 
@@ -77,8 +100,9 @@ def client(server):
 
 
 def ask(client, model, question, **kw):
-    out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                         temperature=0, max_tokens=20, **kw)
+    out = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=20, **kw
+    )
     return out.choices[0].message.content
 
 
@@ -95,29 +119,46 @@ def test_each_model_answers_as_in_process_greedy_generation(client, server, memo
 
 def test_a_stream_reassembles_to_the_same_text_and_reports_usage(client, server, memorised, pairs):
     base = str(memorised / "full")
-    whole = client.chat.completions.create(model="b", messages=[{"role": "user", "content": pairs[1][0]}],
-                                           temperature=0, max_tokens=20)
+    whole = client.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": pairs[1][0]}], temperature=0, max_tokens=20
+    )
     parts, finish, usage = [], None, None
-    for chunk in client.chat.completions.create(model="b", messages=[{"role": "user", "content": pairs[1][0]}],
-                                                temperature=0, max_tokens=20, stream=True,
-                                                stream_options={"include_usage": True}):
+    for chunk in client.chat.completions.create(
+        model="b",
+        messages=[{"role": "user", "content": pairs[1][0]}],
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
         usage = chunk.usage or usage
     assert "".join(parts) == whole.choices[0].message.content and finish == whole.choices[0].finish_reason == "stop"
     assert usage.completion_tokens == whole.usage.completion_tokens > 0
-    assert whole.usage.prompt_tokens == len(ChatSession.load(base).prompt_ids(
-        [{"role": "user", "content": pairs[1][0]}]))
+    assert whole.usage.prompt_tokens == len(
+        ChatSession.load(base).prompt_ids([{"role": "user", "content": pairs[1][0]}])
+    )
 
 
 def test_completions_n_stop_and_max_tokens_are_honoured(client, server, memorised):
-    out = client.completions.create(model="a", prompt="<|im_start|>user\nTwo plus two?<|im_end|>\n<|im_start|>"
-                                    "assistant\n", max_tokens=3, temperature=0, n=2)
+    out = client.completions.create(
+        model="a",
+        prompt="<|im_start|>user\nTwo plus two?<|im_end|>\n<|im_start|>assistant\n",
+        max_tokens=3,
+        temperature=0,
+        n=2,
+    )
     assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text == out.choices[1].text
     assert out.usage.completion_tokens <= 6 and out.choices[0].finish_reason in ("length", "stop")
-    cut = client.chat.completions.create(model=str(memorised / "full"), temperature=0, max_tokens=20, stop=["capital"],
-                                         messages=[{"role": "user", "content": "Capital of France?"}])
+    cut = client.chat.completions.create(
+        model=str(memorised / "full"),
+        temperature=0,
+        max_tokens=20,
+        stop=["capital"],
+        messages=[{"role": "user", "content": "Capital of France?"}],
+    )
     assert cut.choices[0].message.content == "Paris is the " and cut.choices[0].finish_reason == "stop"
     sampled = [ask(client, "b", "Colour of the sky?", seed=7) for _ in range(2)]
     assert sampled[0] == sampled[1]
@@ -147,12 +188,21 @@ BAD = [
     ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, "invalid_value"),
     ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
     ({"model": "a", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context_length_exceeded"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400,
-     "context_length_exceeded"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}],  # this run's template has no tools
-      "tools": [{"type": "function", "function": {"name": "get_weather"}}]}, 400, "invalid_value"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"nameless": 1}]}, 400,
-     "invalid_value"),
+    (
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
+        400,
+        "context_length_exceeded",
+    ),
+    (
+        {
+            "model": "a",
+            "messages": [{"role": "user", "content": "hi"}],  # this run's template has no tools
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+        },
+        400,
+        "invalid_value",
+    ),
+    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "tools": [{"nameless": 1}]}, 400, "invalid_value"),
 ]
 
 
@@ -177,13 +227,23 @@ def test_malformed_json_and_a_missing_key_are_refused(server, client):
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
-    body = {"model": "a", "messages": [{"role": "user", "content": "Two plus two?"}], "max_tokens": 500,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": "a",
+        "messages": [{"role": "user", "content": "Two plus two?"}],
+        "max_tokens": 500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     before = server[1].batcher.abandoned
     parts = urlsplit(server[0])
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     reply = conn.getresponse()
     assert reply.status == 200
     events = 0
@@ -198,7 +258,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
 
 
 def test_serve_check_passes_on_the_training_data_and_fails_when_the_served_template_changed(
-        server, memorised, adapters, capsys):
+    server, memorised, adapters, capsys
+):
     import copy
 
     from tunelab.cli import main
@@ -227,15 +288,30 @@ def test_the_vllm_hand_off_names_the_same_adapters_template_and_stop_ids(memoris
     from tunelab.cli import main
 
     base = str(memorised / "full")
-    assert main(["serve", "--model", base, "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
-                 "--print-vllm", "--api-key", KEY]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                base,
+                "--adapter",
+                f"a={adapters['a']}",
+                "--adapter",
+                f"b={adapters['b']}",
+                "--print-vllm",
+                "--api-key",
+                KEY,
+            ]
+        )
+        == 0
+    )
     cmd = shlex.split(capsys.readouterr().out.replace("\\\n", " "))
     assert cmd[:3] == ["vllm", "serve", base]
     flags = {cmd[i]: cmd[i + 1] for i in range(3, len(cmd) - 1) if cmd[i].startswith("--")}
     assert flags["--served-model-name"] == base and flags["--api-key"] == KEY and flags["--max-loras"] == "2"
     assert flags["--max-lora-rank"] == "8"  # r 8 trained; vLLM takes 8, 16, 32 ...
     at = cmd.index("--lora-modules")
-    assert cmd[at + 1:at + 3] == [f"a={Path(adapters['a']).resolve()}", f"b={Path(adapters['b']).resolve()}"]
+    assert cmd[at + 1 : at + 3] == [f"a={Path(adapters['a']).resolve()}", f"b={Path(adapters['b']).resolve()}"]
     template = Path(flags["--chat-template"])
     assert template.read_text() == (Path(adapters["a"]) / "chat_template.jinja").read_text()
     stops = json.loads((Path(flags["--generation-config"]) / "generation_config.json").read_text())["eos_token_id"]

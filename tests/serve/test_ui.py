@@ -32,8 +32,9 @@ def ui(memorised, llama_dir, tmp_path_factory):
     (runs / "qa.jsonl").write_text((memorised / "qa.jsonl").read_text())
     served = build_server(str(memorised / "full"), [f"lora={memorised / 'lora'}", f"copy={runs / 'lora'}"])
     port = free_port()
-    live = uvicorn.Server(uvicorn.Config(create_app(served, str(runs)), host="127.0.0.1", port=port,
-                                         log_level="warning"))
+    live = uvicorn.Server(
+        uvicorn.Config(create_app(served, str(runs)), host="127.0.0.1", port=port, log_level="warning")
+    )
     threading.Thread(target=live.run, daemon=True).start()
     while not live.started:
         time.sleep(0.05)
@@ -77,28 +78,54 @@ def test_a_run_shows_its_plot_config_and_data_and_a_training_started_here_finish
     page.wait_for_function("document.getElementById('run-config').textContent.includes('finetuning_type')")
     page.wait_for_function("document.getElementById('loss').naturalWidth > 0")
     page.click("#data-report")
-    page.wait_for_function("document.getElementById('run-data').textContent.includes('records read: 3')",
-                           timeout=60_000)
+    page.wait_for_function(
+        "document.getElementById('run-data').textContent.includes('records read: 3')", timeout=60_000
+    )
     page.click("#tab-train")
-    page.fill("#yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in {
-        "model": llama_dir, "dataset": str(runs / "qa.jsonl"), "output_dir": str(runs / "from-ui"), "max_steps": 3,
-        "per_device_train_batch_size": 3, "logging_steps": 1, "save_steps": 1000}.items()))
+    page.fill(
+        "#yaml",
+        "\n".join(
+            f"{k}: {json.dumps(v)}"
+            for k, v in {
+                "model": llama_dir,
+                "dataset": str(runs / "qa.jsonl"),
+                "output_dir": str(runs / "from-ui"),
+                "max_steps": 3,
+                "per_device_train_batch_size": 3,
+                "logging_steps": 1,
+                "save_steps": 1000,
+            }.items()
+        ),
+    )
     page.click("#start")
-    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('finished')",
-                           timeout=180_000)
+    page.wait_for_function(
+        "document.getElementById('train-status').textContent.startsWith('finished')", timeout=180_000
+    )
     assert (runs / "from-ui" / "run_summary.json").is_file()
     assert page.locator("#curve polyline").count() == 1  # the live loss curve was drawn
     page.screenshot(path=str(ARTIFACTS / "ui-train.png"))
 
     # a long run, stopped from the page: it saves a checkpoint and says how to resume, as Ctrl-C does
-    page.fill("#yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in {
-        "model": llama_dir, "dataset": str(runs / "qa.jsonl"), "output_dir": str(runs / "stopped"),
-        "max_steps": 100000, "per_device_train_batch_size": 3, "logging_steps": 1, "save_steps": 100000}.items()))
+    page.fill(
+        "#yaml",
+        "\n".join(
+            f"{k}: {json.dumps(v)}"
+            for k, v in {
+                "model": llama_dir,
+                "dataset": str(runs / "qa.jsonl"),
+                "output_dir": str(runs / "stopped"),
+                "max_steps": 100000,
+                "per_device_train_batch_size": 3,
+                "logging_steps": 1,
+                "save_steps": 100000,
+            }.items()
+        ),
+    )
     page.click("#start")
-    page.wait_for_function("/^running, step [0-9]+/.test(document.getElementById('train-status').textContent)",
-                           timeout=120_000)
+    page.wait_for_function(
+        "/^running, step [0-9]+/.test(document.getElementById('train-status').textContent)", timeout=120_000
+    )
     page.click("#stop")
-    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('stopped')",
-                           timeout=120_000)
+    page.wait_for_function("document.getElementById('train-status').textContent.startsWith('stopped')", timeout=120_000)
     assert list((runs / "stopped").glob("checkpoint-*")), "stopping saved no checkpoint"
     assert "resume_from_checkpoint=auto" in page.inner_text("#train-log")

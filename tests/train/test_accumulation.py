@@ -41,9 +41,15 @@ STEPS = 3
 def uneven_data(tmp_path_factory):
     """24 records whose answers range from one word to forty, in a shuffled order."""
     lengths = [1, 40, 2, 25, 1, 3, 33, 1, 12, 2, 38, 5, 1, 20, 2, 30, 1, 8, 40, 2, 15, 1, 27, 3]
-    rows = [{"messages": [{"role": "user", "content": f"Say {n} words, please ({i})."},
-                          {"role": "assistant", "content": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))}]}
-            for i, n in enumerate(lengths)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {n} words, please ({i})."},
+                {"role": "assistant", "content": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n))},
+            ]
+        }
+        for i, n in enumerate(lengths)
+    ]
     path = tmp_path_factory.mktemp("accumulation") / "uneven.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -57,10 +63,22 @@ def test_the_data_makes_per_micro_batch_normalisation_visible(uneven_data, token
 
 
 def _run(tmp_path, model, data, name, accumulation, batch, **kw):
-    cfg = dict(model=model, dataset=data, output_dir=str(tmp_path / name), max_steps=STEPS,
-               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, logging_steps=1,
-               learning_rate=5e-3, lr_scheduler_type="constant", lora_dropout=0.0, group_by_length=False,
-               save_steps=1000, seed=3, **kw)
+    cfg = dict(
+        model=model,
+        dataset=data,
+        output_dir=str(tmp_path / name),
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        logging_steps=1,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        lora_dropout=0.0,
+        group_by_length=False,
+        save_steps=1000,
+        seed=3,
+        **kw,
+    )
     return train(from_dict(cfg))
 
 
@@ -69,8 +87,9 @@ def _series(result, key):
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded", "plain_head"])
-def test_accumulating_two_batches_of_b_trains_like_one_batch_of_2b(layout, tmp_path, llama_dir, uneven_data,
-                                                                   monkeypatch):
+def test_accumulating_two_batches_of_b_trains_like_one_batch_of_2b(
+    layout, tmp_path, llama_dir, uneven_data, monkeypatch
+):
     kw = {"packed": dict(packing=True), "padded": dict(packing=False), "plain_head": dict(packing=False)}[layout]
     if layout == "plain_head":
         monkeypatch.setattr(trainer_module, "supports_labelled_loss", lambda model: False)

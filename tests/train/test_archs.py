@@ -10,8 +10,18 @@ from tunelab.train.run import train
 
 
 def _train(model_dir, data, out):
-    cfg = from_dict(dict(model=model_dir, dataset=data, output_dir=str(out), max_steps=8, learning_rate=1e-2,
-                         per_device_train_batch_size=8, logging_steps=2, lr_scheduler_type="constant"))
+    cfg = from_dict(
+        dict(
+            model=model_dir,
+            dataset=data,
+            output_dir=str(out),
+            max_steps=8,
+            learning_rate=1e-2,
+            per_device_train_batch_size=8,
+            logging_steps=2,
+            lr_scheduler_type="constant",
+        )
+    )
     result = train(cfg)
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -66,14 +76,27 @@ def test_gemma3_multimodal_wrapper_trains_its_language_model(tokenizer, chat_fil
     from tunelab.demo.build import tiny_config
 
     text = tiny_config("gemma3_text", len(tokenizer)).to_dict()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
-    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    model = AutoModelForCausalLM.from_config(
+        Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    )
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    cfg = from_dict(dict(model=str(tmp_path / "m"), dataset=chat_file, output_dir=str(tmp_path / "run"), max_steps=6,
-                         learning_rate=1e-2, per_device_train_batch_size=8, logging_steps=2,
-                         lr_scheduler_type="constant", lora_target="q_proj,k_proj,v_proj,o_proj"))
+    cfg = from_dict(
+        dict(
+            model=str(tmp_path / "m"),
+            dataset=chat_file,
+            output_dir=str(tmp_path / "run"),
+            max_steps=6,
+            learning_rate=1e-2,
+            per_device_train_batch_size=8,
+            logging_steps=2,
+            lr_scheduler_type="constant",
+            lora_target="q_proj,k_proj,v_proj,o_proj",
+        )
+    )
     result = train(cfg)
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     assert losses[-1] < losses[0] - 0.3, losses  # a stated margin: noise alone never drops it this far

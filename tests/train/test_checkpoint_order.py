@@ -47,6 +47,7 @@ def calls(monkeypatch):
         def rename(src, dst, *a, **k):
             log.append(("rename", Path(os.fsdecode(src)).resolve(), Path(os.fsdecode(dst)).resolve()))
             return real(src, dst, *a, **k)
+
         return rename
 
     monkeypatch.setattr(os, "open", opened)
@@ -70,7 +71,7 @@ def _check_order(log: list, final: Path, files: list[str]) -> None:
     unsynced = [f for f in files if staged / f not in synced_before]
     assert not unsynced, f"not fsynced before the rename into place: {unsynced}"
     assert staged in synced_before, "the staging folder itself is fsynced before the rename"
-    assert ("fsync", final.parent) in log[at + 1:], "the parent folder is fsynced after the rename"
+    assert ("fsync", final.parent) in log[at + 1 :], "the parent folder is fsynced after the rename"
 
 
 def _stage(folder: Path) -> list[str]:
@@ -103,8 +104,19 @@ def test_publish_over_an_existing_checkpoint_keeps_the_order(calls, tmp_path):
 
 def test_a_training_run_saves_its_checkpoints_in_that_order(calls, tmp_path, llama_dir, chat_file):
     out = tmp_path / "run"
-    train(from_dict(dict(model=llama_dir, dataset=chat_file, output_dir=str(out), max_steps=2, save_steps=1,
-                         per_device_train_batch_size=4, logging_steps=1)))
+    train(
+        from_dict(
+            dict(
+                model=llama_dir,
+                dataset=chat_file,
+                output_dir=str(out),
+                max_steps=2,
+                save_steps=1,
+                per_device_train_batch_size=4,
+                logging_steps=1,
+            )
+        )
+    )
     for step in (1, 2):
         final = out / f"checkpoint-{step}"
         files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())

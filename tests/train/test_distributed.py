@@ -30,16 +30,27 @@ from tunelab.train.launch import free_port
 from tunelab.train.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = dict(num_train_epochs=1, max_steps=-1, logging_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
-              lora_dropout=0.0, group_by_length=False, save_steps=1000, seed=7)
+COMMON = dict(
+    num_train_epochs=1,
+    max_steps=-1,
+    logging_steps=1,
+    learning_rate=1e-2,
+    lr_scheduler_type="constant",
+    lora_dropout=0.0,
+    group_by_length=False,
+    save_steps=1000,
+    seed=7,
+)
 
 
 def _env() -> dict:
     src = str(ROOT / "src")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-
-
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
 
 
 def _losses(metrics: list[dict]) -> list[float]:
@@ -64,12 +75,32 @@ def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type
     from transformers import AutoModelForCausalLM
 
     # 22 training samples: the last step has 6, which two ranks of 4 cannot split evenly (fillers complete it)
-    keys = dict(COMMON, finetuning_type=finetuning_type, learning_rate=1e-2 if finetuning_type == "lora" else 1e-3,
-                max_samples=27, val_size=5)
-    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8,
-                           per_device_eval_batch_size=8, **keys))
-    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
-                           per_device_eval_batch_size=2, distributed=engine, **keys))
+    keys = dict(
+        COMMON,
+        finetuning_type=finetuning_type,
+        learning_rate=1e-2 if finetuning_type == "lora" else 1e-3,
+        max_samples=27,
+        val_size=5,
+    )
+    one = train(
+        run_config(
+            output_dir=tmp_path / "one",
+            nproc_per_node=1,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=8,
+            **keys,
+        )
+    )
+    two = train(
+        run_config(
+            output_dir=tmp_path / "two",
+            nproc_per_node=2,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=2,
+            distributed=engine,
+            **keys,
+        )
+    )
 
     assert two.summary["processes"] == 2 and one.summary["processes"] == 1 and two.summary["engine"] == engine
     # DDP: each rank loads the model; FSDP2: rank 0 alone reads the weights and sends the others their shards
@@ -88,8 +119,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(finetuning_type
         reloaded = PeftModel.from_pretrained(base, str(tmp_path / "two"))
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two"), dtype=torch.float32)
-    torch.testing.assert_close(_logits(reloaded, tmp_path / "two"), _logits(one.model, tmp_path / "one"),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        _logits(reloaded, tmp_path / "two"), _logits(one.model, tmp_path / "one"), atol=1e-4, rtol=1e-4
+    )
     assert not list((tmp_path / "two").glob("rng_state*")) and (tmp_path / "two" / "run_summary.json").is_file()
 
 
@@ -99,17 +131,50 @@ def _write_config(run_config, path: Path, **keys) -> Path:
 
 
 def test_torchrun_and_two_nodes_on_localhost_train_and_save_once(run_config, tmp_path):
-    torchrun = _write_config(run_config, tmp_path / "torchrun.yaml", output_dir=str(tmp_path / "torchrun"),
-                             per_device_train_batch_size=4)
+    torchrun = _write_config(
+        run_config, tmp_path / "torchrun.yaml", output_dir=str(tmp_path / "torchrun"), per_device_train_batch_size=4
+    )
     port = free_port()
-    nodes = _write_config(run_config, tmp_path / "nodes.yaml", output_dir=str(tmp_path / "nodes"),
-                          per_device_train_batch_size=4, nnodes=2, nproc_per_node=1, master_port=port)
-    jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", str(free_port()), "-m", "tunelab", "train", str(torchrun)],
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    jobs += [subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(nodes), f"node_rank={rank}"],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+    nodes = _write_config(
+        run_config,
+        tmp_path / "nodes.yaml",
+        output_dir=str(tmp_path / "nodes"),
+        per_device_train_batch_size=4,
+        nnodes=2,
+        nproc_per_node=1,
+        master_port=port,
+    )
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "tunelab",
+                "train",
+                str(torchrun),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    ]
+    jobs += [
+        subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "train", str(nodes), f"node_rank={rank}"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0, 0], "\n---\n".join(outputs)
     for folder in ("torchrun", "nodes"):
@@ -143,10 +208,16 @@ def test_a_killed_rank_ends_the_job_quickly_naming_the_rank_and_the_run_resumes_
     from safetensors.torch import load_file
 
     keys = dict(nproc_per_node=2, per_device_train_batch_size=2, ddp_timeout=30, save_steps=3)
-    config = _write_config(run_config, tmp_path / "run.yaml", output_dir=str(tmp_path / "run"), num_train_epochs=200,
-                           **keys)
-    job = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config)], env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config = _write_config(
+        run_config, tmp_path / "run.yaml", output_dir=str(tmp_path / "run"), num_train_epochs=200, **keys
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(config)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while not list((tmp_path / "run").glob("checkpoint-*")) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -162,27 +233,52 @@ def test_a_killed_rank_ends_the_job_quickly_naming_the_rank_and_the_run_resumes_
 
     last = max(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
     end = last + 3
-    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto",
-                              f"max_steps={end}"], env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto", f"max_steps={end}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0 and f"resuming from {tmp_path / 'run'}" in resumed.stderr, resumed.stderr[-3000:]
     reference = train(run_config(**{**COMMON, **keys, "output_dir": tmp_path / "reference", "max_steps": end}))
     assert reference.summary["global_step"] == end
     got = load_file(tmp_path / "run" / "adapter_model.safetensors")
     want = load_file(tmp_path / "reference" / "adapter_model.safetensors")
     assert got.keys() == want.keys()
-    logged = {run: [(m["step"], m["loss"]) for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text()
-                                                         .splitlines()) if "loss" in m] for run in ("run", "reference")}
+    logged = {
+        run: [
+            (m["step"], m["loss"])
+            for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m
+        ]
+        for run in ("run", "reference")
+    }
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0,
-                                   msg=lambda m: f"{name}: {m}\nresumed from step {last}: {logged}")
+        torch.testing.assert_close(
+            got[name], want[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}\nresumed from step {last}: {logged}"
+        )
 
 
 def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_config, tmp_path):
-    config = _write_config(run_config, tmp_path / "run.yaml", output_dir=str(tmp_path / "run"), nproc_per_node=2,
-                           per_device_train_batch_size=2, num_train_epochs=200, ddp_timeout=60)
+    config = _write_config(
+        run_config,
+        tmp_path / "run.yaml",
+        output_dir=str(tmp_path / "run"),
+        nproc_per_node=2,
+        per_device_train_batch_size=2,
+        num_train_epochs=200,
+        ddp_timeout=60,
+    )
     # a terminal's Ctrl-C: SIGINT to the launcher and every rank (one process group)
-    job = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config)], env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(config)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while not (tmp_path / "run" / "metrics.jsonl").is_file() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -197,14 +293,36 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_saves_once_and_resumes(run_
     assert sorted(p.name for p in checkpoints[0].glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
     # the same YAML under a launcher with another number of processes: refused, naming both
-    other = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                            str(free_port()), "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto"],
-                           env=_env(), capture_output=True, text=True, timeout=300)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "tunelab",
+            "train",
+            str(config),
+            "resume_from_checkpoint=auto",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other.returncode != 0
     assert "was written by 2 processes, this run has 1" in other.stderr, other.stderr[-3000:]
 
-    resumed = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto",
-                              f"max_steps={step + 2}"], env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto", f"max_steps={step + 2}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["global_step"] == step + 2 and summary["processes"] == 2
@@ -215,8 +333,11 @@ def test_the_error_names_the_rank_that_started_it_not_those_that_lost_their_peer
 
     from tunelab.train.launch import _root_cause
 
-    lost_peer = Failure(exitcode=-signal.SIGTERM, timestamp=1,
-                        message={"message": "RuntimeError: [gloo] Read error: Connection reset by peer"})
+    lost_peer = Failure(
+        exitcode=-signal.SIGTERM,
+        timestamp=1,
+        message={"message": "RuntimeError: [gloo] Read error: Connection reset by peer"},
+    )
     killed = Failure(exitcode=-signal.SIGKILL, timestamp=2, message="<N/A>")
     assert _root_cause({0: lost_peer, 1: killed})[0] == 1, "the killed rank, though the launcher saw it second"
     raised = Failure(exitcode=1, timestamp=5, message={"message": "ValueError: bad batch"})

@@ -14,8 +14,17 @@ import torch
 
 from tunelab.train.run import train
 
-COMMON = dict(num_train_epochs=1, max_steps=-1, logging_steps=1, lr_scheduler_type="constant", lora_dropout=0.0,
-              group_by_length=False, save_steps=1000, seed=7, max_samples=22)
+COMMON = dict(
+    num_train_epochs=1,
+    max_steps=-1,
+    logging_steps=1,
+    lr_scheduler_type="constant",
+    lora_dropout=0.0,
+    group_by_length=False,
+    save_steps=1000,
+    seed=7,
+    max_samples=22,
+)
 
 
 def _losses(metrics: list[dict]) -> list[float]:
@@ -30,11 +39,20 @@ def test_a_moe_trains_lora_on_attention_with_its_experts_sharded_by_fsdp2(tokeni
     from tunelab.demo.build import build_tiny_model
 
     moe = str(build_tiny_model(tmp_path / "moe", tokenizer, "qwen2_moe"))
-    keys = dict(COMMON, model=moe, learning_rate=1e-2, lora_target="q_proj,k_proj,v_proj,o_proj", max_samples=16,
-                gradient_checkpointing=True)  # as the recipes run it; recomputation is exact, so losses still match
+    keys = dict(
+        COMMON,
+        model=moe,
+        learning_rate=1e-2,
+        lora_target="q_proj,k_proj,v_proj,o_proj",
+        max_samples=16,
+        gradient_checkpointing=True,
+    )  # as the recipes run it; recomputation is exact, so losses still match
     one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=8, **keys))
-    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4,
-                           distributed="fsdp2", **keys))
+    two = train(
+        run_config(
+            output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=4, distributed="fsdp2", **keys
+        )
+    )
     assert two.summary["engine"] == "fsdp2" and two.summary["ranks_reading_weights"] == 1
     assert _losses(two.metrics) == pytest.approx(_losses(one.metrics), abs=1e-4)
     with safe_open(str(tmp_path / "two" / "adapter_model.safetensors"), "pt") as f:
@@ -49,8 +67,17 @@ def test_a_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(run_conf
     engine = "fsdp2"
     from safetensors.torch import load_file
 
-    keys = dict(COMMON, finetuning_type="lora", learning_rate=1e-2, nproc_per_node=2, per_device_train_batch_size=2,
-                distributed=engine, save_steps=2, max_samples=16, num_train_epochs=3)  # 4 steps an epoch
+    keys = dict(
+        COMMON,
+        finetuning_type="lora",
+        learning_rate=1e-2,
+        nproc_per_node=2,
+        per_device_train_batch_size=2,
+        distributed=engine,
+        save_steps=2,
+        max_samples=16,
+        num_train_epochs=3,
+    )  # 4 steps an epoch
     whole = train(run_config(**{**keys, "output_dir": tmp_path / "whole", "max_steps": 8}))
     train(run_config(**{**keys, "output_dir": tmp_path / "cut", "max_steps": 6}))
     cut = tmp_path / "cut"
@@ -58,7 +85,10 @@ def test_a_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(run_conf
         (cut / name).unlink()  # as if the job had died after checkpoint-6
     resumed = train(run_config(**{**keys, "output_dir": cut, "max_steps": 8, "resume_from_checkpoint": "auto"}))
     assert _losses(resumed.metrics)[-2:] == pytest.approx(_losses(whole.metrics)[-2:], abs=1e-6)
-    a, b = load_file(str(tmp_path / "whole" / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "whole" / "adapter_model.safetensors")),
+        load_file(str(cut / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -67,20 +97,26 @@ def _arguments(cfg, engine_name: str, model=None):
     from tunelab.train.arguments import training_arguments
 
     engine = engines.Engine(engine_name, "test")
-    return training_arguments(cfg, torch.bfloat16, has_eval=False,
-                              engine_keys=engines.training_arguments(cfg, engine, model))
+    return training_arguments(
+        cfg, torch.bfloat16, has_eval=False, engine_keys=engines.training_arguments(cfg, engine, model)
+    )
 
 
-@pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"),
-                                           (3, "params")])
+@pytest.mark.parametrize("stage,offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "params")])
 def test_the_deepspeed_configuration_is_accepted_by_deepspeed_itself(stage, offload, run_config, tmp_path):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from tunelab.train import engines
 
-    cfg = run_config(distributed="deepspeed", zero_stage=stage, offload=offload, per_device_train_batch_size=3,
-                     gradient_accumulation_steps=5, max_grad_norm=0.5)
+    cfg = run_config(
+        distributed="deepspeed",
+        zero_stage=stage,
+        offload=offload,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=5,
+        max_grad_norm=0.5,
+    )
     written = engines.write_engine_config(_arguments(cfg, "deepspeed"), tmp_path)  # what the run folder keeps
     ds = DeepSpeedConfig(str(written))  # every "auto" filled in from the run's own keys
     assert ds.zero_optimization_stage == stage
@@ -100,8 +136,16 @@ def test_a_users_own_deepspeed_file_is_used_as_it_is(run_config, tmp_path):
     from tunelab.train import engines
 
     own = tmp_path / "ds.json"
-    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                               "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}))
+    own.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "bf16": {"enabled": "auto"},
+            }
+        )
+    )
     cfg = run_config(deepspeed=str(own))
     assert engines.choose(cfg, 2).name == "deepspeed" and engines.zero_stage(cfg) == 2
     args = _arguments(cfg, "deepspeed")
@@ -195,16 +239,25 @@ def test_auto_compares_the_estimate_with_this_gpu_and_never_fails_a_run_for_it(r
     from tunelab.train import engines
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 10 ** 9, major=9, minor=0, name="H100"))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(total_memory=80 * 10**9, major=9, minor=0, name="H100"),
+    )
     real = estimate.estimate_memory
     need = real(run_config(), device="cuda", engine="ddp", world=2).total
     assert engines.fits_one_device(run_config(), 2) is True  # a tiny model on an 80 GB GPU
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=need // 2, major=9, minor=0, name="H100"))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(total_memory=need // 2, major=9, minor=0, name="H100"),
+    )
     assert engines.fits_one_device(run_config(), 2) is False
     assert engines.fits_one_device(run_config(distributed="ddp"), 2) is None, "asked for: nothing to decide"
 
     def broken(*args, **kwargs):
         raise RuntimeError("remote code the estimate cannot build")
+
     monkeypatch.setattr(estimate, "estimate_memory", broken)
     assert engines.fits_one_device(run_config(), 2) is None
     assert engines.choose(run_config(), 2, None).name == "ddp"

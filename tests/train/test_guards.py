@@ -20,6 +20,7 @@ from tunelab.train.run import train
 @pytest.fixture()
 def poison(monkeypatch):
     """poison(step, value): the loss of that training step becomes `value` (NaN, inf, a spike)."""
+
     def arm(step, value):
         real = trainer_module.TunelabTrainer.compute_loss
 
@@ -28,7 +29,9 @@ def poison(monkeypatch):
             if not return_outputs and model.training and self.state.global_step + 1 == step:
                 return out * 0 + value
             return out
+
         monkeypatch.setattr(trainer_module.TunelabTrainer, "compute_loss", compute_loss)
+
     return arm
 
 
@@ -49,6 +52,7 @@ def test_skip_leaves_the_weights_untouched_by_the_bad_step(poison, run_config, m
         step = self.state.global_step
         snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return real_step(self, model, inputs, num_items_in_batch)
+
     monkeypatch.setattr(trainer_module.TunelabTrainer, "training_step", spy)
     poison(3, float("nan"))
     result = train(run_config(max_steps=6, save_steps=2, learning_rate=1e-3, on_bad_loss="skip"))
@@ -74,11 +78,27 @@ def test_a_spike_beyond_the_factor_stops(poison, run_config):
 
 def test_first_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, llama_dir, chat_file):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / "run"),
-                                          max_steps=400, save_steps=1000, per_device_train_batch_size=4,
-                                          logging_steps=1, learning_rate=1e-3)))
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config)], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                model=llama_dir,
+                dataset=chat_file,
+                output_dir=str(tmp_path / "run"),
+                max_steps=400,
+                save_steps=1000,
+                per_device_train_batch_size=4,
+                logging_steps=1,
+                learning_rate=1e-3,
+            )
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "train", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -93,8 +113,20 @@ def test_first_sigint_saves_a_checkpoint_and_the_run_resumes(tmp_path, llama_dir
     assert 3 <= stopped_at < 400
     assert not (tmp_path / "run" / "run_summary.json").exists()  # not mistaken for a finished run
 
-    done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), "resume_from_checkpoint=auto",
-                           "max_steps=" + str(stopped_at + 2)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "train",
+            str(config),
+            "resume_from_checkpoint=auto",
+            "max_steps=" + str(stopped_at + 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["global_step"] == stopped_at + 2
@@ -105,21 +137,33 @@ def test_a_run_that_will_not_fit_on_disk_is_refused_before_writing(tmp_path, run
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(TunelabError, match=r"output_dir: .* GiB free, but this run writes about"):
-        train(run_config(output_dir=tmp_path / "run", max_steps=6, save_steps=2, learning_rate=1e-3,
-                         save_total_limit=2))
+        train(
+            run_config(output_dir=tmp_path / "run", max_steps=6, save_steps=2, learning_rate=1e-3, save_total_limit=2)
+        )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tmp_path, llama_dir, chat_file):
     out = tmp_path / "run"
-    cfg = dict(model=llama_dir, dataset=chat_file, output_dir=str(out), max_steps=50, save_steps=1000,
-               per_device_train_batch_size=4, logging_steps=1)
+    cfg = dict(
+        model=llama_dir,
+        dataset=chat_file,
+        output_dir=str(out),
+        max_steps=50,
+        save_steps=1000,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+    )
     pause = 6.0  # each micro-step first sleeps this long
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("child_run.py")), json.dumps(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STEP_PAUSE": str(pause)})
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("child_run.py")), json.dumps(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "STEP_PAUSE": str(pause)},
+    )
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -28,8 +28,16 @@ from tunelab.train.run import train
 aten = torch.ops.aten
 PACKAGE = str(Path(tunelab.__file__).resolve().parent)
 TORCH = str(Path(torch.__file__).resolve().parent)
-READS_BACK = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero,
-              aten.masked_scatter, aten.repeat_interleave, aten._unique2, aten.unique_consecutive}
+READS_BACK = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.is_nonzero,
+    aten.masked_scatter,
+    aten.repeat_interleave,
+    aten._unique2,
+    aten.unique_consecutive,
+}
 
 
 def _boolean_index(func, args) -> bool:
@@ -72,6 +80,7 @@ def recorded(monkeypatch):
         steps.append(1)
         with syncs:
             return inner(self, *args, **kwargs)
+
     monkeypatch.setattr(trainer_module.TunelabTrainer, "training_step", watched)
     return syncs, steps
 
@@ -92,8 +101,15 @@ def test_the_recorder_sees_what_a_sync_looks_like():
 @pytest.mark.parametrize("packing", [True, False])
 def test_micro_steps_read_nothing_back(packing, recorded, run_config):
     syncs, steps = recorded
-    cfg = run_config(max_steps=2, gradient_accumulation_steps=3, per_device_train_batch_size=2, packing=packing,
-                     on_bad_loss="skip", loss_spike_factor=5.0, logging_steps=1)
+    cfg = run_config(
+        max_steps=2,
+        gradient_accumulation_steps=3,
+        per_device_train_batch_size=2,
+        packing=packing,
+        on_bad_loss="skip",
+        loss_spike_factor=5.0,
+        logging_steps=1,
+    )
     result = train(cfg)
     assert len(steps) == 6 and result.summary["labelled_loss"]
     assert syncs.found == []

@@ -22,7 +22,8 @@ from tunelab.infer.chat import ChatSession
 from tunelab.train.run import train
 
 _spec = importlib.util.spec_from_file_location(
-    "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py")
+    "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
+)
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)
 
@@ -53,8 +54,17 @@ def test_records_mentioning_control_tokens_train_as_plain_text(family, tmp_path)
     data = tmp_path / "data.jsonl"
     rows = records()
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    cfg = from_dict(dict(model=str(model), dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=2,
-                         per_device_train_batch_size=4, logging_steps=1, save_steps=1000))
+    cfg = from_dict(
+        dict(
+            model=str(model),
+            dataset=str(data),
+            output_dir=str(tmp_path / "run"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            logging_steps=1,
+            save_steps=1000,
+        )
+    )
 
     tokenizer, _, _ = prepare_tokenizer(cfg)
     built = build_datasets(cfg, tokenizer)
@@ -68,8 +78,9 @@ def test_records_mentioning_control_tokens_train_as_plain_text(family, tmp_path)
         sample = built.train[i]
         assert sample.literal_text == (i in mentions)
         assert sample.input_ids.count(eot) == plain_turns, f"record {i}: control ids come from the template alone"
-        trained = tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX],
-                                   skip_special_tokens=False)
+        trained = tokenizer.decode(
+            [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX], skip_special_tokens=False
+        )
         assert rows[i]["messages"][1]["content"] in trained, trained
 
     result = train(cfg)
@@ -78,5 +89,5 @@ def test_records_mentioning_control_tokens_train_as_plain_text(family, tmp_path)
     session = ChatSession.load(str(result.output_dir))
     for i in mentions:
         prompt = session.prompt_ids([{"role": "user", "content": rows[i]["messages"][0]["content"]}])
-        assert built.train[i].input_ids[:len(prompt)] == prompt, "chat renders the prompt training saw"
+        assert built.train[i].input_ids[: len(prompt)] == prompt, "chat renders the prompt training saw"
         assert prompt.count(eot) == plain_turns - 1, "every turn before the answer, and no more"

@@ -15,11 +15,11 @@ from tunelab.train.optim import StochasticAdamW, stochastic_round_
 
 
 def test_stochastic_rounding_is_unbiased_where_nearest_rounding_is_not():
-    value = 1 + 2 ** -10  # between the bf16 neighbours 1 and 1 + 2**-7, an eighth of the way up
+    value = 1 + 2**-10  # between the bf16 neighbours 1 and 1 + 2**-7, an eighth of the way up
     src = torch.full((200_000,), value)
     dst = torch.empty(200_000, dtype=torch.bfloat16)
     stochastic_round_(dst, src)
-    assert set(dst.float().unique().tolist()) == {1.0, 1 + 2 ** -7}
+    assert set(dst.float().unique().tolist()) == {1.0, 1 + 2**-7}
     assert dst.double().mean().item() == pytest.approx(value, abs=2e-5)
     assert src.to(torch.bfloat16).double().mean().item() == 1.0, "nearest rounding loses the eighth"
     negative = torch.empty(200_000, dtype=torch.bfloat16)
@@ -75,8 +75,16 @@ def test_a_pure_bf16_run_keeps_everything_in_bf16_and_trains(run_config, caplog,
     real_step = StochasticAdamW.step
     monkeypatch.setattr(StochasticAdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
     with caplog.at_level("WARNING", logger="tunelab"):
-        result = train(run_config(finetuning_type="full", pure_bf16=True, max_steps=6, learning_rate=1e-3,
-                                  lr_scheduler_type="constant", logging_steps=1))
+        result = train(
+            run_config(
+                finetuning_type="full",
+                pure_bf16=True,
+                max_steps=6,
+                learning_rate=1e-3,
+                lr_scheduler_type="constant",
+                logging_steps=1,
+            )
+        )
     params = list(result.model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in params)
     assert len(steps) == 6, "every step went through the stochastic-rounding AdamW"
@@ -94,11 +102,14 @@ def test_pure_bf16_lora_trains_bf16_adapters(run_config):
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
 
 
-@pytest.mark.parametrize("keys, named", [
-    (dict(pure_bf16=True, fp16=True), "pure_bf16"),
-    (dict(pure_bf16=True, bf16=False), "pure_bf16"),
-    (dict(pure_bf16=True, optim="adamw_8bit"), "optim"),
-])
+@pytest.mark.parametrize(
+    "keys, named",
+    [
+        (dict(pure_bf16=True, fp16=True), "pure_bf16"),
+        (dict(pure_bf16=True, bf16=False), "pure_bf16"),
+        (dict(pure_bf16=True, optim="adamw_8bit"), "optim"),
+    ],
+)
 def test_pure_bf16_conflicts_are_named(run_config, keys, named):
     from tunelab.errors import TunelabError
 

@@ -11,10 +11,18 @@ from tunelab.train.run import train
 @pytest.fixture()
 def cfg(run_config):
     """cfg(model, data, out, **keys): the shared run config, checkpointing every 3 of 6 steps."""
+
     def make(model, data, out, **kw):
-        base = dict(max_steps=6, learning_rate=5e-3, per_device_train_batch_size=8, logging_steps=2, save_steps=3,
-                    lr_scheduler_type="constant")
+        base = dict(
+            max_steps=6,
+            learning_rate=5e-3,
+            per_device_train_batch_size=8,
+            logging_steps=2,
+            save_steps=3,
+            lr_scheduler_type="constant",
+        )
         return run_config(model=model, dataset=data, output_dir=str(out), **{**base, **kw})
+
     return make
 
 
@@ -64,8 +72,9 @@ def test_resume_under_a_changed_config_is_refused_naming_each_change(llama_dir, 
     assert "max_steps" in message.split("only ")[1], "the message lists what may change"
     assert sorted(p.name for p in out.rglob("*")) == listing, "a refused resume writes nothing"
     # what only steers logging, saving and run length may change
-    result = train(cfg(llama_dir, chat_file, out, max_steps=6, resume_from_checkpoint="auto", logging_steps=1,
-                       save_total_limit=1))
+    result = train(
+        cfg(llama_dir, chat_file, out, max_steps=6, resume_from_checkpoint="auto", logging_steps=1, save_total_limit=1)
+    )
     assert result.summary["global_step"] == 6
 
 

@@ -11,9 +11,18 @@ from tunelab.train.run import train
 
 
 def _run(tmp_path, llama_dir, chat_file, name, **kw):
-    cfg = dict(model=llama_dir, dataset=chat_file, output_dir=str(tmp_path / name), max_steps=4,
-               per_device_train_batch_size=6, logging_steps=1, learning_rate=5e-3, lora_dropout=0.0,
-               group_by_length=False, **kw)
+    cfg = dict(
+        model=llama_dir,
+        dataset=chat_file,
+        output_dir=str(tmp_path / name),
+        max_steps=4,
+        per_device_train_batch_size=6,
+        logging_steps=1,
+        learning_rate=5e-3,
+        lora_dropout=0.0,
+        group_by_length=False,
+        **kw,
+    )
     return train(from_dict(cfg))
 
 

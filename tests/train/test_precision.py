@@ -29,17 +29,24 @@ def gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes on T4/V100 too
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: object() if name == "flash_attn" and flash_attn else real_find_spec(name, *a))
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: object() if name == "flash_attn" and flash_attn else real_find_spec(name, *a),
+        )
+
     return make
 
 
-@pytest.mark.parametrize("capability, dtype, attention", [
-    ((7, 0), torch.float16, "sdpa"),  # V100
-    ((7, 5), torch.float16, "sdpa"),  # T4
-    ((8, 0), torch.bfloat16, "flash_attention_2"),  # A100
-    ((9, 0), torch.bfloat16, "flash_attention_2"),  # H100
-])
+@pytest.mark.parametrize(
+    "capability, dtype, attention",
+    [
+        ((7, 0), torch.float16, "sdpa"),  # V100
+        ((7, 5), torch.float16, "sdpa"),  # T4
+        ((8, 0), torch.bfloat16, "flash_attention_2"),  # A100
+        ((9, 0), torch.bfloat16, "flash_attention_2"),  # H100
+    ],
+)
 def test_precision_and_attention_follow_the_compute_capability(gpu, capability, dtype, attention):
     gpu(capability)
     assert loader.compute_dtype(None, None) == dtype
@@ -98,8 +105,9 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_masters_and_runs_everything_under_a
     trainable = [p for p in result.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable), "master weights stay fp32"
     assert seen["linear"] == {torch.bfloat16}, "every projection ran in bf16"
-    assert seen["head"] and all(auto and mm == torch.bfloat16 and w == torch.float32 for auto, mm, w in seen["head"]), \
+    assert seen["head"] and all(auto and mm == torch.bfloat16 and w == torch.float32 for auto, mm, w in seen["head"]), (
         "the labelled-position loss ran inside the same autocast: its head matmul in bf16 on fp32 masters"
+    )
     assert result.summary["dtype"] == "bfloat16"
 
 
@@ -122,8 +130,9 @@ def test_the_labelled_loss_runs_through_data_parallel_and_ddp(llama_dir):
     plain, plain_grads = loss_and_grads(lambda m: m)
     for wrap in (torch.nn.DataParallel, "ddp"):
         if wrap == "ddp":
-            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                                 world_size=1)
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+            )
             wrap = torch.nn.parallel.DistributedDataParallel
         try:
             got, grads = loss_and_grads(wrap)
@@ -131,6 +140,11 @@ def test_the_labelled_loss_runs_through_data_parallel_and_ddp(llama_dir):
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         assert got == pytest.approx(plain, rel=1e-6)
-        assert len(grads) == len(plain_grads) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads))
-        assert loss_module.supports_labelled_loss(wrap(AutoModelForCausalLM.from_pretrained(llama_dir))) \
-            if wrap is torch.nn.DataParallel else True
+        assert len(grads) == len(plain_grads) and all(
+            torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads)
+        )
+        assert (
+            loss_module.supports_labelled_loss(wrap(AutoModelForCausalLM.from_pretrained(llama_dir)))
+            if wrap is torch.nn.DataParallel
+            else True
+        )

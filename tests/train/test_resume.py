@@ -28,9 +28,22 @@ CHILD = Path(__file__).with_name("child_run.py")
 
 
 def settings(model, data, out, **kw):
-    base = dict(model=model, dataset=data, output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4,
-                gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.2,
-                lora_dropout=0.1, logging_steps=1, save_steps=2, save_total_limit=2, seed=3)
+    base = dict(
+        model=model,
+        dataset=data,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=2e-3,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.2,
+        lora_dropout=0.1,
+        logging_steps=1,
+        save_steps=2,
+        save_total_limit=2,
+        seed=3,
+    )
     base.update(kw)
     return base
 
@@ -48,8 +61,9 @@ def assert_same_run(out, reference):
     assert worst <= 1e-6, f"final adapter differs from the uninterrupted run by {worst:.3g}"
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
     guard = f"checkpoint-{STEPS}/{LossGuard.STATE_FILE}"
-    assert json.loads((out / guard).read_text()) == json.loads((reference / guard).read_text()), \
+    assert json.loads((out / guard).read_text()) == json.loads((reference / guard).read_text()), (
         "the loss guard's running mean carries over the resume"
+    )
     for step, loss in losses(reference).items():
         assert losses(out)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), f"step {step}"
     return worst
@@ -59,18 +73,33 @@ def assert_same_run(out, reference):
 def reference(tmp_path_factory, llama_dir):
     folder = tmp_path_factory.mktemp("reference")
     data = folder / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"},
-        {"role": "assistant", "content": f"It is {2 * i}, and {i} times two is the same."}]}) + "\n"
-        for i in range(24)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"It is {2 * i}, and {i} times two is the same."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(24)
+        )
+    )
     started = time.perf_counter()
     train(from_dict(settings(llama_dir, str(data), folder / "run")))
     return folder / "run", data, time.perf_counter() - started
 
 
 def child(cfg, **env):
-    return subprocess.Popen([sys.executable, str(CHILD), json.dumps(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), json.dumps(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
 
 
 def test_sigkill_at_random_moments_then_auto_resume_equals_the_uninterrupted_run(reference, llama_dir, tmp_path):
@@ -99,7 +128,10 @@ def test_sigkill_at_random_moments_then_auto_resume_equals_the_uninterrupted_run
         worst.append(assert_same_run(out, ref_out))
         assert not list(out.glob(checkpoints.STAGING + "*"))
         shutil.rmtree(out)
-    print(f"{trials} killed runs resumed from steps {resumed_from} ({mid_save} killed mid-save); largest weight difference {max(worst):.3g}")
+    print(
+        f"{trials} killed runs resumed from steps {resumed_from} ({mid_save} killed mid-save); "
+        f"largest weight difference {max(worst):.3g}"
+    )
     assert len(set(resumed_from)) >= 2, f"the kills all landed at the same point: {resumed_from}"
 
 
@@ -110,8 +142,9 @@ def test_sigkill_during_a_save_leaves_the_earlier_checkpoints_and_resumes_from_t
     proc = child(cfg, KILL_DURING_SAVE_AT="6")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
-    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-4"], \
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["checkpoint-4"], (
         "the previous checkpoint is pruned only after the new one is complete"
+    )
     assert not (out / "checkpoint-6").exists()
     staged = list(out.glob(checkpoints.STAGING + "*"))
     assert staged and any(staged[0].rglob("adapter_model.safetensors")), "the kill came mid-save"
@@ -125,8 +158,7 @@ def test_sigkill_during_a_save_leaves_the_earlier_checkpoints_and_resumes_from_t
 def test_full_fine_tuning_without_packing_resumes_exactly_after_a_kill_mid_save(reference, llama_dir, tmp_path):
     """Full weights, padded batches and the length-grouped sampler: other state, same promise."""
     _, data, _ = reference
-    cfg = settings(llama_dir, str(data), tmp_path / "run", finetuning_type="full", packing=False,
-                   learning_rate=1e-4)
+    cfg = settings(llama_dir, str(data), tmp_path / "run", finetuning_type="full", packing=False, learning_rate=1e-4)
     train(from_dict({**cfg, "output_dir": str(tmp_path / "reference")}))
     proc = child(cfg, KILL_DURING_SAVE_AT="8")
     _, err = proc.communicate(timeout=300)

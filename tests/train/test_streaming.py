@@ -15,16 +15,42 @@ from .test_resume import assert_same_run, child, losses
 STEPS = 12
 
 
-def test_a_streamed_run_killed_mid_save_resumes_from_its_data_position_to_the_same_result(llama_dir, tmp_path,
-                                                                                          monkeypatch):
+def test_a_streamed_run_killed_mid_save_resumes_from_its_data_position_to_the_same_result(
+    llama_dir, tmp_path, monkeypatch
+):
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"},
-        {"role": "assistant", "content": f"It is {2 * i}, and {i} times two is the same."}]}) + "\n" for i in range(36)))
-    cfg = dict(model=llama_dir, dataset=str(data), output_dir=str(tmp_path / "run"), streaming=True, max_steps=STEPS,
-               per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=2e-3,
-               lr_scheduler_type="cosine", warmup_ratio=0.2, lora_dropout=0.1, logging_steps=1, save_steps=2,
-               save_total_limit=2, seed=3, preprocessing_num_workers=2)
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"It is {2 * i}, and {i} times two is the same."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(36)
+        )
+    )
+    cfg = dict(
+        model=llama_dir,
+        dataset=str(data),
+        output_dir=str(tmp_path / "run"),
+        streaming=True,
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=2e-3,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.2,
+        lora_dropout=0.1,
+        logging_steps=1,
+        save_steps=2,
+        save_total_limit=2,
+        seed=3,
+        preprocessing_num_workers=2,
+    )
     monkeypatch.setattr(readers, "CHUNK_RECORDS", 5)
     reference = train(from_dict({**cfg, "output_dir": str(tmp_path / "reference")}))
     assert reference.summary["global_step"] == STEPS and reference.summary["train_samples"] is None
@@ -43,6 +69,7 @@ def test_a_streamed_run_killed_mid_save_resumes_from_its_data_position_to_the_sa
     def counted(self, chunk, fmt):
         encoded.append(chunk.first_line)
         return run(self, chunk, fmt)
+
     monkeypatch.setattr(pool.Job, "run", counted)
     monkeypatch.setattr(readers, "CHUNK_RECORDS", 1024)  # the checkpoint's chunk size rules, not this one
     train(from_dict({**cfg, "resume_from_checkpoint": "auto", "preprocessing_num_workers": 1}))

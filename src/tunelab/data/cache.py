@@ -50,8 +50,17 @@ def _file_digest(spec: str) -> str:
     return h.hexdigest() if files else f"hub:{spec}"
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                    "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spiece.model",
+)
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -65,12 +74,20 @@ def _tokenizer_digest(tokenizer) -> str:
             h.update(f.name.encode() + f.read_bytes())
     else:
         backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-        h.update(backend.to_str().encode() if hasattr(backend, "to_str") else
-                 json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    added = sorted((i, str(t), bool(getattr(t, "special", False)))
-                   for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
-    h.update(json.dumps([type(tokenizer).__name__, len(tokenizer), added,
-                         sorted(str(t) for t in tokenizer.all_special_tokens)]).encode())
+        h.update(
+            backend.to_str().encode()
+            if hasattr(backend, "to_str")
+            else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+        )
+    added = sorted(
+        (i, str(t), bool(getattr(t, "special", False)))
+        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    )
+    h.update(
+        json.dumps(
+            [type(tokenizer).__name__, len(tokenizer), added, sorted(str(t) for t in tokenizer.all_special_tokens)]
+        ).encode()
+    )
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
     return h.hexdigest()
 
@@ -81,8 +98,17 @@ def cache_key(cfg, tokenizer) -> str | None:
     if any(d.startswith("hub:") for d in digests):
         return None
     options = {k: getattr(cfg, k) for k in DATA_KEYS}
-    blob = json.dumps({"v": __version__, "encoding": ENCODING_VERSION, "files": digests, "tok": _tokenizer_digest(tokenizer), "opts": options},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "v": __version__,
+            "encoding": ENCODING_VERSION,
+            "files": digests,
+            "tok": _tokenizer_digest(tokenizer),
+            "opts": options,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -175,8 +201,11 @@ def load(key: str) -> tuple[dict, dict] | None:
             head = json.loads(f.read(path.stat().st_size - 16 - header))
         arrays = {}
         for name, (dtype, shape, offset) in head["arrays"].items():
-            arrays[name] = (np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
-                            if np.prod(shape) else np.zeros(shape, dtype=np.dtype(dtype)))
+            arrays[name] = (
+                np.memmap(path, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))
+                if np.prod(shape)
+                else np.zeros(shape, dtype=np.dtype(dtype))
+            )
     except (OSError, ValueError, KeyError, struct.error) as exc:
         log.info("tokenization cache entry unreadable, re-tokenizing (%s)", exc)
         return None

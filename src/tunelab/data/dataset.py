@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from ..errors import TunelabError
 from . import cache
 from .conversation import Conversation
-from ..constants import IGNORE_INDEX, LOSS_POSITIONS, loss_positions
 from .encode import Encoder
 from .formats import detect_format, to_conversations
 from .pool import Job, default_workers, run_chunks
@@ -96,10 +96,17 @@ def read_tools(path: str | None) -> list[dict] | None:
     return parse_tools(text, path)
 
 
-def read_conversations(specs: str | list[str], dataset_format: str = "auto", columns: dict | None = None,
-                       system: str | None = None, hub: str = "hf", max_samples: int | None = None,
-                       stats: DataStats | None = None, tools: list[dict] | None = None,
-                       skip_bad: bool = False) -> list[Conversation]:
+def read_conversations(
+    specs: str | list[str],
+    dataset_format: str = "auto",
+    columns: dict | None = None,
+    system: str | None = None,
+    hub: str = "hf",
+    max_samples: int | None = None,
+    stats: DataStats | None = None,
+    tools: list[dict] | None = None,
+    skip_bad: bool = False,
+) -> list[Conversation]:
     """Files (or hub datasets) -> conversations: the one read path of training, generate, eval and export.
 
     Each file's format is detected from its first record unless `dataset_format` names it. A record
@@ -122,8 +129,16 @@ def read_conversations(specs: str | list[str], dataset_format: str = "auto", col
 
 
 def config_conversations(cfg: Config, specs: list[str], stats: DataStats | None = None) -> list[Conversation]:
-    return read_conversations(specs, cfg.dataset_format, cfg.columns, cfg.system, cfg.model_hub, stats=stats,
-                              tools=read_tools(cfg.tools), skip_bad=cfg.bad_records == "skip")
+    return read_conversations(
+        specs,
+        cfg.dataset_format,
+        cfg.columns,
+        cfg.system,
+        cfg.model_hub,
+        stats=stats,
+        tools=read_tools(cfg.tools),
+        skip_bad=cfg.bad_records == "skip",
+    )
 
 
 def held_out(n: int, val_size: float, seed: int) -> np.ndarray:
@@ -164,8 +179,9 @@ def config_encoder(cfg: Config | None, tokenizer) -> Encoder:
     back by `run_folder.saved_config`); None, a model no tunelab run made: its template as it is."""
     if cfg is None:
         return Encoder(tokenizer)
-    return Encoder(tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns, cfg.system,
-                   read_tools(cfg.tools))
+    return Encoder(
+        tokenizer, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns, cfg.system, read_tools(cfg.tools)
+    )
 
 
 def config_job(cfg: Config, encoder: Encoder) -> Job:
@@ -190,14 +206,21 @@ def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: in
 def _bar(cfg: Config):
     counts = [count_lines(s) for s in cfg.datasets + cfg.eval_datasets]
     total = None if None in counts else sum(counts)
-    return tqdm(total=total, desc="encode", unit="record", leave=False, mininterval=1,
-                disable=total is not None and total <= 2 * CHUNK_RECORDS)
+    return tqdm(
+        total=total,
+        desc="encode",
+        unit="record",
+        leave=False,
+        mininterval=1,
+        disable=total is not None and total <= 2 * CHUNK_RECORDS,
+    )
 
 
 @dataclass
 class Encoding:
     """What encoding produced, before it is mapped: one storage (token columns maybe spilled to files),
     the train and eval rows over it, and the counts."""
+
     arrays: dict
     where: list
     train_rows: np.ndarray
@@ -215,8 +238,9 @@ def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None, max_rec
     workers = cfg.preprocessing_num_workers or default_workers()
     wheres: list = []
     groups: list = []  # per chunk: (0 = training data, 1 = eval_datasets; format)
-    chunks = chain(_chunks(cfg, cfg.datasets, wheres, groups, 0, max_records),
-                   _chunks(cfg, cfg.eval_datasets, wheres, groups, 1))
+    chunks = chain(
+        _chunks(cfg, cfg.datasets, wheres, groups, 0, max_records), _chunks(cfg, cfg.eval_datasets, wheres, groups, 1)
+    )
     stats = DataStats()
     builder = Builder(spill)
     dropped, n_train = [], 0
@@ -271,25 +295,39 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
         else:
             with cache.spill_dir(key) as spill:
                 encoding = encode_all(cfg, encoder, spill)
-                cache.save(key, {**encoding.arrays, "train_rows": encoding.train_rows,
-                                 "eval_rows": encoding.eval_rows},
-                           {"where": encoding.where, "conversations": encoding.conversations,
-                            "stats": encoding.stats.to_json()})
+                cache.save(
+                    key,
+                    {**encoding.arrays, "train_rows": encoding.train_rows, "eval_rows": encoding.eval_rows},
+                    {
+                        "where": encoding.where,
+                        "conversations": encoding.conversations,
+                        "stats": encoding.stats.to_json(),
+                    },
+                )
                 hit = cache.load(key)
                 if hit is None:  # not writable: keep it in memory
                     return _in_memory(encoding, encoder)
     arrays, meta = hit
     where = [tuple(w) for w in meta["where"]]
     train_rows, eval_rows = np.asarray(arrays.pop("train_rows")), np.asarray(arrays.pop("eval_rows"))
-    return TokenizedData(Samples(arrays, where, train_rows), Samples(arrays, where, eval_rows),
-                         meta["conversations"], DataStats.from_json(meta["stats"]), encoder)
+    return TokenizedData(
+        Samples(arrays, where, train_rows),
+        Samples(arrays, where, eval_rows),
+        meta["conversations"],
+        DataStats.from_json(meta["stats"]),
+        encoder,
+    )
 
 
 def _in_memory(encoding: Encoding, encoder: Encoder) -> TokenizedData:
     arrays = {k: v.read() if isinstance(v, Spilled) else v for k, v in encoding.arrays.items()}
-    return TokenizedData(Samples(arrays, encoding.where, encoding.train_rows),
-                         Samples(arrays, encoding.where, encoding.eval_rows), encoding.conversations,
-                         encoding.stats, encoder)
+    return TokenizedData(
+        Samples(arrays, encoding.where, encoding.train_rows),
+        Samples(arrays, encoding.where, encoding.eval_rows),
+        encoding.conversations,
+        encoding.stats,
+        encoder,
+    )
 
 
 class SampleDataset(torch.utils.data.Dataset):

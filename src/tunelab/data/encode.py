@@ -89,7 +89,7 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
         text = ""
     at = text.find(_PROBE)
     if at >= 0:
-        rest = text[at + len(_PROBE):]
+        rest = text[at + len(_PROBE) :]
         specials = special_tokens(tokenizer)
         while True:
             hit = next((s for s in specials if rest.startswith(s)), None)
@@ -97,7 +97,7 @@ def end_of_turn_tokens(tokenizer) -> list[str]:
                 break
             if hit not in found:
                 found.append(hit)
-            rest = rest[len(hit):]
+            rest = rest[len(hit) :]
     if tokenizer.eos_token and tokenizer.eos_token not in found:
         found.append(tokenizer.eos_token)
     return found
@@ -110,20 +110,30 @@ class Encoder:
     later is token for token the prompt that was trained.
     """
 
-    def __init__(self, tokenizer, train_on: str = "assistant", cutoff_len: int | None = None,
-                 reasoning: str = "keep", expand_turns: bool = True, system: str | None = None,
-                 tools: list[dict] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        train_on: str = "assistant",
+        cutoff_len: int | None = None,
+        reasoning: str = "keep",
+        expand_turns: bool = True,
+        system: str | None = None,
+        tools: list[dict] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.system, self.tools = system, tools  # what a conversation lacks: see Conversation.with_defaults
         self.train_on = train_on
         self.cutoff_len = cutoff_len
         self.reasoning = reasoning
         templated = bool(getattr(tokenizer, "chat_template", None))
-        self.eot_tokens = end_of_turn_tokens(tokenizer) if templated else (
-            [tokenizer.eos_token] if tokenizer.eos_token else [])
+        self.eot_tokens = (
+            end_of_turn_tokens(tokenizer) if templated else ([tokenizer.eos_token] if tokenizer.eos_token else [])
+        )
         self.reasoning_mode = thinking.mode(tokenizer) if templated else "none"
         # drop: the generation prompt says thinking is off, so an empty think block it writes is prompt
-        self.template_kwargs = {"enable_thinking": False} if reasoning == "drop" and thinking.has_switch(tokenizer) else {}
+        self.template_kwargs = (
+            {"enable_thinking": False} if reasoning == "drop" and thinking.has_switch(tokenizer) else {}
+        )
         self._text_arguments: bool | None = None  # probed on the first conversation with tool calls
         self._locator = TurnLocator(self.eot_tokens, reasoning, expand_turns)
         self.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.eot_tokens]
@@ -134,8 +144,15 @@ class Encoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def render(self, conv: Conversation, messages=None, add_generation_prompt: bool = False, tools=None,
-               plain: bool = False, **template_kwargs) -> str:
+    def render(
+        self,
+        conv: Conversation,
+        messages=None,
+        add_generation_prompt: bool = False,
+        tools=None,
+        plain: bool = False,
+        **template_kwargs,
+    ) -> str:
         """The template's text for `conv` (or `messages`), exactly as `apply_chat_template` renders it.
 
         plain: without the reasoning rule's template switches (how the template renders history)."""
@@ -143,17 +160,24 @@ class Encoder:
         messages = conv.template_messages() if messages is None else messages
         tools = conv.tools if tools is None else tools
         try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt, **kwargs)
-            if self.reasoning_mode != "prompted" or add_generation_prompt or plain or not messages \
-                    or messages[-1]["role"] != "assistant":
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+            if (
+                self.reasoning_mode != "prompted"
+                or add_generation_prompt
+                or plain
+                or not messages
+                or messages[-1]["role"] != "assistant"
+            ):
                 return text
             reasoning = messages[-1].get("reasoning_content")
             if not reasoning:
                 return text
             # the last turn as the model writes it after a generation prompt that opened its think block
-            prompt = self.tokenizer.apply_chat_template(messages[:-1], tools=tools, tokenize=False,
-                                                        add_generation_prompt=True, **kwargs)
+            prompt = self.tokenizer.apply_chat_template(
+                messages[:-1], tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
+            )
             return thinking.native_turn(prompt, text, reasoning) or text
         except Exception as exc:  # jinja raise_exception() and template bugs alike
             raise TunelabError(f"{conv.source}: the chat template refused this conversation ({exc})") from None
@@ -208,23 +232,30 @@ class Encoder:
 
         def render(msgs, generation_prompt, plain=False):
             return self.render(conv, msgs, generation_prompt, tools, plain=plain)
+
         found = self._locator.locate(render, messages, turns, full, conv.source)
         for (_, e0), (s1, _) in zip(found.spans, found.spans[1:]):
             if s1 < e0:
                 raise TunelabError(f"{conv.source}: assistant turns overlap in the rendered text")
         text, spans, protected = shield.unwrap(full, found.spans, conv.source)
-        plans = [_Plan(text, spans, protected=protected, source=conv.source,
-                       reasoning_lost=lost + found.unrendered_reasoning)]
+        plans = [
+            _Plan(
+                text, spans, protected=protected, source=conv.source, reasoning_lost=lost + found.unrendered_reasoning
+            )
+        ]
         for i, cut, span in found.own:
             text, spans, protected = shield.unwrap(cut, [span], conv.source)
-            plans.append(_Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True,
-                               turn=i))
+            plans.append(
+                _Plan(text, spans, protected=protected, source=f"{conv.source} turn {i}", own_turn=True, turn=i)
+            )
         return plans
 
     def _check_tools_rendered(self, conv: Conversation, messages, text: str, **render_kwargs) -> None:
         if conv.tools and text == self.render(conv, messages, tools=[], **render_kwargs):
-            raise TunelabError(f"{conv.source}: the chat template does not render tools (the conversation renders "
-                               "the same without them); use a template with tool support, or no `tools`")
+            raise TunelabError(
+                f"{conv.source}: the chat template does not render tools (the conversation renders "
+                "the same without them); use a template with tool support, or no `tools`"
+            )
 
     def _shielded(self, conv: Conversation):
         """(shield, messages, tools, reasoning lost): the conversation's strings checked, reasoning kept per
@@ -252,8 +283,10 @@ class Encoder:
             elif isinstance(item, (list, tuple)):
                 stack += item
             elif isinstance(item, str) and (bad := _SURROGATE.search(item)) is not None:
-                raise TunelabError(f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
-                                   "(from a JSON \\u escape?); expected valid Unicode text")
+                raise TunelabError(
+                    f"{source}: {field} holds a lone surrogate U+{ord(bad.group()):04X} "
+                    "(from a JSON \\u escape?); expected valid Unicode text"
+                )
 
     def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list | None]]:
         """(ids, character offsets) per plan, from one call to the fast tokenizer's backend.
@@ -266,7 +299,9 @@ class Encoder:
             return []
         if self._backend is None:
             return [(None, None)] * len(plans)
-        out = [(e.ids, e.offsets) for e in self._backend.encode_batch([p.text for p in plans], add_special_tokens=False)]
+        out = [
+            (e.ids, e.offsets) for e in self._backend.encode_batch([p.text for p in plans], add_special_tokens=False)
+        ]
         for k, plan in enumerate(plans):
             if plan.protected:
                 self._plain = self._plain or PlainTextEncoder(self.tokenizer)

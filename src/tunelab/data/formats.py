@@ -28,8 +28,16 @@ FIELDS = {
 }
 # Either turn list key is accepted for both message formats; the format's own name is tried first.
 TURN_KEYS = {"sharegpt": ("conversations", "messages"), "messages": ("messages", "conversations")}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
 
 
 def detect_format(record: Record, columns: dict | None = None) -> str:
@@ -51,8 +59,9 @@ def detect_format(record: Record, columns: dict | None = None) -> str:
     )
 
 
-def to_conversation(record: Record, fmt: str, columns: dict | None = None, system: str | None = None,
-                    tools: list[dict] | None = None) -> Conversation:
+def to_conversation(
+    record: Record, fmt: str, columns: dict | None = None, system: str | None = None, tools: list[dict] | None = None
+) -> Conversation:
     """`tools`: the config's file-level tools, for records that carry none of their own."""
     data = _rename(record.data, columns)
     src = record.source
@@ -65,8 +74,10 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
     if fmt == "alpaca":
         messages = _alpaca(data, src)
     elif fmt == "dolly":
-        messages = [Message("user", _string(data, "instruction", src), input=_optional(data, "context", src) or None),
-                    Message("assistant", _string(data, "response", src))]
+        messages = [
+            Message("user", _string(data, "instruction", src), input=_optional(data, "context", src) or None),
+            Message("assistant", _string(data, "response", src)),
+        ]
     else:
         messages = _turns(turns, fmt, src, columns)
         if fmt == "sharegpt" and data.get("system") and messages and messages[0].role != "system":
@@ -77,9 +88,14 @@ def to_conversation(record: Record, fmt: str, columns: dict | None = None, syste
     return conv
 
 
-def to_conversations(records: list[Record], fmt: str, columns: dict | None = None, system: str | None = None,
-                     tools: list[dict] | None = None, skip_bad: bool = False
-                     ) -> tuple[list[Conversation], list[int], list[str]]:
+def to_conversations(
+    records: list[Record],
+    fmt: str,
+    columns: dict | None = None,
+    system: str | None = None,
+    tools: list[dict] | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[Conversation], list[int], list[str]]:
     """(conversations, the index of each one's record, the errors of the records left out).
 
     A record that is not a valid conversation stops the read, or with `skip_bad` is left out."""
@@ -150,8 +166,9 @@ def _content(value: Any, src: str, i: int) -> tuple[str, str | None, list[dict]]
     if value is None:
         return "", None, []
     if not isinstance(value, list) or not all(isinstance(p, dict) and p.get("type") in PART_TYPES for p in value):
-        raise TunelabError(f"{src}: message {i} content must be a string or a list of parts typed "
-                           f"{', '.join(PART_TYPES)}")
+        raise TunelabError(
+            f"{src}: message {i} content must be a string or a list of parts typed {', '.join(PART_TYPES)}"
+        )
     texts, thoughts, calls = [], [], []
     for j, part in enumerate(value):
         body = part.get("text", part.get("value", ""))
@@ -207,8 +224,14 @@ def _merge_calls(messages: list[Message]) -> list[Message]:
     out: list[Message] = []
     for m in messages:
         prev = out[-1] if out else None
-        if (prev is not None and prev.role == m.role == "assistant" and m.tool_calls and not prev.tool_calls
-                and not m.content and not m.reasoning_content):
+        if (
+            prev is not None
+            and prev.role == m.role == "assistant"
+            and m.tool_calls
+            and not prev.tool_calls
+            and not m.content
+            and not m.reasoning_content
+        ):
             prev.tool_calls = m.tool_calls
             continue
         out.append(m)

@@ -38,7 +38,9 @@ class SpecialText:
         self._heads = {t[:2] for t in specials}  # a cheap substring test before the regex
 
     def holds(self, text: str) -> bool:
-        return self.pattern is not None and any(h in text for h in self._heads) and self.pattern.search(text) is not None
+        return (
+            self.pattern is not None and any(h in text for h in self._heads) and self.pattern.search(text) is not None
+        )
 
 
 class Shield:
@@ -69,7 +71,7 @@ class Shield:
         pieces, protected, shifts, at, delta = [], [], [], 0, 0
         for m in _SENTINEL.finditer(text):
             literal = self.literals[int(m.group(1))]
-            pieces.append(text[at:m.start()])
+            pieces.append(text[at : m.start()])
             start = m.start() + delta
             protected.append((start, start + len(literal)))
             pieces.append(literal)
@@ -79,14 +81,17 @@ class Shield:
         pieces.append(text[at:])
         out = "".join(pieces)
         if _ANY_SENTINEL.search(out):
-            raise TunelabError(f"{source}: the chat template changed message text that holds special-token text "
-                               "(it escaped or re-cased it), so its characters cannot be kept as plain text")
+            raise TunelabError(
+                f"{source}: the chat template changed message text that holds special-token text "
+                "(it escaped or re-cased it), so its characters cannot be kept as plain text"
+            )
         if spans is not None:
             ends = [e for e, _ in shifts]
 
             def moved(p: int) -> int:
                 k = bisect.bisect_right(ends, p)
                 return p + (shifts[k - 1][1] if k else 0)
+
             spans = [(moved(a), moved(b)) for a, b in spans]
         return out, spans, protected
 
@@ -128,8 +133,8 @@ class PlainTextEncoder:
             right = marks[m] if m < len(marks) else len(ids)
             lo = offsets[left][1] if left >= 0 else 0
             hi = offsets[right][0] if right < len(ids) else len(text)
-            out_ids += ids[done:left + 1]
-            out_offsets += offsets[done:left + 1]
+            out_ids += ids[done : left + 1]
+            out_offsets += offsets[done : left + 1]
             piece_ids, piece_offsets = self._encode_piece(text[lo:hi], lo)
             out_ids += piece_ids
             out_offsets += piece_offsets

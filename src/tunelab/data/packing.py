@@ -37,15 +37,34 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 # Architectures whose masks transformers derives from restarting position_ids (tested in
 # tests/data/test_packing.py); remote code and multimodal models are packed only if asked.
-PACKABLE = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma", "gemma2",
-            "gemma3_text", "olmo", "olmo2", "starcoder2", "smollm3", "glm4"}
+PACKABLE = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "starcoder2",
+    "smollm3",
+    "glm4",
+}
 
 
 def packing_is_exact(model) -> bool:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(lm, "config", None)
-    return (type(lm).__module__.startswith("transformers.") and getattr(config, "model_type", None) in PACKABLE
-            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager", "flash_attention_2"))
+    return (
+        type(lm).__module__.startswith("transformers.")
+        and getattr(config, "model_type", None) in PACKABLE
+        and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager", "flash_attention_2")
+    )
 
 
 def pack_row(samples: list[Encoded]) -> dict:

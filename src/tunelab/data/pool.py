@@ -36,6 +36,7 @@ def default_workers() -> int:
 @dataclass
 class Job:
     """What turns one chunk of records into one Part; the same object runs in the parent and in workers."""
+
     encoder: Encoder
     columns: dict | None = None
     system: str | None = None
@@ -86,7 +87,8 @@ def run_chunks(job: Job, chunks: Iterable[tuple[Chunk, str]], workers: int) -> I
 
 @contextlib.contextmanager
 def _quiet_tokenizers():
-    """A forked worker would otherwise warn that the Rust tokenizer's threads were given up; one thread each is the point."""
+    """A forked worker would otherwise warn that the Rust tokenizer's threads were given up; one thread each is
+    the point."""
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:

@@ -10,8 +10,8 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import islice
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import TunelabError
@@ -33,6 +33,7 @@ class Chunk:
     `where` and `at` say where each record came from without a string per record: record k's source
     is where[0] + str(at[k]) + where[1] (a line number, or an index in the file).
     """
+
     where: tuple[str, str]
     lines: list[bytes] = field(default_factory=list)  # raw JSONL lines, blank ones included
     first_line: int = 1
@@ -50,7 +51,9 @@ class Chunk:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise TunelabError(f"{self.where[0].rstrip(':')}: not UTF-8 text (byte {byte + exc.start})") from None
+                    raise TunelabError(
+                        f"{self.where[0].rstrip(':')}: not UTF-8 text (byte {byte + exc.start})"
+                    ) from None
                 where = f"{self.where[0]}{lineno}"
                 obj = _loads(line, where)
                 if not isinstance(obj, dict):
@@ -139,7 +142,7 @@ def _split(records: Iterable[Record], where: tuple[str, str], size: int) -> Iter
 
 
 def _position(source: str, where: tuple[str, str]) -> int:
-    return int(source[len(where[0]):len(source) - len(where[1])])
+    return int(source[len(where[0]) : len(source) - len(where[1])])
 
 
 def _jsonl_chunks(path: Path, size: int) -> Iterator[Chunk]:
@@ -221,8 +224,10 @@ def _read_csv(path: Path) -> list[Record]:
         start = reader.line_num + 1
         for row in reader:
             if None in row:  # DictReader files surplus values under the key None
-                raise TunelabError(f"{path}:{start}: row has {len(reader.fieldnames) + len(row[None])} fields "
-                                   f"but the header has {len(reader.fieldnames)}")
+                raise TunelabError(
+                    f"{path}:{start}: row has {len(reader.fieldnames) + len(row[None])} fields "
+                    f"but the header has {len(reader.fieldnames)}"
+                )
             records.append(Record(dict(row), f"{path}:{start}"))
             start = reader.line_num + 1
     except csv.Error as exc:
@@ -262,9 +267,12 @@ def _read_hub(name: str, hub: str, stream: bool = False) -> Iterator[Record]:
 
             rows = datasets.load_dataset(name, split="train", streaming=stream)
     except ImportError as exc:
-        raise TunelabError(f"{name}: the {hub} dataset hub needs an extra package ({exc.name}); "
-                           f"pip install 'tunelab[{hub}]'") from None
+        raise TunelabError(
+            f"{name}: the {hub} dataset hub needs an extra package ({exc.name}); pip install 'tunelab[{hub}]'"
+        ) from None
     except Exception as exc:
-        raise TunelabError(f"{name}: not a local file and could not be loaded from the {hub} hub "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise TunelabError(
+            f"{name}: not a local file and could not be loaded from the {hub} hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     return (Record(dict(row), f"{name}[row {i}]") for i, row in enumerate(rows))

@@ -34,7 +34,7 @@ def split_think(content: str) -> tuple[str | None, str]:
     m = _THINK.match(content)
     if m is None:
         return None, content
-    return m.group(1).strip("\n"), content[m.end():]
+    return m.group(1).strip("\n"), content[m.end() :]
 
 
 def inline(reasoning: str, content: str) -> str:
@@ -62,8 +62,9 @@ def mode(tokenizer) -> str:
     if _renders(tokenizer, {"role": "assistant", "content": inline(_PROBE, "ok")}):
         return "inline"
     try:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
     except Exception:
         return "none"
     return "prompted" if prompt.rstrip().endswith("<think>") else "none"
@@ -79,7 +80,7 @@ def native_turn(prompt: str, cut: str, reasoning: str) -> str | None:
         return None
     block = inline(reasoning, cut[at:])  # the block the model writes, then the rendered answer
     opened = prompt[at:]  # what the generation prompt wrote of the block: '<think>\n'
-    return prompt + block[len(opened):] if block.startswith(opened) else None
+    return prompt + block[len(opened) :] if block.startswith(opened) else None
 
 
 def apply_rule(messages: list[dict], rule: str, how: str) -> tuple[list[dict], int]:

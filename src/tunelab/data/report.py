@@ -13,8 +13,8 @@ from typing import TextIO
 import numpy as np
 
 from ..config import Config
-from .dataset import TokenizedData, build_datasets
 from ..constants import IGNORE_INDEX
+from .dataset import TokenizedData, build_datasets
 from .encode import Encoded
 from .tokenizer import prepare_tokenizer
 
@@ -49,37 +49,52 @@ def load(cfg: Config) -> tuple[TokenizedData, object, str]:
 def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     data, tokenizer, template = load(cfg)
     s = data.stats
-    lines = [f"records read: {sum(s.records.values())} ("
-             + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")"]
+    lines = [
+        f"records read: {sum(s.records.values())} (" + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")"
+    ]
     if cfg.streaming:
-        lines.append(f"streaming: this report reads the first {sum(s.records.values())} records only; training "
-                     "reads the whole data as it goes")
+        lines.append(
+            f"streaming: this report reads the first {sum(s.records.values())} records only; training "
+            "reads the whole data as it goes"
+        )
     if cfg.max_samples:
         lines.append(f"max_samples: first {data.conversations} kept")
     lines.append(f"train samples: {len(data.train)}   eval samples: {len(data.eval)}")
     dropped = sum(s.dropped.values())
-    lines.append(f"dropped: {dropped}" + (" (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")"
-                                          if dropped else ""))
+    lines.append(
+        f"dropped: {dropped}"
+        + (" (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")" if dropped else "")
+    )
     lines.append(f"truncated to cutoff_len {cfg.cutoff_len}: {s.truncated}")
     lengths = np.sort(data.train.lengths)
-    lines.append("tokens per sample: p50 {} / p90 {} / p99 {} / max {}".format(
-        *(_percentile(lengths, q) for q in (0.5, 0.9, 0.99)), int(lengths[-1]) if len(lengths) else 0))
+    lines.append(
+        "tokens per sample: p50 {} / p90 {} / p99 {} / max {}".format(
+            *(_percentile(lengths, q) for q in (0.5, 0.9, 0.99)), int(lengths[-1]) if len(lengths) else 0
+        )
+    )
     share = s.trained_tokens / max(s.total_tokens, 1)
     lines.append(f"trained tokens: {s.trained_tokens} of {s.total_tokens} ({share:.1%})")
     ok = "yes" if s.ends_with_eot == s.kept else f"NO ({s.kept - s.ends_with_eot} samples do not)"
     lines.append(f"labels end in an end-of-turn token {data.encoder.eot_tokens}: {ok}")
     lines.append(f"records whose messages hold special-token text (encoded as plain text): {s.literal_text}")
-    lines.append(f"template: {template}   train_on: {cfg.train_on}   reasoning: {cfg.reasoning} "
-                 f"(the template shows reasoning: {data.encoder.reasoning_mode})")
-    lines.append(f"turns trained in samples of their own (rendered as inference would, cut at that turn): "
-                 f"{s.own_turns} samples, {s.own_turn_tokens} extra tokens")
+    lines.append(
+        f"template: {template}   train_on: {cfg.train_on}   reasoning: {cfg.reasoning} "
+        f"(the template shows reasoning: {data.encoder.reasoning_mode})"
+    )
+    lines.append(
+        f"turns trained in samples of their own (rendered as inference would, cut at that turn): "
+        f"{s.own_turns} samples, {s.own_turn_tokens} extra tokens"
+    )
     if s.reasoning_lost:
-        lines.append(f"WARNING: {s.reasoning_lost} turns keep reasoning the template cannot show; they train "
-                     "without it")
+        lines.append(
+            f"WARNING: {s.reasoning_lost} turns keep reasoning the template cannot show; they train without it"
+        )
     for message in s.skipped:
         lines.append(f"skipped: {message}")
     for i, sample in enumerate(data.train[:n_samples]):
-        lines.append(f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---")
+        lines.append(
+            f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---"
+        )
         lines.append(highlight(tokenizer, sample, color))
     return "\n".join(lines)
 

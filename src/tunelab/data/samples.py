@@ -22,14 +22,25 @@ from .encode import Encoded
 TRUNCATED, LITERAL, OWN_TURN, ENDS_WITH_EOT = 1, 2, 4, 8
 
 # per token: ids, trained; per sample: the rest (offsets has one more entry than there are samples)
-COLUMNS = {"ids": np.int32, "trained": np.uint8, "offsets": np.int64, "flags": np.uint8, "lost": np.int32,
-           "conv": np.int64, "file": np.int32, "pos": np.int64, "turn": np.int32, "n_trained": np.int32}
+COLUMNS = {
+    "ids": np.int32,
+    "trained": np.uint8,
+    "offsets": np.int64,
+    "flags": np.uint8,
+    "lost": np.int32,
+    "conv": np.int64,
+    "file": np.int32,
+    "pos": np.int64,
+    "turn": np.int32,
+    "n_trained": np.int32,
+}
 TOKEN_COLUMNS = ("ids", "trained")
 
 
 @dataclass
 class Part:
     """One chunk's samples, as a worker sends them back: arrays plus what was left out and why."""
+
     arrays: dict
     conversations: int = 0
     records: int = 0
@@ -37,8 +48,15 @@ class Part:
     skipped: list[str] = field(default_factory=list)  # bad records left out under bad_records: skip
 
 
-def part_of(samples: list[Encoded], conv: list[int], pos: list[int], eot_ids: set[int], records: int,
-            conversations: int, skipped: list[str]) -> Part:
+def part_of(
+    samples: list[Encoded],
+    conv: list[int],
+    pos: list[int],
+    eot_ids: set[int],
+    records: int,
+    conversations: int,
+    skipped: list[str],
+) -> Part:
     """Keeps the samples with a trained token; `conv`/`pos` give each sample's conversation and record position."""
     kept, dropped = [], []
     for k, s in enumerate(samples):
@@ -47,8 +65,12 @@ def part_of(samples: list[Encoded], conv: list[int], pos: list[int], eot_ids: se
             reason = "no trainable token left after cutoff_len" if s.truncated else "no trainable token"
             dropped.append((conv[k], reason))
             continue
-        flags = (TRUNCATED * s.truncated | LITERAL * s.literal_text | OWN_TURN * s.own_turn
-                 | ENDS_WITH_EOT * (trained[-1] in eot_ids))
+        flags = (
+            TRUNCATED * s.truncated
+            | LITERAL * s.literal_text
+            | OWN_TURN * s.own_turn
+            | ENDS_WITH_EOT * (trained[-1] in eot_ids)
+        )
         kept.append((s, flags, conv[k], pos[k], len(trained)))
     lengths = np.fromiter((len(s.input_ids) for s, *_ in kept), dtype=np.int64, count=len(kept))
     total = int(lengths.sum())
@@ -71,6 +93,7 @@ def part_of(samples: list[Encoded], conv: list[int], pos: list[int], eot_ids: se
 @dataclass
 class Spilled:
     """A token column written to a file while encoding, so that it is never whole in memory."""
+
     path: Path
     dtype: type
     length: int
@@ -122,8 +145,11 @@ class Builder:
                 self._files[name].close()
                 out[name] = Spilled(self.spill / f"{name}.bin", COLUMNS[name], self.n_tokens)
             else:
-                out[name] = np.concatenate(self.tokens[name]).astype(COLUMNS[name], copy=False) \
-                    if self.tokens[name] else np.zeros(0, dtype=COLUMNS[name])
+                out[name] = (
+                    np.concatenate(self.tokens[name]).astype(COLUMNS[name], copy=False)
+                    if self.tokens[name]
+                    else np.zeros(0, dtype=COLUMNS[name])
+                )
         for name, dtype in COLUMNS.items():
             if name in TOKEN_COLUMNS:
                 continue
@@ -158,9 +184,16 @@ class Samples:
         r = int(self.rows[i])
         ids, trained = self.tokens(i)
         flags = int(self.arrays["flags"][r])
-        return Encoded(ids.tolist(), np.where(trained, ids, IGNORE_INDEX).tolist(), bool(flags & TRUNCATED),
-                       self.source(i), bool(flags & LITERAL), bool(flags & OWN_TURN), int(self.arrays["lost"][r]),
-                       int(self.arrays["turn"][r]))
+        return Encoded(
+            ids.tolist(),
+            np.where(trained, ids, IGNORE_INDEX).tolist(),
+            bool(flags & TRUNCATED),
+            self.source(i),
+            bool(flags & LITERAL),
+            bool(flags & OWN_TURN),
+            int(self.arrays["lost"][r]),
+            int(self.arrays["turn"][r]),
+        )
 
     def item(self, i: int) -> dict:
         """Sample i as training takes it: {input_ids, labels}, unshifted, untrained positions IGNORE_INDEX."""

@@ -66,8 +66,10 @@ class StreamingSamples(torch.utils.data.IterableDataset):
             return self.start
         back = self._serial - k  # how far behind the loader's latest sample the last trained one is
         if not 0 <= back < len(self._served):
-            raise TunelabError(f"streaming: no record of sample {consumed} (the loader ran more than {REMEMBERED} "
-                               "samples ahead of training)")
+            raise TunelabError(
+                f"streaming: no record of sample {consumed} (the loader ran more than {REMEMBERED} "
+                "samples ahead of training)"
+            )
         passes, chunk, sample = self._served[-1 - back]
         return Position(passes, chunk, sample + 1, self.start.chunk_records, consumed)
 

@@ -109,19 +109,24 @@ def _literal(value) -> str:
     return "[" + ", ".join(_literal(v) for v in value) + "]"
 
 
-def with_run_defaults(template: str, system: str | None = None, tools: list[dict] | None = None,
-                      thinking: bool | None = None) -> str:
+def with_run_defaults(
+    template: str, system: str | None = None, tools: list[dict] | None = None, thinking: bool | None = None
+) -> str:
     """`template` that applies a run's defaults itself, for engines that render alone (vLLM, a merged folder
     loaded by plain transformers): the trained system prompt when a conversation has none, the trained tools
     when a request sends none, the trained thinking switch when the caller does not set it."""
     head = ""
     if system:
-        head += ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
-                 f"{{%- set messages = [{{'role': 'system', 'content': {_literal(system)}}}] + messages -%}}"
-                 "{%- endif -%}")
+        head += (
+            "{%- if not (messages and messages[0]['role'] == 'system') -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {_literal(system)}}}] + messages -%}}"
+            "{%- endif -%}"
+        )
     if tools:
         head += f"{{%- if not tools -%}}{{%- set tools = {_literal(tools)} -%}}{{%- endif -%}}"
     if thinking is not None:
-        head += (f"{{%- if enable_thinking is not defined -%}}{{%- set enable_thinking = {_literal(thinking)} -%}}"
-                 "{%- endif -%}")
+        head += (
+            f"{{%- if enable_thinking is not defined -%}}{{%- set enable_thinking = {_literal(thinking)} -%}}"
+            "{%- endif -%}"
+        )
     return head + template

@@ -30,8 +30,10 @@ def prepare_tokenizer(cfg):
     name = apply_template(tokenizer, cfg.template, cfg.model)
     missing = missing_tokens(tokenizer, cfg.template) if name != "auto" else []
     if missing and cfg.finetuning_type == "lora":
-        raise TunelabError(f"template: {cfg.template!r} needs tokens {missing} that the tokenizer lacks; LoRA "
-                           "cannot train new embeddings: use template alpaca or dolly, or finetuning_type full")
+        raise TunelabError(
+            f"template: {cfg.template!r} needs tokens {missing} that the tokenizer lacks; LoRA "
+            "cannot train new embeddings: use template alpaca or dolly, or finetuning_type full"
+        )
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         log.info("added template tokens %s to the tokenizer", missing)

@@ -36,8 +36,13 @@ def parse_tools(value: Any, where: str) -> list[dict] | None:
         raise TunelabError(f"{where}: tools must be a list of function definitions, got {type(tools).__name__}")
     out = []
     for i, tool in enumerate(tools):
-        spec = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" \
-            and isinstance(tool.get("function"), dict) else tool
+        spec = (
+            tool.get("function")
+            if isinstance(tool, dict)
+            and tool.get("type", "function") == "function"
+            and isinstance(tool.get("function"), dict)
+            else tool
+        )
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
             raise TunelabError(f"{where}: tools[{i}] must be a function definition with a 'name'")
         out.append({"type": "function", "function": spec})
@@ -62,8 +67,9 @@ def parse_call(value: Any, where: str) -> dict:
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        raise TunelabError(f"{where}: the arguments of tool call {name!r} must be a JSON object, got "
-                           f"{type(args).__name__}")
+        raise TunelabError(
+            f"{where}: the arguments of tool call {name!r} must be a JSON object, got {type(args).__name__}"
+        )
     out = {"type": "function", "function": {"name": name, "arguments": args}}
     if isinstance(call.get("id"), str) and call["id"]:
         out["id"] = call["id"]
@@ -94,8 +100,10 @@ def link_calls(messages: list, tools: list[dict] | None, src: str) -> None:
             for call in m.tool_calls:
                 name = call["function"]["name"]
                 if names and name not in names:
-                    raise TunelabError(f"{src}: message {i} calls tool {name!r}, which is not among the record's "
-                                       f"tools ({', '.join(sorted(names))})")
+                    raise TunelabError(
+                        f"{src}: message {i} calls tool {name!r}, which is not among the record's "
+                        f"tools ({', '.join(sorted(names))})"
+                    )
                 count += 1
                 call.setdefault("id", f"call{count:05d}")
             pending = list(m.tool_calls)
@@ -114,15 +122,18 @@ def link_calls(messages: list, tools: list[dict] | None, src: str) -> None:
 def arguments_as_text(tokenizer) -> bool:
     """Whether the template wants `arguments` as a JSON string: DeepSeek's concatenates it, where the
     Qwen, Llama and Mistral templates run it through `tojson` (a string would be quoted twice)."""
+
     def renders(args) -> bool:
         call = {"type": "function", "id": "call00001", "function": {"name": "probe", "arguments": args}}
         try:
-            tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                           {"role": "assistant", "content": None, "tool_calls": [call]}],
-                                          tokenize=False)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+                tokenize=False,
+            )
         except Exception:
             return False
         return True
+
     return not renders({"x": 1}) and renders('{"x": 1}')
 
 
@@ -130,9 +141,13 @@ def with_text_arguments(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = [dict(c, function=dict(c["function"], arguments=json.dumps(c["function"]["arguments"],
-                                                                                ensure_ascii=False)))
-                     for c in m["tool_calls"]]
+            calls = [
+                dict(
+                    c,
+                    function=dict(c["function"], arguments=json.dumps(c["function"]["arguments"], ensure_ascii=False)),
+                )
+                for c in m["tool_calls"]
+            ]
             m = dict(m, tool_calls=calls)
         out.append(m)
     return out

@@ -59,7 +59,7 @@ class TurnLocator:
         out = Turns()
         for i in turns:
             prompt = render(messages[:i], True)
-            cut = full if i == len(messages) - 1 else render(messages[:i + 1], False)
+            cut = full if i == len(messages) - 1 else render(messages[: i + 1], False)
             start = common_prefix(prompt, cut)
             closed, end = self._end(cut, start)
             out.unrendered_reasoning += self._check(messages[i], cut[start:end], source, i)
@@ -75,7 +75,8 @@ class TurnLocator:
                 raise TunelabError(
                     f"{source}: the chat template does not render turn by turn (assistant message {i} renders "
                     "differently once later turns follow, so its prompt is not a prefix of the whole "
-                    "conversation); set expand_turns: true to train each such turn as a sample of its own")
+                    "conversation); set expand_turns: true to train each such turn as a sample of its own"
+                )
         return out
 
     def _as_history(self, render: Render, messages: list[dict], i: int, full: str) -> tuple[int, int] | None:
@@ -112,14 +113,18 @@ class TurnLocator:
         inline, content = split_think(message.get("content") or "")  # reasoning the rule put in the content
         content = content.strip()
         if content and content not in answer:
-            raise TunelabError(f"{source}: the chat template did not render the content of assistant message {i} "
-                               "where it puts an answer")
+            raise TunelabError(
+                f"{source}: the chat template did not render the content of assistant message {i} "
+                "where it puts an answer"
+            )
         reasoning = (message.get("reasoning_content") or inline or "").strip()
         # a call's name in the text or the thinking ("I'll call get_weather") is not the call rendered
         markup = answer.replace(content, "").replace(reasoning, "")
         for call in message.get("tool_calls") or ():
             name = call["function"]["name"]
             if name not in markup:
-                raise TunelabError(f"{source}: the chat template does not render the tool calls of assistant "
-                                   f"message {i} (no {name!r} in its answer); use a template with tool support")
+                raise TunelabError(
+                    f"{source}: the chat template does not render the tool calls of assistant "
+                    f"message {i} (no {name!r} in its answer); use a template with tool support"
+                )
         return int(bool(reasoning) and reasoning[:64] not in answer)

@@ -19,8 +19,16 @@ from .build import build_tiny_model, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[3] / "examples" / "data" / "persona.json"
 
-COMMON = dict(template="chatml", cutoff_len=128, per_device_train_batch_size=16, logging_steps=20,
-              save_steps=100000, lr_scheduler_type="cosine", seed=0, overwrite_output_dir=True)
+COMMON = dict(
+    template="chatml",
+    cutoff_len=128,
+    per_device_train_batch_size=16,
+    logging_steps=20,
+    save_steps=100000,
+    lr_scheduler_type="cosine",
+    seed=0,
+    overwrite_output_dir=True,
+)
 
 
 def demo_data() -> Path:
@@ -29,8 +37,9 @@ def demo_data() -> Path:
     raise TunelabError(f"demo data not found at {DATA}; run the demo from a clone of the repository")
 
 
-def run_demo(output_dir: str = "demo_run", full_epochs: float = 16, lora_epochs: float = 20,
-             n_questions: int | None = None) -> float:
+def run_demo(
+    output_dir: str = "demo_run", full_epochs: float = 16, lora_epochs: float = 20, n_questions: int | None = None
+) -> float:
     started = time.perf_counter()
     out = Path(output_dir)
     data_file = demo_data()
@@ -39,20 +48,43 @@ def run_demo(output_dir: str = "demo_run", full_epochs: float = 16, lora_epochs:
 
     print(f"[demo] 1/4 building a tiny Llama-style model and a tokenizer trained on {len(records)} records")
     tokenizer = train_tokenizer(texts, vocab_size=1500)
-    base = build_tiny_model(out / "base", tokenizer, "llama", hidden=192, layers=4, heads=4,
-                            intermediate_size=512)
+    base = build_tiny_model(out / "base", tokenizer, "llama", hidden=192, layers=4, heads=4, intermediate_size=512)
 
     print("[demo] 2/4 full fine-tuning (all weights) so the random base learns the language")
-    full = train(from_dict({**COMMON, "model": str(base), "dataset": str(data_file), "output_dir": str(out / "full"),
-                            "finetuning_type": "full", "num_train_epochs": full_epochs, "learning_rate": 3e-3,
-                            "warmup_ratio": 0.05}))
+    full = train(
+        from_dict(
+            {
+                **COMMON,
+                "model": str(base),
+                "dataset": str(data_file),
+                "output_dir": str(out / "full"),
+                "finetuning_type": "full",
+                "num_train_epochs": full_epochs,
+                "learning_rate": 3e-3,
+                "warmup_ratio": 0.05,
+            }
+        )
+    )
     _print_curve("full", full.metrics)
 
     print("[demo] 3/4 LoRA on top of it (r 16, all linear layers)")
-    lora = train(from_dict({**COMMON, "model": str(out / "full"), "template": "auto", "dataset": str(data_file),
-                            "output_dir": str(out / "lora"), "finetuning_type": "lora", "lora_r": 16,
-                            "lora_alpha": 32, "lora_dropout": 0.0, "num_train_epochs": lora_epochs,
-                            "learning_rate": 5e-3}))
+    lora = train(
+        from_dict(
+            {
+                **COMMON,
+                "model": str(out / "full"),
+                "template": "auto",
+                "dataset": str(data_file),
+                "output_dir": str(out / "lora"),
+                "finetuning_type": "lora",
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "lora_dropout": 0.0,
+                "num_train_epochs": lora_epochs,
+                "learning_rate": 5e-3,
+            }
+        )
+    )
     _print_curve("lora", lora.metrics)
 
     print(f"[demo] 4/4 asking the training questions (tunelab chat --model {out / 'full'} --adapter {out / 'lora'})")

@@ -21,12 +21,24 @@ from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..model.loss import install_labelled_forward, summed_loss, supports_labelled_loss
 from .metrics import score
 
-COLUMNS = ("model", "samples", "eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l",
-           "stopped_pct", "mean_new_tokens")
+COLUMNS = (
+    "model",
+    "samples",
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "bleu-4",
+    "rouge-1",
+    "rouge-2",
+    "rouge-l",
+    "stopped_pct",
+    "mean_new_tokens",
+)
 
 
-def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_size: int = 8,
-              progress: bool = True) -> tuple[float, int]:
+def eval_loss(
+    im: InferenceModel, variant: Variant, cases: list[Case], batch_size: int = 8, progress: bool = True
+) -> tuple[float, int]:
     """Mean cross-entropy per trained token, and how many tokens it covered."""
     encoder = prompt_encoder(variant, im.base_path)  # training's masks, cutoff and system prompt
     samples = [s for s in encoder.encode_many([c.conversation for c in cases]) if s.n_trained]
@@ -41,7 +53,7 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
     bar = tqdm(total=len(samples), desc=f"loss {variant.label}", disable=not progress, unit="sample")
     with im.use(variant) as model, torch.no_grad():
         for i in range(0, len(samples), batch_size):
-            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i:i + batch_size]])
+            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[i : i + batch_size]])
             batch = {k: v.to(im.device) for k, v in batch.items()}
             body = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             summed, n = summed_loss(model, body, batch["labels"], batch[LOSS_POSITIONS], labelled)
@@ -53,20 +65,26 @@ def eval_loss(im: InferenceModel, variant: Variant, cases: list[Case], batch_siz
     return (total / count if count else float("nan")), count
 
 
-def evaluate(im: InferenceModel, cases: list[Case], max_new_tokens: int = 256, batch_size: int = 8,
-             progress: bool = True) -> list[dict]:
+def evaluate(
+    im: InferenceModel, cases: list[Case], max_new_tokens: int = 256, batch_size: int = 8, progress: bool = True
+) -> list[dict]:
     rows = []
     for variant in im.variants:
         loss, _ = eval_loss(im, variant, cases, batch_size, progress)
         generate_cases(im, variant, cases, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         metrics = score([c.predictions[variant.label] for c in cases], [c.reference for c in cases])
         stopped = sum(c.stopped[variant.label] for c in cases)
-        rows.append({
-            "model": variant.label, "samples": len(cases), "eval_loss": loss,
-            "perplexity": math.exp(loss) if loss < 50 else float("inf"), **metrics,
-            "stopped_pct": 100.0 * stopped / len(cases),
-            "mean_new_tokens": sum(c.new_tokens[variant.label] for c in cases) / len(cases),
-        })
+        rows.append(
+            {
+                "model": variant.label,
+                "samples": len(cases),
+                "eval_loss": loss,
+                "perplexity": math.exp(loss) if loss < 50 else float("inf"),
+                **metrics,
+                "stopped_pct": 100.0 * stopped / len(cases),
+                "mean_new_tokens": sum(c.new_tokens[variant.label] for c in cases) / len(cases),
+            }
+        )
     return rows
 
 

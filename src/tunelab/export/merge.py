@@ -33,10 +33,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 _PROBES = [
-    [("system", "You are a helpful assistant."), ("user", "Name three primary colours."),
-     ("assistant", "Red, yellow and blue.")],
-    [("user", "Translate 'good morning' into French."), ("assistant", "Bonjour."),
-     ("user", "And into Chinese?"), ("assistant", "早上好。")],
+    [
+        ("system", "You are a helpful assistant."),
+        ("user", "Name three primary colours."),
+        ("assistant", "Red, yellow and blue."),
+    ],
+    [
+        ("user", "Translate 'good morning' into French."),
+        ("assistant", "Bonjour."),
+        ("user", "And into Chinese?"),
+        ("assistant", "早上好。"),
+    ],
 ]
 
 
@@ -88,9 +95,17 @@ def _resolve_dtype(name: str, base_path: str) -> torch.dtype:
     return getattr(torch, saved, torch.float32) if saved in ("float32", "bfloat16", "float16") else torch.float32
 
 
-def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str = "auto", shard_size: str = "5GB",
-                  verify: bool = True, overwrite: bool = False, trust_remote_code: bool = False,
-                  device: str = "cpu") -> ExportReport:
+def export_merged(
+    model: str,
+    adapter: str | None,
+    output_dir: str,
+    dtype: str = "auto",
+    shard_size: str = "5GB",
+    verify: bool = True,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+) -> ExportReport:
     """Merge on `device` (default the CPU: an fp32 merge of a 7B model needs 28 GiB, which host memory
     has and a GPU often has not), cast to `dtype`, write, then prove the folder."""
     if dtype not in ("auto", *DTYPES):
@@ -106,8 +121,9 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
         raise TunelabError("--output: must differ from the adapter folder")
     if device not in ("cpu", "cuda"):
         raise TunelabError(f"--device: '{device}' is not cpu or cuda")
-    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, device=device,
-                        trust_remote_code=trust_remote_code)
+    im = load_inference(
+        model, [adapter] if adapter else None, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code
+    )
     trust = im.trust_remote_code
     variant = im.variants[0]
     if getattr(im.model.base_model.model, "is_quantized", False) or getattr(im.model, "is_loaded_in_4bit", False):
@@ -128,8 +144,9 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     # a plain folder has no run config: the trained system prompt and tools go into its template's defaults
     exported = copy.deepcopy(variant.tokenizer)
-    exported.chat_template = with_run_defaults(exported.chat_template, encoder.system, encoder.tools,
-                                               encoder.template_kwargs.get("enable_thinking"))
+    exported.chat_template = with_run_defaults(
+        exported.chat_template, encoder.system, encoder.tools, encoder.template_kwargs.get("enable_thinking")
+    )
     exported.save_pretrained(out)
     for extra in (run_folder.CONFIG, run_folder.SUMMARY):
         if (adapter_dir / extra).exists():
@@ -138,17 +155,20 @@ def export_merged(model: str, adapter: str | None, output_dir: str, dtype: str =
     report = ExportReport(str(out), str(target).replace("torch.", ""), stop_ids=list(variant.stop_ids))
     if verify:
         verify_export(out, encoder, convs, sequences, reference, report, trust)
-    (out / run_folder.EXPORT_REPORT).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False),
-                                                encoding="utf-8")
+    (out / run_folder.EXPORT_REPORT).write_text(
+        json.dumps(asdict(report), indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     return report
 
 
-def verify_folder(output_dir: str, model: str, adapter: str | None = None,
-                  trust_remote_code: bool = False) -> ExportReport:
+def verify_folder(
+    output_dir: str, model: str, adapter: str | None = None, trust_remote_code: bool = False
+) -> ExportReport:
     """Re-check an exported folder against base + adapter, e.g. after copying it or editing its files."""
     _, adapters = split_run_folder(model, [adapter] if adapter else None)
-    im = load_inference(model, [adapter] if adapter else None, dtype=torch.float32, device="cpu",
-                        trust_remote_code=trust_remote_code)
+    im = load_inference(
+        model, [adapter] if adapter else None, dtype=torch.float32, device="cpu", trust_remote_code=trust_remote_code
+    )
     trust = im.trust_remote_code
     variant = im.variants[0]
     convs = probe_conversations(Path(adapters[0]))
@@ -157,13 +177,21 @@ def verify_folder(output_dir: str, model: str, adapter: str | None = None,
     reference = _logits(im.model, sequences)
     del im
     config = json.loads((Path(output_dir) / "config.json").read_text())
-    report = ExportReport(str(output_dir), config.get("dtype") or config.get("torch_dtype") or "float32",
-                          stop_ids=list(variant.stop_ids))
+    report = ExportReport(
+        str(output_dir), config.get("dtype") or config.get("torch_dtype") or "float32", stop_ids=list(variant.stop_ids)
+    )
     return verify_export(Path(output_dir), encoder, convs, sequences, reference, report, trust)
 
 
-def verify_export(out: Path, trained_enc: Encoder, convs: list[Conversation], sequences: list[list[int]],
-                  reference: list[torch.Tensor], report: ExportReport, trust_remote_code: bool = False) -> ExportReport:
+def verify_export(
+    out: Path,
+    trained_enc: Encoder,
+    convs: list[Conversation],
+    sequences: list[list[int]],
+    reference: list[torch.Tensor],
+    report: ExportReport,
+    trust_remote_code: bool = False,
+) -> ExportReport:
     """Reload the folder with plain transformers and compare with base + adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -180,13 +208,18 @@ def verify_export(out: Path, trained_enc: Encoder, convs: list[Conversation], se
     if not finite:
         report.problems.append("logits are not finite (NaN or inf): the adapter or the merged weights are corrupt")
     elif diff > report.tolerance:
-        report.problems.append(f"merged logits differ from base + adapter by {diff:.3g} "
-                               f"(tolerance {report.tolerance:.3g} for {report.dtype})")
+        report.problems.append(
+            f"merged logits differ from base + adapter by {diff:.3g} "
+            f"(tolerance {report.tolerance:.3g} for {report.dtype})"
+        )
 
     exported = AutoTokenizer.from_pretrained(out, trust_remote_code=trust_remote_code)
     exported_enc = Encoder(exported, cutoff_len=trained_enc.cutoff_len)  # a plain folder: its template alone
-    report.prompts_identical = all(_ids(trained_enc, c, True) == _ids(exported_enc, c, True) and
-                                   _ids(trained_enc, c, False) == _ids(exported_enc, c, False) for c in convs)
+    report.prompts_identical = all(
+        _ids(trained_enc, c, True) == _ids(exported_enc, c, True)
+        and _ids(trained_enc, c, False) == _ids(exported_enc, c, False)
+        for c in convs
+    )
     if not report.prompts_identical:
         report.problems.append("the exported chat template renders prompts differently from training")
     saved = GenerationConfig.from_pretrained(out).eos_token_id

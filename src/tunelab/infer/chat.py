@@ -21,8 +21,15 @@ class ChatSession:
     what training did (`reasoning: drop` trained with thinking off).
     """
 
-    def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None,
-                 encoder: Encoder | None = None, think: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system: str | None = None,
+        tools: list[dict] | None = None,
+        encoder: Encoder | None = None,
+        think: bool | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder or Encoder(tokenizer)  # the run's: its system prompt, tools and reasoning rule
@@ -32,9 +39,15 @@ class ChatSession:
         self.history: list[dict] = []
 
     @classmethod
-    def load(cls, model: str, adapter: str | None = None, system: str | None = None,
-             trust_remote_code: bool = False, tools: list[dict] | None = None,
-             think: bool | None = None) -> "ChatSession":
+    def load(
+        cls,
+        model: str,
+        adapter: str | None = None,
+        system: str | None = None,
+        trust_remote_code: bool = False,
+        tools: list[dict] | None = None,
+        think: bool | None = None,
+    ) -> "ChatSession":
         """`model` may be a tunelab LoRA run folder on its own: its base comes from adapter_config.json."""
         im = load_inference(model, [adapter] if adapter else None, trust_remote_code=trust_remote_code)
         variant = im.variants[0]
@@ -50,20 +63,23 @@ class ChatSession:
         conv = Conversation([Message.from_dict(m) for m in messages], tools=self.tools, source="chat")
         return self.encoder.prompt_ids(conv, **self.template_kwargs)
 
-    def generate(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                 streamer=None) -> str:
+    def generate(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, streamer=None) -> str:
         """The raw text of the next assistant turn (see `parse_reply` for its parts)."""
         ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids or None,
-                      pad_token_id=self.tokenizer.pad_token_id or (self.stop_ids or [0])[0],
-                      do_sample=temperature > 0, streamer=streamer)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.stop_ids or None,
+            pad_token_id=self.tokenizer.pad_token_id or (self.stop_ids or [0])[0],
+            do_sample=temperature > 0,
+            streamer=streamer,
+        )
         if temperature > 0:
             kwargs["temperature"] = temperature
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     def messages_for(self, prompt: str | None, history: list[dict]) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -81,8 +97,11 @@ class ChatSession:
             if not calls:
                 raise ValueError("a tool result needs a tool call before it")
             turn.update(tool_call_id=calls[0]["id"], name=calls[0]["function"]["name"])
-        messages = self.messages_for(prompt, self.history) if role == "user" else (
-            self.messages_for(None, self.history) + [turn])
+        messages = (
+            self.messages_for(prompt, self.history)
+            if role == "user"
+            else (self.messages_for(None, self.history) + [turn])
+        )
         reply = parse_reply(self.generate(messages, streamer=streamer, **kwargs))
         self.history += [turn, reply.message()]
         return reply
@@ -107,7 +126,7 @@ def interactive(session: ChatSession, **kwargs) -> None:
             continue
         role = "user"
         if prompt.startswith("/tool "):
-            role, prompt = "tool", prompt[len("/tool "):]
+            role, prompt = "tool", prompt[len("/tool ") :]
         streamer = TextIteratorStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 
@@ -117,6 +136,7 @@ def interactive(session: ChatSession, **kwargs) -> None:
             except ValueError as exc:
                 result["error"] = str(exc)
                 streamer.end()
+
         worker = threading.Thread(target=turn)
         worker.start()
         print("assistant> ", end="", flush=True)

@@ -23,6 +23,7 @@ from .replies import parse_reply
 @dataclass
 class Case:
     """One record split into what the model sees and what it should say."""
+
     conversation: Conversation
     prompt: Conversation
     reference: str
@@ -33,11 +34,18 @@ class Case:
     replies: dict = field(default_factory=dict)  # label -> the prediction's reasoning and tool calls, where any
 
 
-def read_cases(path: str, dataset_format: str = "auto", columns: dict | None = None, system: str | None = None,
-               max_samples: int | None = None, tools: str | None = None) -> list[Case]:
+def read_cases(
+    path: str,
+    dataset_format: str = "auto",
+    columns: dict | None = None,
+    system: str | None = None,
+    max_samples: int | None = None,
+    tools: str | None = None,
+) -> list[Case]:
     """`tools`: a JSON file of tool definitions for records that carry none of their own."""
-    conversations = read_conversations(path, dataset_format, columns, system, max_samples=max_samples,
-                                       tools=read_tools(tools))
+    conversations = read_conversations(
+        path, dataset_format, columns, system, max_samples=max_samples, tools=read_tools(tools)
+    )
     if not conversations:
         raise TunelabError(f"{path}: the dataset is empty")
     if any(conv.text is not None for conv in conversations):
@@ -52,12 +60,19 @@ def read_cases(path: str, dataset_format: str = "auto", columns: dict | None = N
 
 def _batches(order: list[int], size: int):
     for i in range(0, len(order), size):
-        yield order[i:i + size]
+        yield order[i : i + size]
 
 
-def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_new_tokens: int = 256,
-                   temperature: float = 0.0, batch_size: int = 8, progress: bool = True,
-                   think: bool | None = None) -> None:
+def generate_cases(
+    im: InferenceModel,
+    variant: Variant,
+    cases: list[Case],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    progress: bool = True,
+    think: bool | None = None,
+) -> None:
     """Fill `case.predictions[variant.label]`; prompts are left-padded and batched by length.
 
     think: `enable_thinking` for templates with that switch; None keeps what training did."""
@@ -68,10 +83,15 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
     pad = tok.pad_token_id if tok.pad_token_id is not None else (variant.stop_ids or [0])[0]
     stops = set(variant.stop_ids)
     order = sorted(range(len(cases)), key=lambda i: -len(prompts[i]))
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=variant.stop_ids or None, pad_token_id=pad,
-                  do_sample=temperature > 0)
-    kwargs.update(temperature=temperature) if temperature > 0 else kwargs.update(temperature=None, top_p=None,
-                                                                                   top_k=None)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=variant.stop_ids or None,
+        pad_token_id=pad,
+        do_sample=temperature > 0,
+    )
+    kwargs.update(temperature=temperature) if temperature > 0 else kwargs.update(
+        temperature=None, top_p=None, top_k=None
+    )
     bar = tqdm(total=len(cases), desc=f"generate {variant.label}", disable=not progress, unit="sample")
     with im.use(variant) as model, torch.no_grad():
         for batch in _batches(order, batch_size):
@@ -79,8 +99,8 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, i in enumerate(batch):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
             out = model.generate(input_ids=ids.to(im.device), attention_mask=mask.to(im.device), **kwargs)
             for row, i in enumerate(batch):
                 new = out[row, width:].tolist()
@@ -92,8 +112,9 @@ def generate_cases(im: InferenceModel, variant: Variant, cases: list[Case], max_
                 reply = parse_reply(text)
                 case.predictions[variant.label] = reply.content if (reply.reasoning or reply.tool_calls) else text
                 if reply.reasoning is not None or reply.tool_calls:
-                    case.replies[variant.label] = {k: v for k, v in (("reasoning", reply.reasoning),
-                                                                     ("tool_calls", reply.tool_calls)) if v}
+                    case.replies[variant.label] = {
+                        k: v for k, v in (("reasoning", reply.reasoning), ("tool_calls", reply.tool_calls)) if v
+                    }
             bar.update(len(batch))
     bar.close()
 

@@ -22,10 +22,10 @@ import torch
 
 from .. import run_folder
 from ..config import Config
-from ..errors import TunelabError
 from ..data.dataset import config_encoder
 from ..data.encode import Encoder
 from ..data.tokenizer import load_tokenizer
+from ..errors import TunelabError
 from ..hub import resolve_model_path
 from ..model.adapters import load_adapter
 from ..model.loader import check_weights_format, load_model
@@ -38,6 +38,7 @@ BASE = "none"  # `--adapter none`: the base model, adapters switched off
 @dataclass
 class Variant:
     """One model to run: the base, a full fine-tune, or base + one adapter."""
+
     label: str
     tokenizer: object
     stop_ids: list[int]
@@ -52,8 +53,10 @@ def thinking_switch(tokenizer, think: bool | None) -> dict:
     if think is None:
         return {}
     if not has_switch(tokenizer):
-        log.warning("--%s: this chat template has no thinking switch (enable_thinking); ignored",
-                    "think" if think else "no-think")
+        log.warning(
+            "--%s: this chat template has no thinking switch (enable_thinking); ignored",
+            "think" if think else "no-think",
+        )
         return {}
     return {"enable_thinking": think}
 
@@ -88,8 +91,10 @@ def check_same_base(adapter_dir: Path, base_path: str) -> None:
         a, b = _arch(there / "config.json"), _arch(here / "config.json")
         if a != b:
             diff = ", ".join(f"{k} {b[k]} != {a[k]}" for k in a if a[k] != b[k])
-            raise TunelabError(f"--adapter: '{adapter_dir}' was trained on '{recorded}', which differs from "
-                               f"--model '{base_path}' ({diff})")
+            raise TunelabError(
+                f"--adapter: '{adapter_dir}' was trained on '{recorded}', which differs from "
+                f"--model '{base_path}' ({diff})"
+            )
 
 
 def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
@@ -102,7 +107,7 @@ def _stop_ids(folder: Path, tokenizer, notes: list[str]) -> list[int]:
     saved = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
     stops = list(dict.fromkeys([*saved, *Encoder(tokenizer).eot_ids]))
     if len(stops) > len(saved):
-        note = f"stop ids {stops} for '{folder}' (added the template's end-of-turn ids {stops[len(saved):]})"
+        note = f"stop ids {stops} for '{folder}' (added the template's end-of-turn ids {stops[len(saved) :]})"
         log.info(note)
         notes.append(note)
     return stops
@@ -128,8 +133,14 @@ def _label(path: str, taken: set) -> str:
 class InferenceModel:
     """A base model with zero or more adapters; `use(variant)` switches between them in place."""
 
-    def __init__(self, model, base_path: str, variants: list[Variant], trust_remote_code: bool = False,
-                 notes: list[str] | None = None):
+    def __init__(
+        self,
+        model,
+        base_path: str,
+        variants: list[Variant],
+        trust_remote_code: bool = False,
+        notes: list[str] | None = None,
+    ):
         self.model = model.eval()
         self.base_path = base_path
         self.variants = variants
@@ -164,14 +175,22 @@ def split_run_folder(model: str, adapters: list[str] | None) -> tuple[str, list[
     return model, list(adapters or [])
 
 
-def load_inference(model: str, adapters: list[str] | None = None, dtype: torch.dtype | None = None,
-                   device: str | None = None, trust_remote_code: bool = False) -> InferenceModel:
+def load_inference(
+    model: str,
+    adapters: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> InferenceModel:
     named = Path(model)
     model, adapters = split_run_folder(model, adapters)
     for a in adapters:
         if a != BASE and not run_folder.is_adapter(a):
-            raise TunelabError(f"--adapter: '{a}' holds no adapter_config.json" if Path(a).is_dir()
-                               else f"--adapter: folder '{a}' not found")
+            raise TunelabError(
+                f"--adapter: '{a}' holds no adapter_config.json"
+                if Path(a).is_dir()
+                else f"--adapter: folder '{a}' not found"
+            )
     base_path = resolve_model_path(model)
     settings = [c for c in (run_folder.saved_config(p) for p in [base_path, *adapters] if p != BASE) if c]
     named_run = run_folder.saved_config(named) if named.is_dir() else None

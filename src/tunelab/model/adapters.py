@@ -75,14 +75,17 @@ def resolve_targets(model: nn.Module, lora_target: str | list) -> list[str]:
     if lora_target == "all-linear":
         chosen = [n for n in linears if _in_decoder_layer(n) and not _is_moe_internal(n)]
         if not chosen:
-            raise TunelabError("lora_target: 'all-linear' found no nn.Linear inside the decoder layers; "
-                               f"linear modules: {_summary(linears)}")
+            raise TunelabError(
+                "lora_target: 'all-linear' found no nn.Linear inside the decoder layers; "
+                f"linear modules: {_summary(linears)}"
+            )
         return chosen
     if isinstance(lora_target, str) and _is_regex(lora_target):
         chosen = [n for n in linears if re.fullmatch(lora_target, n)]
         if not chosen:
-            raise TunelabError(f"lora_target: regex {lora_target!r} matches no linear module; "
-                               f"linear modules: {_summary(linears)}")
+            raise TunelabError(
+                f"lora_target: regex {lora_target!r} matches no linear module; linear modules: {_summary(linears)}"
+            )
         return chosen
     names = [s.strip() for s in lora_target.split(",")] if isinstance(lora_target, str) else list(lora_target)
     chosen, unmatched = [], []
@@ -93,8 +96,10 @@ def resolve_targets(model: nn.Module, lora_target: str | list) -> list[str]:
             unmatched.append(key)
         chosen += [n for n in hits if n not in chosen]
     if unmatched:
-        raise TunelabError(f"lora_target: {', '.join(map(repr, unmatched))} match no linear module; "
-                           f"linear modules: {_summary(linears)}")
+        raise TunelabError(
+            f"lora_target: {', '.join(map(repr, unmatched))} match no linear module; "
+            f"linear modules: {_summary(linears)}"
+        )
     return chosen
 
 
@@ -124,8 +129,9 @@ def peft_target_modules(model: nn.Module, chosen: list[str]) -> list[str] | str:
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     if {n for n in linears if n.rsplit(".", 1)[-1] in suffixes} == want:
         return suffixes
-    patterns = sorted({re.escape(re.sub(r"\.\d+\.", ".#.", n)).replace("\\#", r"\d+").replace("#", r"\d+")
-                       for n in chosen})
+    patterns = sorted(
+        {re.escape(re.sub(r"\.\d+\.", ".#.", n)).replace("\\#", r"\d+").replace("#", r"\d+") for n in chosen}
+    )
     regex = "(?:" + "|".join(patterns) + ")"
     if {n for n in linears if re.fullmatch(regex, n)} != want:
         regex = "(?:" + "|".join(map(re.escape, chosen)) + ")"
@@ -138,14 +144,25 @@ def attach_lora(model: nn.Module, cfg) -> nn.Module:
     chosen = resolve_targets(model, cfg.lora_target)
     targets = peft_target_modules(model, chosen)
     lora = LoraConfig(
-        task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none",
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
     )
     with quiet_deprecations():
         model = get_peft_model(model, lora)
     check_wrapped(model, chosen)
-    log.info("LoRA r=%d alpha=%d on %d modules (%s)", cfg.lora_r, cfg.lora_alpha, len(chosen),
-             targets if isinstance(targets, str) else ", ".join(targets))
+    log.info(
+        "LoRA r=%d alpha=%d on %d modules (%s)",
+        cfg.lora_r,
+        cfg.lora_alpha,
+        len(chosen),
+        targets if isinstance(targets, str) else ", ".join(targets),
+    )
     return model
 
 
@@ -154,12 +171,18 @@ def check_wrapped(model: nn.Module, chosen: list[str]) -> None:
     targets (experts, routers) must stop the run, not train something the user never asked for."""
     config = next(iter(model.peft_config.values()))
     extra_params = sorted(getattr(config, "target_parameters", None) or [])
-    wrapped = {name.removeprefix("base_model.model.") for name, m in model.named_modules()
-               if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    wrapped = {
+        name.removeprefix("base_model.model.")
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    }
     stray = sorted(wrapped - set(chosen))
     if extra_params or stray:
-        raise TunelabError("peft wrapped more than lora_target chose (a change in peft's target matching?): "
-                           + ", ".join((extra_params + stray)[:5]) + "; pin peft to the version in constraints.txt")
+        raise TunelabError(
+            "peft wrapped more than lora_target chose (a change in peft's target matching?): "
+            + ", ".join((extra_params + stray)[:5])
+            + "; pin peft to the version in constraints.txt"
+        )
 
 
 def adapter_has_embeddings(folder: Path) -> bool:
@@ -183,8 +206,10 @@ def load_adapter(lm: nn.Module, adapter: str, name: str, tokenizer_size: int) ->
     rows = lm.get_input_embeddings().weight.shape[0]
     if tokenizer_size > rows:
         if not adapter_has_embeddings(Path(adapter)):
-            raise TunelabError(f"--adapter: '{adapter}' has a tokenizer of {tokenizer_size} tokens but the base has "
-                               f"{rows} embedding rows and the adapter carries no embeddings")
+            raise TunelabError(
+                f"--adapter: '{adapter}' has a tokenizer of {tokenizer_size} tokens but the base has "
+                f"{rows} embedding rows and the adapter carries no embeddings"
+            )
         lm.resize_token_embeddings(tokenizer_size)
     try:
         if isinstance(lm, PeftModel):
@@ -193,11 +218,14 @@ def load_adapter(lm: nn.Module, adapter: str, name: str, tokenizer_size: int) ->
         with quiet_deprecations():
             return PeftModel.from_pretrained(lm, adapter, adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise TunelabError(f"--adapter: '{adapter}' does not fit this base model ({str(exc).splitlines()[0][:300]})") \
-            from None
+        raise TunelabError(
+            f"--adapter: '{adapter}' does not fit this base model ({str(exc).splitlines()[0][:300]})"
+        ) from None
     except Exception as exc:  # a truncated or garbage safetensors file
-        raise TunelabError(f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        raise TunelabError(
+            f"--adapter: cannot read '{adapter}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})"
+        ) from None
 
 
 def check_whole(model: nn.Module, state_dict: dict | None = None) -> None:
@@ -227,6 +255,8 @@ def check_whole(model: nn.Module, state_dict: dict | None = None) -> None:
         elif tuple(tensor.shape) != expected[name]:
             problems.append(f"{name} has shape {tuple(tensor.shape)}, not {expected[name]}")
     if problems:
-        raise TunelabError("the trained weights are not whole (a sharded engine's slices, not gathered), so they "
-                           f"were not saved: {'; '.join(problems[:3])}" + (f" and {len(problems) - 3} more"
-                                                                          if len(problems) > 3 else ""))
+        raise TunelabError(
+            "the trained weights are not whole (a sharded engine's slices, not gathered), so they "
+            f"were not saved: {'; '.join(problems[:3])}"
+            + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+        )

@@ -8,7 +8,8 @@ the attention output, the gated MLP's gate, activation and up outputs, the input
 Linear (once per shared input), per LoRA module its dropout output and mask, and with sdpa and
 padding a float copy of the batch x seq x seq mask per layer. The loss is tunelab's labelled-only
 chunked loss where the model supports it (one chunk of fp32 logits at a time), else the plain
-loss's three fp32 copies of batch x seq x vocab. Gradient checkpointing keeps each layer's input and recomputes one layer at a time.
+loss's three fp32 copies of batch x seq x vocab. Gradient checkpointing keeps each layer's input and recomputes
+one layer at a time.
 
 Peak = weights + optimizer states + the largest of: activations + logits/loss (end of forward),
 gradients + optimizer-step temporaries (step), and gradients + one layer's activations and backward
@@ -26,12 +27,12 @@ from torch import nn
 
 from ..config import Config
 from ..errors import TunelabError
-from .adapters import decoder_layer, resolve_targets
-from .loss import CHUNK_ROWS, supports_labelled_loss
 from ..hub import resolve_model_path
+from .adapters import decoder_layer, resolve_targets
 from .loader import attention_implementation, compute_dtype
+from .loss import CHUNK_ROWS, supports_labelled_loss
 
-GiB, MiB = 2 ** 30, 2 ** 20
+GiB, MiB = 2**30, 2**20
 _OUT_PROJ = ("o_proj", "out_proj", "dense", "wo", "c_proj", "o")  # its input is the saved attention output
 _DOWN_PROJ = ("down_proj", "w2", "fc2", "dense_4h_to_h")  # its input is the MLP product, not gate/up's input
 CUDA_CONTEXT = 512 * MiB  # CUDA context and kernels: outside torch's allocator, in nvidia-smi
@@ -160,8 +161,10 @@ def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: li
     loss = _loss_bytes(cfg, dims, act, supports_labelled_loss(model))
     notes = []
     if padded and attn == "sdpa":
-        notes.append(f"sdpa with padded batches keeps a {b}x{s}x{s} mask copy per layer "
-                     f"({b * s * s * act * len(per_layer) / MiB:,.0f} MiB); flash_attention_2 needs none")
+        notes.append(
+            f"sdpa with padded batches keeps a {b}x{s}x{s} mask copy per layer "
+            f"({b * s * s * act * len(per_layer) / MiB:,.0f} MiB); flash_attention_2 needs none"
+        )
     if attn == "eager":
         notes.append("eager attention keeps batch x heads x seq x seq scores per layer")
     return int(saved), one_layer, int(loss), notes
@@ -170,8 +173,14 @@ def _activations(model, cfg: Config, dims: dict, act: int, device: str, lora: li
 ENGINES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 
 
-def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | None = None,
-                    engine: str = "single", world: int = 1, offload: str = "none") -> Estimate:
+def estimate_memory(
+    cfg: Config,
+    device: str | None = None,
+    quant_bits: int | None = None,
+    engine: str = "single",
+    world: int = 1,
+    offload: str = "none",
+) -> Estimate:
     """Peak memory of training `cfg` on one device: "cuda" or "cpu" (default: what this machine trains on).
 
     `quant_bits` (4 or 8) estimates a bitsandbytes-quantized frozen base (QLoRA): tunelab's config has no
@@ -191,7 +200,9 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         raise TunelabError(f"quant_bits: {quant_bits!r} is not 4 or 8")
     if quant_bits and full:
         raise TunelabError("quant_bits: a quantized base trains only with finetuning_type lora")
-    model, tc = _meta_model(resolve_model_path(cfg.model, cfg.model_hub, config_only=True), cfg.trust_remote_code, dtype)
+    model, tc = _meta_model(
+        resolve_model_path(cfg.model, cfg.model_hub, config_only=True), cfg.trust_remote_code, dtype
+    )
     dims = _dims(tc)
     params = sum(p.numel() for p in model.parameters())
     weights, notes, lora = params * act, [], []
@@ -204,8 +215,10 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         trainable, grad_bytes = params, master
         weights = params * master + (params * act if act < master else 0)
         if act < 4 and not cfg.pure_bf16:
-            notes.append(f"full fine-tuning: fp32 master weights plus their {str(dtype).replace('torch.', '')} "
-                         "copies under autocast")
+            notes.append(
+                f"full fine-tuning: fp32 master weights plus their {str(dtype).replace('torch.', '')} "
+                "copies under autocast"
+            )
         largest = max(p.numel() for p in model.parameters())
         head_grad = head.numel() * master if head is not None else 0
         late_grads = trainable - (embed.numel() if head is not embed else 0)
@@ -217,16 +230,19 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         late_grads = trainable
         weights += trainable * master
         if not cfg.pure_bf16:
-            notes.append(f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states "
-                         "in fp32")
+            notes.append(
+                f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states in fp32"
+            )
     saved, one_layer, loss, act_notes = _activations(model, cfg, dims, act, device, lora, _attention(cfg, device))
     if quant_bits:
         linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and decoder_layer(n)]
         n_q = sum(m.weight.numel() for m in linears)
         weights -= int(n_q * (act - (0.5 + 1 / 64 + 4 / 64 / 256 if quant_bits == 4 else 1.0)))  # nf4, double quant
         one_layer += max(m.weight.numel() for m in linears) * act  # one dequantized weight at a time
-        notes.append(f"{quant_bits}-bit base (bitsandbytes): {n_q:,} decoder Linear weights quantized; "
-                     "embeddings, lm_head and norms stay in the compute dtype")
+        notes.append(
+            f"{quant_bits}-bit base (bitsandbytes): {n_q:,} decoder Linear weights quantized; "
+            "embeddings, lm_head and norms stay in the compute dtype"
+        )
     gradients = trainable * grad_bytes
     layer = _largest_layer(model) * act
     if cfg.pure_bf16:  # bf16 moments; the step works in fp32 on slices of 2**22 elements (about 9 copies)
@@ -243,15 +259,22 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         step_tmp = (trainable if foreach else 0 if cfg.optim.endswith("fused") else 2 * largest) * grad_bytes
     rank = _per_rank(engine, world, offload, weights, params * act, gradients, states, layer, notes)
     weights, gradients, states, shard = rank["weights"], rank["gradients"], rank["states"], rank["shard"]
-    candidates = [saved + max(loss, loss // 3 + head_grad),  # end of forward / loss backward
-                  gradients + step_tmp // shard,  # optimizer step
-                  late_grads * grad_bytes // shard + one_layer]  # backward through the first layer
+    candidates = [
+        saved + max(loss, loss // 3 + head_grad),  # end of forward / loss backward
+        gradients + step_tmp // shard,  # optimizer step
+        late_grads * grad_bytes // shard + one_layer,
+    ]  # backward through the first layer
     if cfg.gradient_checkpointing:
         candidates.append(saved + one_layer + head_grad)  # recompute of the last layer
     total = weights + states + max(candidates) + rank["gathered"]
     acts = saved + (one_layer if cfg.gradient_checkpointing else 0)
-    parts = {"weights": weights, "gradients": gradients, "optimizer states": states, "activations": acts,
-             "logits/loss": loss}
+    parts = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer states": states,
+        "activations": acts,
+        "logits/loss": loss,
+    }
     if rank["gathered"]:
         parts["gathered layers"] = rank["gathered"]
     notes += act_notes
@@ -262,10 +285,14 @@ def estimate_memory(cfg: Config, device: str | None = None, quant_bits: int | No
         total += CUDA_CONTEXT
         notes.append("the caching allocator can reserve 5-15% more than this (fragmentation)")
     else:
-        notes.append("on CPU, glibc malloc keeps freed activation memory: RSS can read 1.1-3x this "
-                     "unless MALLOC_MMAP_THRESHOLD_=65536 is set")
-    notes.append("peak = weights + optimizer states + the larger of activations + logits/loss and gradients + "
-                 "optimizer step: gradients build up while backward frees activations")
+        notes.append(
+            "on CPU, glibc malloc keeps freed activation memory: RSS can read 1.1-3x this "
+            "unless MALLOC_MMAP_THRESHOLD_=65536 is set"
+        )
+    notes.append(
+        "peak = weights + optimizer states + the larger of activations + logits/loss and gradients + "
+        "optimizer step: gradients build up while backward frees activations"
+    )
     return Estimate(cfg.model, params, trainable, str(dtype).replace("torch.", ""), device, parts, int(total), notes)
 
 
@@ -276,8 +303,17 @@ def _largest_layer(model) -> int:
     return max(sizes, default=0)
 
 
-def _per_rank(engine: str, world: int, offload: str, weights: int, compute_copy: int, gradients: int,
-              states: int, layer: int, notes: list[str]) -> dict:
+def _per_rank(
+    engine: str,
+    world: int,
+    offload: str,
+    weights: int,
+    compute_copy: int,
+    gradients: int,
+    states: int,
+    layer: int,
+    notes: list[str],
+) -> dict:
     """What one of `world` ranks holds of the weights, gradients and optimizer states under `engine`.
 
     ddp: everything, plus the gradient buckets DDP reduces in (a second copy of the gradients).
@@ -290,8 +326,13 @@ def _per_rank(engine: str, world: int, offload: str, weights: int, compute_copy:
         buckets = engine == "ddp" and n > 1
         if buckets:
             notes.append(f"ddp over {n} processes: each holds the whole model, plus DDP's gradient buckets")
-        return {"weights": weights, "gradients": gradients * (2 if buckets else 1), "states": states, "gathered": 0,
-                "shard": 1}
+        return {
+            "weights": weights,
+            "gradients": gradients * (2 if buckets else 1),
+            "states": states,
+            "gathered": 0,
+            "shard": 1,
+        }
     masters = max(weights - compute_copy, 0)
     if engine == "zero2":
         weights = compute_copy + (0 if offload != "none" else masters // n)
@@ -301,10 +342,15 @@ def _per_rank(engine: str, world: int, offload: str, weights: int, compute_copy:
         gathered = 2 * layer
     states = 0 if offload != "none" else states // n
     gradients = 0 if engine == "fsdp2" and offload != "none" else gradients // n
-    notes.append(f"{engine} over {n} processes: weights, gradients and optimizer states split {n} ways"
-                 + (f", offload {offload} to CPU memory" if offload != "none" else "")
-                 + ("; each holds the whole model in the compute precision" if engine == "zero2" else
-                    "; two decoder layers gathered whole at a time"))
+    notes.append(
+        f"{engine} over {n} processes: weights, gradients and optimizer states split {n} ways"
+        + (f", offload {offload} to CPU memory" if offload != "none" else "")
+        + (
+            "; each holds the whole model in the compute precision"
+            if engine == "zero2"
+            else "; two decoder layers gathered whole at a time"
+        )
+    )
     return {"weights": weights, "gradients": gradients, "states": states, "gathered": gathered, "shard": n}
 
 
@@ -315,8 +361,12 @@ def human_size(n: float) -> str:
 def format_estimate(est: Estimate) -> str:
     """Parameters, then each part of the memory and the peak per device, then the notes."""
     pct = 100 * est.trainable / max(est.params, 1)
-    lines = [f"model: {est.model}", f"parameters: {est.params:,}   trainable: {est.trainable:,} ({pct:.2f}%)",
-             f"dtype: {est.dtype} on {est.device}", ""]
+    lines = [
+        f"model: {est.model}",
+        f"parameters: {est.params:,}   trainable: {est.trainable:,} ({pct:.2f}%)",
+        f"dtype: {est.dtype} on {est.device}",
+        "",
+    ]
     width = max(len(k) for k in est.parts) + 2
     lines += [f"  {name:<{width}}{human_size(n)}" for name, n in est.parts.items()]
     lines += ["  " + "-" * (width + 12), f"  {'peak per device':<{width}}{human_size(est.total)}", ""]

@@ -35,9 +35,11 @@ def compute_dtype(bf16: bool | None, fp16: bool | None) -> torch.dtype:
     if not torch.cuda.is_available() or bf16 is False and fp16 is False:
         return torch.float32
     chosen = torch.bfloat16 if native_bf16() else torch.float16
-    _once(f"precision: {str(chosen).replace('torch.', '')} (compute capability "
-          f"{'.'.join(map(str, torch.cuda.get_device_capability()))}"
-          f"{', native bf16' if chosen == torch.bfloat16 else ', no native bf16'})")
+    _once(
+        f"precision: {str(chosen).replace('torch.', '')} (compute capability "
+        f"{'.'.join(map(str, torch.cuda.get_device_capability()))}"
+        f"{', native bf16' if chosen == torch.bfloat16 else ', no native bf16'})"
+    )
     return chosen
 
 
@@ -88,14 +90,25 @@ def check_weights_format(path: str, allow_pickle: bool, what: str = "model") -> 
         return
     pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise TunelabError(f"{what}: '{path}' has only pickle-based weights ({', '.join(pickles[:3])}); loading a "
-                           "pickle can run arbitrary code, so tunelab loads safetensors only. Convert them, or set "
-                           "allow_pickle: true if you trust their source")
+        raise TunelabError(
+            f"{what}: '{path}' has only pickle-based weights ({', '.join(pickles[:3])}); loading a "
+            "pickle can run arbitrary code, so tunelab loads safetensors only. Convert them, or set "
+            "allow_pickle: true if you trust their source"
+        )
 
 
-def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False, notes: list[str] | None = None, compute: torch.dtype | None = None,
-               quant_bits: int | None = None, empty: bool = False, device_map: str | None = None):
+def load_model(
+    path: str,
+    dtype: torch.dtype,
+    attn: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    notes: list[str] | None = None,
+    compute: torch.dtype | None = None,
+    quant_bits: int | None = None,
+    empty: bool = False,
+    device_map: str | None = None,
+):
     """The base model of `path` with weights in `dtype`, repaired; each repair's one-line note is appended
     to `notes`. `compute` is the precision the model will run in (autocast), when it differs from `dtype`;
     `quant_bits` (4 or 8) quantizes the decoder's linear layers with bitsandbytes (QLoRA). `empty`: the
@@ -103,8 +116,9 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
     `device_map` ("auto", ...): accelerate places the layers over the visible GPUs (and CPU)."""
     from .quirks import fix_input_embeddings
 
-    model = _from_pretrained(path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits, empty,
-                             device_map)
+    model = _from_pretrained(
+        path, dtype, attn, trust_remote_code, allow_pickle, compute or dtype, quant_bits, empty, device_map
+    )
     found = [n for n in [_remote_code_note(model, path), fix_input_embeddings(model)] if n]
     if notes is not None:
         notes += found
@@ -141,14 +155,23 @@ def _quantization(bits: int | None, compute: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if bits == 4:  # QLoRA's recipe: NF4, quantized quantization constants, matmuls in the training precision
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code: bool, allow_pickle: bool,
-                     compute: torch.dtype, quant_bits: int | None = None, empty: bool = False,
-                     device_map: str | None = None):
+def _from_pretrained(
+    path: str,
+    dtype: torch.dtype,
+    attn: str,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    compute: torch.dtype,
+    quant_bits: int | None = None,
+    empty: bool = False,
+    device_map: str | None = None,
+):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_weights_format(path, allow_pickle)
@@ -167,8 +190,9 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
                 from accelerate import init_empty_weights
 
                 with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
-                    model = AutoModelForCausalLM.from_config(config, attn_implementation=choice, dtype=dtype,
-                                                             trust_remote_code=trust_remote_code)
+                    model = AutoModelForCausalLM.from_config(
+                        config, attn_implementation=choice, dtype=dtype, trust_remote_code=trust_remote_code
+                    )
                 _allocate_unread(model)
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, config=config, attn_implementation=choice, **kwargs)
@@ -180,4 +204,3 @@ def _from_pretrained(path: str, dtype: torch.dtype, attn: str, trust_remote_code
         except OSError as exc:
             raise TunelabError(f"model: cannot load weights from '{path}' ({str(exc).splitlines()[0]})") from None
     return model
-

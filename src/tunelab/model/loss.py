@@ -21,8 +21,25 @@ from torch import nn
 from ..constants import IGNORE_INDEX, loss_positions
 
 # Causal LMs whose logits are lm_head(final hidden state) [* soft cap]; anything else uses the plain loss.
-PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma",
-              "gemma2", "gemma3_text", "olmo", "olmo2", "granite_moe_shared", "starcoder2", "smollm3", "glm4"}
+PLAIN_HEAD = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "granite_moe_shared",
+    "starcoder2",
+    "smollm3",
+    "glm4",
+}
 CHUNK_ROWS = 1024
 
 
@@ -44,8 +61,13 @@ def supports_labelled_loss(model) -> bool:
     lm = _causal_lm(model)
     config = getattr(lm, "config", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    return (getattr(config, "model_type", None) in PLAIN_HEAD and isinstance(head, nn.Linear) and head.bias is None
-            and isinstance(getattr(lm, "model", None), nn.Module) and not getattr(config, "logits_scaling", None))
+    return (
+        getattr(config, "model_type", None) in PLAIN_HEAD
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and isinstance(getattr(lm, "model", None), nn.Module)
+        and not getattr(config, "logits_scaling", None)
+    )
 
 
 class _ChunkedHeadCE(torch.autograd.Function):
@@ -58,8 +80,8 @@ class _ChunkedHeadCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            y = targets[start:start + chunk]
+            h = hidden[start : start + chunk]
+            y = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
             if softcap:
                 tanh = torch.tanh(logits / softcap)
@@ -73,7 +95,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                     grad *= 1 - tanh * tanh
                 grad = grad.to(weight.dtype)
                 if need_h:
-                    grad_h[start:start + chunk] = grad @ weight
+                    grad_h[start : start + chunk] = grad @ weight
                 if need_w:
                     grad_w += (grad.t() @ h).float()
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
@@ -126,8 +148,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items=None) -
     """
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss / _normaliser(num_items, (targets != IGNORE_INDEX).sum(), loss.device)
 
 
@@ -214,8 +237,7 @@ def install_labelled_forward(model) -> None:
         if args:
             kwargs["input_ids"] = args[0]
         inputs = {k: v for k, v in kwargs.items() if v is not None}
-        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items,
-                             positions=tunelab_positions)
+        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items, positions=tunelab_positions)
         return CausalLMOutputWithPast(loss=loss)
 
     lm.forward = types.MethodType(forward, lm)

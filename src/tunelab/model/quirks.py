@@ -62,8 +62,11 @@ def fix_input_embeddings(model) -> str | None:
     except (NotImplementedError, AttributeError):
         pass
     vocab = getattr(model.config, "vocab_size", None)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)
-             and (vocab is None or m.num_embeddings == vocab)]
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and (vocab is None or m.num_embeddings == vocab)
+    ]
     if not found:
         return None
     name, emb = found[0]
@@ -92,4 +95,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
-

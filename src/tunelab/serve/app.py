@@ -40,8 +40,7 @@ class Served:
 class Server:
     """What the routes share: the models by id, their encoders, the batcher and the context length."""
 
-    def __init__(self, im: InferenceModel, names: dict[str, Variant], api_key: str | None = None,
-                 max_batch: int = 32):
+    def __init__(self, im: InferenceModel, names: dict[str, Variant], api_key: str | None = None, max_batch: int = 32):
         self.im = im
         self.models = {}
         for name, variant in names.items():
@@ -53,22 +52,42 @@ class Server:
 
     def served(self, name: str) -> Served:
         if name not in self.models:
-            raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(self.models)}", "model",
-                           "model_not_found")
+            raise ApiError(
+                404, f"model {name!r} is not served here; served: {', '.join(self.models)}", "model", "model_not_found"
+            )
         return self.models[name]
 
     def budget(self, prompt: list[int], asked: int | None) -> int:
         room = None if self.context is None else self.context - len(prompt)
         if room is not None and room < (asked or 1):
-            raise ApiError(400, f"the prompt is {len(prompt)} tokens and {asked or 1} more were asked for; this "
-                           f"model's context is {self.context} tokens", "messages", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt)} tokens and {asked or 1} more were asked for; this "
+                f"model's context is {self.context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         return asked or min(DEFAULT_MAX_TOKENS, room or DEFAULT_MAX_TOKENS)
 
     def jobs(self, variant: Variant, prompts: list[list[int]], req, out: asyncio.Queue) -> list[Job]:
         loop = asyncio.get_running_loop()
-        jobs = [Job(variant, prompt, self.budget(prompt, req.limit), req.temperature, req.top_p, req.seed, loop,
-                    out, req.stops, index=k * req.n + i, ignore_eos=req.ignore_eos)
-                for k, prompt in enumerate(prompts) for i in range(req.n)]
+        jobs = [
+            Job(
+                variant,
+                prompt,
+                self.budget(prompt, req.limit),
+                req.temperature,
+                req.top_p,
+                req.seed,
+                loop,
+                out,
+                req.stops,
+                index=k * req.n + i,
+                ignore_eos=req.ignore_eos,
+            )
+            for k, prompt in enumerate(prompts)
+            for i in range(req.n)
+        ]
         for job in jobs:
             self.batcher.submit(job)
         return jobs
@@ -78,14 +97,22 @@ def _conversation(req: ChatRequest) -> Conversation:
     messages = []
     for i, m in enumerate(req.messages):
         if m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}",
-                           f"messages.{i}.role", "invalid_value")
+            raise ApiError(
+                400,
+                f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}",
+                f"messages.{i}.role",
+                "invalid_value",
+            )
         content = m.get("content")
         if isinstance(content, list):  # OpenAI text parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if content is not None and not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                           f"messages.{i}.content", "invalid_value")
+            raise ApiError(
+                400,
+                f"messages[{i}].content must be a string or a list of text parts",
+                f"messages.{i}.content",
+                "invalid_value",
+            )
         messages.append(Message.from_dict(dict(m, content=content)))
     try:
         tools = parse_tools(req.tools, "tools") if req.tools else None
@@ -128,8 +155,13 @@ async def _stream(jobs: list[Job], out: asyncio.Queue, chunk, usage: dict):
             else:
                 open_jobs.discard(index)
                 yield _sse({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
-        yield _sse(dict(chunk(None, None, None), choices=[], usage=dict(usage,
-                        total_tokens=usage["prompt_tokens"] + usage["completion_tokens"])))
+        yield _sse(
+            dict(
+                chunk(None, None, None),
+                choices=[],
+                usage=dict(usage, total_tokens=usage["prompt_tokens"] + usage["completion_tokens"]),
+            )
+        )
         yield _sse("[DONE]")
     finally:
         for j in jobs:
@@ -155,8 +187,13 @@ def create_app(server: Server, ui_runs: str | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created,
-                                            "owned_by": "tunelab"} for name in server.models]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": server.created, "owned_by": "tunelab"}
+                for name in server.models
+            ],
+        }
 
     @app.get("/health")
     async def health():
@@ -195,13 +232,19 @@ async def _answer(server: Server, served: Served, req, prompts: list[list[int]],
     usage = {"prompt_tokens": sum(len(p) for p in prompts) * req.n, "completion_tokens": 0}
     kind = "chat.completion" if chat else "text_completion"
     if req.stream:
+
         def chunk(index, delta, finish):
             body = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": req.model}
             if index is not None:
-                body["choices"] = [{"index": index, "finish_reason": finish,
-                                    **({"delta": delta} if chat else {"text": delta.get("text", ""),
-                                                                      "logprobs": None})}]
+                body["choices"] = [
+                    {
+                        "index": index,
+                        "finish_reason": finish,
+                        **({"delta": delta} if chat else {"text": delta.get("text", ""), "logprobs": None}),
+                    }
+                ]
             return body
+
         chunk.chat = chat
         return StreamingResponse(_stream(jobs, out, chunk, usage), media_type="text/event-stream")
     try:

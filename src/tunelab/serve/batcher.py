@@ -27,6 +27,7 @@ log = logging.getLogger("tunelab")
 @dataclass
 class Job:
     """One completion (a request with n > 1 is n jobs) and where its text goes."""
+
     variant: Variant
     prompt: list[int]
     max_tokens: int
@@ -84,7 +85,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
                 self._send(job, text)
                 self._finish(job, "length")
             elif not text.endswith("\ufffd"):  # half of a multi-byte character waits for the rest
-                self._send(job, text[:len(text) - _hold_back(text, job.stop)])
+                self._send(job, text[: len(text) - _hold_back(text, job.stop)])
 
     def end(self) -> None:
         for job in self.jobs:
@@ -98,7 +99,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
     @staticmethod
     def _send(job: Job, text: str) -> None:
         if len(text) > len(job.sent) and text.startswith(job.sent):
-            job.emit("text", text[len(job.sent):])
+            job.emit("text", text[len(job.sent) :])
             job.sent = text
 
     @staticmethod
@@ -161,12 +162,16 @@ class Batcher:
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt):] = torch.tensor(job.prompt)
-            mask[row, width - len(job.prompt):] = 1
+            ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
+            mask[row, width - len(job.prompt) :] = 1
         rows = _Rows(jobs, tok, stops)
-        kwargs = dict(max_new_tokens=max(j.max_tokens for j in jobs),
-                      eos_token_id=None if first.ignore_eos else list(stops) or None,
-                      pad_token_id=pad, streamer=rows, stopping_criteria=StoppingCriteriaList([rows]))
+        kwargs = dict(
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            eos_token_id=None if first.ignore_eos else list(stops) or None,
+            pad_token_id=pad,
+            streamer=rows,
+            stopping_criteria=StoppingCriteriaList([rows]),
+        )
         if first.temperature > 0:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
             if first.seed is not None:

@@ -57,35 +57,68 @@ def trained_encoder(folder: str) -> Encoder:
     return config_encoder(cfg, tokenizer)
 
 
-def check(url: str, model_id: str, run_folder: str, dataset: str, api_key: str | None = None,
-          max_tokens: int = 256, max_samples: int | None = None) -> list[Checked]:
+def check(
+    url: str,
+    model_id: str,
+    run_folder: str,
+    dataset: str,
+    api_key: str | None = None,
+    max_tokens: int = 256,
+    max_samples: int | None = None,
+) -> list[Checked]:
     encoder = trained_encoder(run_folder)
     endpoint = url.rstrip("/") + "/chat/completions"
     rows = []
     for case in read_cases(dataset, max_samples=max_samples):
         trained = encoder.prompt_ids(case.prompt)
-        reply = _post(endpoint, {"model": model_id, "messages": case.prompt.template_messages(),
-                                 "tools": case.prompt.tools, "temperature": 0, "max_tokens": max_tokens,
-                                 "return_token_ids": True}, api_key)
+        reply = _post(
+            endpoint,
+            {
+                "model": model_id,
+                "messages": case.prompt.template_messages(),
+                "tools": case.prompt.tools,
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "return_token_ids": True,
+            },
+            api_key,
+        )
         served = reply.get("prompt_token_ids")
         count = (reply.get("usage") or {}).get("prompt_tokens")
         same = served == trained if served is not None else count == len(trained)
         choice = reply["choices"][0]
         text = choice["message"].get("content") or ""
-        rows.append(Checked(case.source, len(trained), len(served) if served is not None else count, same,
-                            choice.get("finish_reason") in ("stop", "tool_calls"), text.strip() == case.reference.strip()))
+        rows.append(
+            Checked(
+                case.source,
+                len(trained),
+                len(served) if served is not None else count,
+                same,
+                choice.get("finish_reason") in ("stop", "tool_calls"),
+                text.strip() == case.reference.strip(),
+            )
+        )
     return rows
 
 
 def report(rows: list[Checked]) -> tuple[str, bool]:
     """The lines to print, and whether the check passed."""
     bad = [r for r in rows if not (r.same_prompt and r.stopped)]
-    lines = [f"{len(rows)} records: prompt tokens equal to training's: {sum(r.same_prompt for r in rows)}; "
-             f"stopped on a stop id: {sum(r.stopped for r in rows)}; exact match: "
-             f"{sum(r.exact for r in rows) / max(len(rows), 1):.1%}"]
+    lines = [
+        f"{len(rows)} records: prompt tokens equal to training's: {sum(r.same_prompt for r in rows)}; "
+        f"stopped on a stop id: {sum(r.stopped for r in rows)}; exact match: "
+        f"{sum(r.exact for r in rows) / max(len(rows), 1):.1%}"
+    ]
     for r in bad[:20]:
-        why = [] if r.same_prompt else [f"served {r.served_tokens} prompt tokens, trained {r.prompt_tokens}"
-                                        if r.served_tokens != r.prompt_tokens else "prompt tokens differ"]
+        why = (
+            []
+            if r.same_prompt
+            else [
+                f"served {r.served_tokens} prompt tokens, trained {r.prompt_tokens}"
+                if r.served_tokens != r.prompt_tokens
+                else "prompt tokens differ"
+            ]
+        )
         why += [] if r.stopped else ["ran to max_tokens without a stop id"]
         lines.append(f"  {r.source}: {'; '.join(why)}")
     lines.append("check passed" if not bad else f"check FAILED: {len(bad)} of {len(rows)} records")

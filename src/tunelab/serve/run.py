@@ -14,8 +14,13 @@ log = logging.getLogger("tunelab")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def build_server(model: str, adapters: list[str] | None = None, api_key: str | None = None,
-                 trust_remote_code: bool = False, max_batch: int = 32) -> Server:
+def build_server(
+    model: str,
+    adapters: list[str] | None = None,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
+    max_batch: int = 32,
+) -> Server:
     """The base and every adapter `served_names` names, loaded once and served under their ids."""
     base, model_id, named = served_names(model, adapters)
     if model_id in named:
@@ -25,9 +30,16 @@ def build_server(model: str, adapters: list[str] | None = None, api_key: str | N
     return Server(im, variants, api_key=api_key, max_batch=max_batch)
 
 
-def serve(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, trust_remote_code: bool = False, max_batch: int = 32,
-          ui_runs: str | None = None) -> None:
+def serve(
+    model: str,
+    adapters: list[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    trust_remote_code: bool = False,
+    max_batch: int = 32,
+    ui_runs: str | None = None,
+) -> None:
     """ui_runs: also serve the web page, over the run folders under this folder."""
     import uvicorn
 

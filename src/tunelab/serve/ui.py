@@ -7,6 +7,7 @@ and training runs started from a YAML, followed live and stopped as Ctrl-C stops
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -28,7 +29,6 @@ from .. import run_folder
 from .protocol import ApiError
 
 
-
 @dataclass
 class Job:
     id: str
@@ -45,8 +45,14 @@ class Job:
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         losses = [[r["step"], r["loss"]] for r in rows if "loss" in r and "step" in r]
         status = "running" if code is None else "finished" if code == 0 else "stopped" if code == 130 else "failed"
-        return {"id": self.id, "status": status, "returncode": code, "output_dir": str(self.output_dir),
-                "losses": losses, "log": self.log[-15:]}
+        return {
+            "id": self.id,
+            "status": status,
+            "returncode": code,
+            "output_dir": str(self.output_dir),
+            "losses": losses,
+            "log": self.log[-15:],
+        }
 
 
 class TrainRequest(BaseModel):
@@ -83,8 +89,14 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
         for name, folder in _runs(root).items():
             summary = folder / run_folder.SUMMARY
             facts = json.loads(summary.read_text()) if summary.is_file() else {}
-            out.append({"name": name, "finished": summary.is_file(), "final_loss": facts.get("train_loss"),
-                        "steps": facts.get("global_step")})
+            out.append(
+                {
+                    "name": name,
+                    "finished": summary.is_file(),
+                    "final_loss": facts.get("train_loss"),
+                    "steps": facts.get("global_step"),
+                }
+            )
         return out
 
     @app.get("/ui/runs/{name:path}/loss.png", dependencies=[Depends(authorized)])
@@ -101,8 +113,12 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
         def text(file: str) -> str | None:
             path = folder / file
             return path.read_text(encoding="utf-8") if path.is_file() else None
-        return {"config": text(run_folder.CONFIG), "summary": text(run_folder.SUMMARY),
-                "eval": text("eval.md") or text("sweep.md")}
+
+        return {
+            "config": text(run_folder.CONFIG),
+            "summary": text(run_folder.SUMMARY),
+            "eval": text("eval.md") or text("sweep.md"),
+        }
 
     @app.get("/ui/runs/{name:path}/data", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
     def data(name: str):
@@ -124,12 +140,17 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
         config.write_text(req.yaml, encoding="utf-8")
         output = Path(raw["output_dir"])
         output = output if output.is_absolute() else root / output
-        process = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config)], cwd=root,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   start_new_session=True, env=dict(os.environ, TQDM_DISABLE="1"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tunelab", "train", str(config)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, TQDM_DISABLE="1"),
+        )
         job = jobs[job_id] = Job(job_id, config, output, process)
-        threading.Thread(target=lambda: [job.log.append(line.rstrip()) for line in process.stdout],
-                         daemon=True).start()
+        threading.Thread(target=lambda: [job.log.append(line.rstrip()) for line in process.stdout], daemon=True).start()
         return job.state()
 
     @app.get("/ui/train/{job_id}", dependencies=[Depends(authorized)])

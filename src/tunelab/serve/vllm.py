@@ -49,8 +49,9 @@ def _parsers(template: str) -> list[str]:
     return flags
 
 
-def vllm_command(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None) -> list[str]:
+def vllm_command(
+    model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+) -> list[str]:
     base, model_id, named = served_names(model, adapters)
     runs = [Path(d) for d in named.values()] or [Path(model)]
     cmd = ["vllm", "serve", base, "--served-model-name", model_id, "--host", host, "--port", str(port)]
@@ -70,9 +71,11 @@ def vllm_command(model: str, adapters: list[str] | None = None, host: str = "127
     configs = [run_folder.saved_config(d) for d in runs]
     defaults = {json.dumps(_defaults(c, templates.get(d, "")), sort_keys=True) for c, d in zip(configs, runs)}
     if len(defaults) > 1:
-        raise TunelabError("the runs were trained with different system prompts, tools or thinking switches, and "
-                           "vLLM renders every adapter with one chat template; serve them with separate vLLM "
-                           "commands, or with tunelab serve (each adapter its own)")
+        raise TunelabError(
+            "the runs were trained with different system prompts, tools or thinking switches, and "
+            "vLLM renders every adapter with one chat template; serve them with separate vLLM "
+            "commands, or with tunelab serve (each adapter its own)"
+        )
     chosen = runs[0] / "chat_template.jinja"
     default = _defaults(configs[0], templates.get(runs[0], ""))
     if runs[0] in templates and any(v is not None for v in default.values()):

@@ -33,15 +33,24 @@ class OneDeviceArguments(TrainingArguments):
         return min(super().n_gpu, 1)
 
 
-def training_arguments(cfg: Config, dtype: torch.dtype, has_eval: bool, group_by_length: bool = False,
-                       moe: bool = False, engine_keys: dict | None = None):
+def training_arguments(
+    cfg: Config,
+    dtype: torch.dtype,
+    has_eval: bool,
+    group_by_length: bool = False,
+    moe: bool = False,
+    engine_keys: dict | None = None,
+):
     report = [] if cfg.report_to in ("none", "swanlab") else [cfg.report_to]
     if cfg.report_to == "tensorboard":
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
     on_gpu = torch.cuda.is_available()
     if on_gpu and torch.cuda.device_count() > 1 and distributed.world_size() == 1:
-        log.info("%d GPUs visible; this process trains on one (nproc_per_node: %s uses them all)",
-                 torch.cuda.device_count(), torch.cuda.device_count())
+        log.info(
+            "%d GPUs visible; this process trains on one (nproc_per_node: %s uses them all)",
+            torch.cuda.device_count(),
+            torch.cuda.device_count(),
+        )
     return OneDeviceArguments(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,

@@ -10,8 +10,13 @@ from transformers import ProgressCallback, TrainerCallback
 
 from .trainer import TokenCounter
 
-_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "eval_loss": "eval_loss",
-         "eval_tokens": "eval_tokens"}
+_KEYS = {
+    "loss": "loss",
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+    "eval_loss": "eval_loss",
+    "eval_tokens": "eval_tokens",
+}
 
 
 class BarCallback(ProgressCallback):
@@ -43,8 +48,11 @@ class MetricsCallback(TrainerCallback):
         self.last_time = time.perf_counter()
         if state.is_world_process_zero and self.path.exists():
             # a resumed run drops the lines written after its checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+            ]
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def on_log(self, args, state, control, logs=None, **kwargs):

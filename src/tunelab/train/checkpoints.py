@@ -22,7 +22,7 @@ LAST_WRITTEN = "trainer_state.json"
 
 
 def _step(path: Path) -> int | None:
-    tail = path.name[len(PREFIX):]
+    tail = path.name[len(PREFIX) :]
     return int(tail) if path.name.startswith(PREFIX) and tail.isdigit() else None
 
 
@@ -46,8 +46,11 @@ def remove_leftovers(output_dir: str | Path) -> list[str]:
     if not folder.is_dir():
         return []
     complete = set(complete_checkpoints(folder))
-    gone = [p for p in folder.iterdir() if p.is_dir() and (p.name.startswith(STAGING) or
-                                                           (_step(p) is not None and p not in complete))]
+    gone = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and (p.name.startswith(STAGING) or (_step(p) is not None and p not in complete))
+    ]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return sorted(p.name for p in gone)
@@ -114,4 +117,5 @@ def check_world(checkpoint: str | os.PathLike | None, processes: int) -> None:
             f"resume_from_checkpoint: {checkpoint} was written by {before} process{'es' if before > 1 else ''}, "
             f"this run has {processes}; the global batch (per device x accumulation x processes) and with it every "
             f"later step would change. Resume with {before} process{'es' if before > 1 else ''} "
-            "(nproc_per_node x nnodes), or start afresh with overwrite_output_dir=true")
+            "(nproc_per_node x nnodes), or start afresh with overwrite_output_dir=true"
+        )

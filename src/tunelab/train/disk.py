@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import TunelabError
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def checkpoint_bytes(model) -> int:
@@ -38,5 +38,6 @@ def check_disk(cfg: Config, model, n_train: int) -> int:
         raise TunelabError(
             f"output_dir: '{cfg.output_dir}' has {free / GiB:.2f} GiB free, but this run writes about "
             f"{need / GiB:.2f} GiB ({saves_planned(cfg, n_train)} saves of {checkpoint_bytes(model) / GiB:.2f} GiB: "
-            "weights and optimizer states); lower save_total_limit, raise save_steps, or free space")
+            "weights and optimizer states); lower save_total_limit, raise save_steps, or free space"
+        )
     return need

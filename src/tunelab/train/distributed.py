@@ -42,8 +42,9 @@ def init(timeout_s: int) -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
     if not is_main():  # one voice: the others speak only of problems
         logging.getLogger("tunelab").setLevel(logging.WARNING)
 

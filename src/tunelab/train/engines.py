@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed
 from ..config import Config
 from ..errors import TunelabError
+from . import distributed
 
 log = logging.getLogger("tunelab")
 
@@ -32,7 +32,7 @@ USABLE = 0.95  # of a GPU's memory a run may plan to fill; the caching allocator
 
 @dataclass(frozen=True)
 class Engine:
-    name: str    # "single", "ddp", "fsdp2" or "deepspeed"
+    name: str  # "single", "ddp", "fsdp2" or "deepspeed"
     reason: str  # why, for the log line and the run summary
 
 
@@ -49,11 +49,16 @@ def choose(cfg: Config, world: int, fits_one_device: bool | None = None) -> Engi
         source = f"deepspeed: {cfg.deepspeed}" if cfg.deepspeed else f"distributed: {wanted}"
         return Engine(wanted, source)
     if fits_one_device is False:
-        return Engine("fsdp2", "auto: the model with its gradients and optimizer state does not fit one device, so "
-                               "it is sharded over the processes")
-    return Engine("ddp", "auto: the model with its gradients and optimizer state fits one device"
-                  + ("" if fits_one_device else " (nothing to compare with: no GPU here, or no estimate for "
-                                                "this model)"))
+        return Engine(
+            "fsdp2",
+            "auto: the model with its gradients and optimizer state does not fit one device, so "
+            "it is sharded over the processes",
+        )
+    return Engine(
+        "ddp",
+        "auto: the model with its gradients and optimizer state fits one device"
+        + ("" if fits_one_device else " (nothing to compare with: no GPU here, or no estimate for this model)"),
+    )
 
 
 def layer_classes(model) -> list[str]:
@@ -68,10 +73,12 @@ def layer_classes(model) -> list[str]:
     present = {type(m).__name__ for m in model.modules()}
     found = [n for n in names if n in present]
     if not found:
-        raise TunelabError(f"distributed: fsdp2 cannot find the decoder layers of {type(inner).__name__} to shard "
-                           f"(its _no_split_modules, {names or 'none'}, name no module in it); use distributed: "
-                           "deepspeed with zero_stage: 3, ddp, or one process with device_map: auto (its layers "
-                           "spread over the GPUs)")
+        raise TunelabError(
+            f"distributed: fsdp2 cannot find the decoder layers of {type(inner).__name__} to shard "
+            f"(its _no_split_modules, {names or 'none'}, name no module in it); use distributed: "
+            "deepspeed with zero_stage: 3, ddp, or one process with device_map: auto (its layers "
+            "spread over the GPUs)"
+        )
     return found
 
 
@@ -98,14 +105,16 @@ def deepspeed_config(cfg: Config) -> dict:
         "reduce_bucket_size": "auto",
     }
     if cfg.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_max_live_parameters": 1e9,
-            "stage3_max_reuse_distance": 1e9,
-            # the saved model is whole: ZeRO-3 gathers the 16-bit weights onto rank 0 at save time
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_max_live_parameters": 1e9,
+                "stage3_max_reuse_distance": 1e9,
+                # the saved model is whole: ZeRO-3 gathers the 16-bit weights onto rank 0 at save time
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     else:
         zero.update({"allgather_partitions": True, "allgather_bucket_size": 2e8, "reduce_scatter": True})
     if cfg.offload in ("optimizer", "params"):
@@ -116,8 +125,14 @@ def deepspeed_config(cfg: Config) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                 "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "zero_optimization": zero,
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -177,8 +192,10 @@ def fits_one_device(cfg: Config, world: int) -> bool | None:
     try:
         need = estimate_memory(cfg, device="cuda", engine="ddp", world=world).total
     except Exception as exc:  # remote code and unusual configs: an estimate is advice, not a requirement
-        log.info("distributed auto: no memory estimate for this model (%s)", str(exc).splitlines()[0] if str(exc)
-                 else type(exc).__name__)
+        log.info(
+            "distributed auto: no memory estimate for this model (%s)",
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         return None
     return need <= USABLE * torch.cuda.get_device_properties(0).total_memory
 
@@ -232,13 +249,17 @@ def format_plan(cfg: Config, world: int, gpu_bytes: int | None = None) -> str:
     fits = None if gpu_bytes is None else whole <= USABLE * gpu_bytes
     picked = choose(cfg, max(world, 2), fits)
     mine = _configured(cfg)
-    lines = [f"per-GPU peak over {world} process{'es' if world > 1 else ''}"
-             + (f", against {human_size(gpu_bytes).strip()} GPUs:" if gpu_bytes else ":")]
+    lines = [
+        f"per-GPU peak over {world} process{'es' if world > 1 else ''}"
+        + (f", against {human_size(gpu_bytes).strip()} GPUs:" if gpu_bytes else ":")
+    ]
     for label, keys, engine, offload in PLAN:
         need = estimate_memory(cfg, device="cuda", engine=engine, world=world, offload=offload).total
         verdict = "" if gpu_bytes is None else "  fits" if need <= USABLE * gpu_bytes else "  does not fit"
         marker = "  <- this config" if (engine, offload) == mine and cfg.distributed != "auto" else ""
         lines.append(f"  {label:<26}{human_size(need)}{verdict:<15}({keys}){marker}")
-    lines.append(f"auto picks {picked.name}: {picked.reason.removeprefix('auto: ')}"
-                 + ("" if gpu_bytes else " (give --gpu-mem to compare with a GPU size)"))
+    lines.append(
+        f"auto picks {picked.name}: {picked.reason.removeprefix('auto: ')}"
+        + ("" if gpu_bytes else " (give --gpu-mem to compare with a GPU size)")
+    )
     return "\n".join(lines)

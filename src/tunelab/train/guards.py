@@ -52,16 +52,21 @@ class LossGuard:
         problem = None
         if not math.isfinite(loss):
             problem = f"the loss is {loss}"
-        elif self.spike_factor and self.mean is not None and self.seen >= self.warmup and \
-                loss > self.spike_factor * self.mean:
+        elif (
+            self.spike_factor
+            and self.mean is not None
+            and self.seen >= self.warmup
+            and loss > self.spike_factor * self.mean
+        ):
             problem = f"the loss jumped to {loss:.4g}, over {self.spike_factor:g}x its running mean {self.mean:.4g}"
         if problem is None:
             self.seen += 1
             self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
             return "ok"
         where = latest_checkpoint(output_dir)
-        message = (f"step {step}: {problem}; last good checkpoint: {where or 'none yet'}"
-                   + (" (resume_from_checkpoint=auto continues from it)" if where else ""))
+        message = f"step {step}: {problem}; last good checkpoint: {where or 'none yet'}" + (
+            " (resume_from_checkpoint=auto continues from it)" if where else ""
+        )
         if self.policy == "stop":
             raise TunelabError(message + "; on_bad_loss: skip or warn to go on")
         log.warning("%s; %s", message, "this step is skipped" if self.policy == "skip" else "going on")
@@ -96,8 +101,10 @@ class SignalCheckpoint(TrainerCallback):
         if self.received is not None:
             os._exit(128 + signum)
         self.received = signum
-        log.warning("%s received: finishing this step and saving a checkpoint (send it again to quit at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing this step and saving a checkpoint (send it again to quit at once)",
+            signal.Signals(signum).name,
+        )
 
     def describe(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a signal to another rank"

@@ -107,15 +107,26 @@ def launch(cfg: Config) -> None:
     args = [json.dumps(cfg.to_dict())]
     if not torch.cuda.is_available():  # processes sharing the cores must not each use all of them
         args.append(str(max(1, (os.cpu_count() or 1) // nproc)))
-    log.info("starting %d process%s on this machine%s (%s)", nproc, "es" if nproc > 1 else "",
-             f", node {cfg.node_rank} of {cfg.nnodes}" if cfg.nnodes > 1 else "",
-             "one per GPU" if torch.cuda.is_available() else "CPU, gloo")
+    log.info(
+        "starting %d process%s on this machine%s (%s)",
+        nproc,
+        "es" if nproc > 1 else "",
+        f", node {cfg.node_rank} of {cfg.nnodes}" if cfg.nnodes > 1 else "",
+        "one per GPU" if torch.cuda.is_available() else "CPU, gloo",
+    )
     config = LaunchConfig(
-        min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
+        min_nodes=cfg.nnodes,
+        max_nodes=cfg.nnodes,
+        nproc_per_node=nproc,
         run_id=f"tunelab-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else f"tunelab-{cfg.master_addr}-{port}",
-        rdzv_backend="static", rdzv_endpoint=f"{cfg.master_addr}:{port}",
-        rdzv_configs={"rank": cfg.node_rank, "timeout": cfg.ddp_timeout}, max_restarts=0,
-        monitor_interval=0.5, start_method="spawn", shutdown_timeout=cfg.ddp_timeout)
+        rdzv_backend="static",
+        rdzv_endpoint=f"{cfg.master_addr}:{port}",
+        rdzv_configs={"rank": cfg.node_rank, "timeout": cfg.ddp_timeout},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        shutdown_timeout=cfg.ddp_timeout,
+    )
     try:
         # Ctrl-C / SIGTERM: the launcher passes the signal on to every rank; they agree on a step, save once
         # and stop, and it waits up to ddp_timeout seconds for that before killing them.
@@ -126,9 +137,11 @@ def launch(cfg: Config) -> None:
         if all(f.exitcode == INTERRUPTED for f in exc.failures.values()):
             raise Interrupted(_interrupted(cfg)) from None
         failed_rank, failure = _root_cause(exc.failures)
-        raise TunelabError(f"rank {failed_rank} of the training job failed ({_reason(failure)}); the other ranks "
-                           "were stopped. The last complete checkpoint stays usable: rerun with "
-                           "resume_from_checkpoint=auto") from None
+        raise TunelabError(
+            f"rank {failed_rank} of the training job failed ({_reason(failure)}); the other ranks "
+            "were stopped. The last complete checkpoint stays usable: rerun with "
+            "resume_from_checkpoint=auto"
+        ) from None
 
 
 def _interrupted(cfg: Config) -> str:
@@ -137,8 +150,10 @@ def _interrupted(cfg: Config) -> str:
     saved = latest_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
     if saved is None:
         return "stopped by a signal before a checkpoint was saved"
-    return (f"stopped by a signal; every rank stopped after the same step, checkpoint saved in {saved}; "
-            "resume with the same command plus resume_from_checkpoint=auto")
+    return (
+        f"stopped by a signal; every rank stopped after the same step, checkpoint saved in {saved}; "
+        "resume with the same command plus resume_from_checkpoint=auto"
+    )
 
 
 # What a rank reports when another one died under it: the collective lost its peer, or the launcher's SIGTERM.
@@ -147,9 +162,11 @@ _CONSEQUENCES = ("by peer", "timed out", "timeout", "connection reset", "connect
 
 def _root_cause(failures: dict) -> tuple[int, object]:
     """The failure that started it: not the ranks that lost their peer or were stopped by the launcher."""
+
     def consequence(item) -> bool:
         failure = item[1]
         return failure.exitcode == -signal.SIGTERM or any(c in _reason(failure).lower() for c in _CONSEQUENCES)
+
     return min(failures.items(), key=lambda item: (consequence(item), item[1].timestamp, item[0]))
 
 

@@ -36,8 +36,14 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor) -> None:
 class StochasticAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected moments) whose stored tensors may be bf16."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -60,7 +66,7 @@ class StochasticAdamW(torch.optim.Optimizer):
                 t = state["step"]
                 flat = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
                 for start in range(0, p.numel(), CHUNK):
-                    self._update(*(x[start:start + CHUNK] for x in flat), group, beta1, beta2, t)
+                    self._update(*(x[start : start + CHUNK] for x in flat), group, beta1, beta2, t)
         return loss
 
     @staticmethod
@@ -71,8 +77,8 @@ class StochasticAdamW(torch.optim.Optimizer):
         weight = p.float()
         if group["weight_decay"]:
             weight.mul_(1 - group["lr"] * group["weight_decay"])
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
+        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        weight.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**t))
         stochastic_round_(p, weight)
         stochastic_round_(exp_avg_stored, exp_avg)
         stochastic_round_(exp_avg_sq_stored, exp_avg_sq)

@@ -27,17 +27,16 @@ from ..errors import Interrupted, TunelabError
 from ..model.adapters import attach_lora
 from ..model.loader import compute_dtype, enable_tf32, load_model
 from ..model.quirks import count_parameters, enable_gradient_checkpointing, ensure_pad_token, set_stop_ids
-from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
-from .disk import check_disk
-from .checkpoints import check_world, complete_checkpoints, latest_checkpoint, remove_leftovers
 from . import distributed, engines
 from .arguments import pure_bf16_optimizer, training_arguments
+from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
+from .checkpoints import check_world, complete_checkpoints, latest_checkpoint, remove_leftovers
+from .disk import check_disk
 from .guards import LossGuard, SignalCheckpoint
 from .launch import launch, needs_launch, processes_per_node
 from .trainer import TokenCounter, TunelabTrainer
 
 log = logging.getLogger("tunelab")
-
 
 
 @dataclass
@@ -51,8 +50,10 @@ class TrainResult:
 def _finished(out: Path) -> bool:
     """The summary is written last, atomically; weights without it are a finished run only when no
     checkpoint says otherwise (a kill during the final save leaves weights and checkpoints)."""
-    weights = any((out / name).exists() for name in ("adapter_model.safetensors", "model.safetensors",
-                                                     "model.safetensors.index.json"))
+    weights = any(
+        (out / name).exists()
+        for name in ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+    )
     return (out / run_folder.SUMMARY).exists() or (weights and not complete_checkpoints(out))
 
 
@@ -67,8 +68,10 @@ def plan_output_dir(cfg: Config) -> str | None:
             raise TunelabError(f"resume_from_checkpoint: '{resume}' is not a checkpoint folder")
         return resume
     if out.is_dir() and _finished(out) and not cfg.overwrite_output_dir:
-        raise TunelabError(f"output_dir: '{out}' holds a finished run; set overwrite_output_dir=true to replace "
-                           "it, or choose another output_dir")
+        raise TunelabError(
+            f"output_dir: '{out}' holds a finished run; set overwrite_output_dir=true to replace "
+            "it, or choose another output_dir"
+        )
     if resume == "auto" and out.is_dir() and not cfg.overwrite_output_dir:
         return latest_checkpoint(out)
     return None
@@ -89,14 +92,18 @@ def check_resume_config(cfg: Config, resume: str | None) -> None:
     except TunelabError:  # unreadable: nothing to compare with
         return
     now = cfg.to_dict()
-    changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in before
-               and _comparable(k, before[k]) != _comparable(k, now[k])]
+    changed = [
+        k
+        for k in now
+        if k not in RESUME_MAY_CHANGE and k in before and _comparable(k, before[k]) != _comparable(k, now[k])
+    ]
     if changed:
         raise TunelabError(
-            "resume_from_checkpoint: " + "; ".join(f"{k} was {before[k]!r} in the run being resumed, now {now[k]!r}"
-                                                   for k in changed)
+            "resume_from_checkpoint: "
+            + "; ".join(f"{k} was {before[k]!r} in the run being resumed, now {now[k]!r}" for k in changed)
             + f"; a resumed run must compute the same steps (only {', '.join(sorted(RESUME_MAY_CHANGE))} may "
-            "change): set it back, or start afresh with overwrite_output_dir=true")
+            "change): set it back, or start afresh with overwrite_output_dir=true"
+        )
 
 
 def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str, empty: bool = False):
@@ -113,11 +120,23 @@ def prepare_model(cfg: Config, tokenizer, data: TokenizedData, model_path: str, 
     # small updates round away, and fp16 weights cannot be unscaled. A frozen LoRA base needs no masters.
     weights = torch.float32 if cfg.finetuning_type == "full" and not cfg.pure_bf16 else dtype
     quant_bits = 4 if cfg.load_in_4bit else 8 if cfg.load_in_8bit else None
-    model = load_model(model_path, weights, cfg.attn_implementation, cfg.trust_remote_code, cfg.allow_pickle, notes,
-                       compute=dtype, quant_bits=quant_bits, empty=empty, device_map=cfg.device_map)
+    model = load_model(
+        model_path,
+        weights,
+        cfg.attn_implementation,
+        cfg.trust_remote_code,
+        cfg.allow_pickle,
+        notes,
+        compute=dtype,
+        quant_bits=quant_bits,
+        empty=empty,
+        device_map=cfg.device_map,
+    )
     if cfg.device_map:
-        placed = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
-                        or {p.device.type for p in model.parameters()})
+        placed = sorted(
+            {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+            or {p.device.type for p in model.parameters()}
+        )
         notes.append(f"device_map {cfg.device_map}: layers placed on {', '.join(placed)}")
         log.info(notes[-1])
     if quant_bits:
@@ -151,8 +170,10 @@ def pure_bf16(model) -> str:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.bfloat16:
             p.data = p.data.to(torch.bfloat16)
-    note = ("pure_bf16: weights, gradients and optimizer states in bf16, no fp32 master copy; AdamW rounds "
-            "updates stochastically, expect a slightly noisier loss than mixed precision")
+    note = (
+        "pure_bf16: weights, gradients and optimizer states in bf16, no fp32 master copy; AdamW rounds "
+        "updates stochastically, expect a slightly noisier loss than mixed precision"
+    )
     log.warning(note)
     return note
 
@@ -163,11 +184,19 @@ def _callbacks(cfg: Config, counter: TokenCounter) -> list:
         try:
             from swanlab.integration.transformers import SwanLabCallback
         except ImportError:
-            raise TunelabError("report_to: 'swanlab' needs the swanlab package; pip install 'tunelab[swanlab]'") from None
+            raise TunelabError(
+                "report_to: 'swanlab' needs the swanlab package; pip install 'tunelab[swanlab]'"
+            ) from None
         mode = os.environ.get("SWANLAB_MODE", "offline")
         folder = "log_dir" if "log_dir" in inspect.signature(SwanLabCallback.__init__).parameters else "logdir"
-        callbacks.append(SwanLabCallback(project="tunelab", experiment_name=cfg.run_name or Path(cfg.output_dir).name,
-                                         mode=mode, **{folder: str(Path(cfg.output_dir) / "swanlog")}))
+        callbacks.append(
+            SwanLabCallback(
+                project="tunelab",
+                experiment_name=cfg.run_name or Path(cfg.output_dir).name,
+                mode=mode,
+                **{folder: str(Path(cfg.output_dir) / "swanlog")},
+            )
+        )
     return callbacks
 
 
@@ -188,9 +217,11 @@ def train(cfg: Config) -> TrainResult:
     launching = needs_launch(cfg)
     processes = processes_per_node(cfg) * cfg.nnodes if launching else int(os.environ.get("WORLD_SIZE", 1))
     if cfg.streaming and processes > 1:
-        raise TunelabError(f"streaming: true trains in one process for now, and this run has {processes} (each "
-                           "would need its own share of the stream); set nproc_per_node: 1, or streaming: false "
-                           "to train on several")
+        raise TunelabError(
+            f"streaming: true trains in one process for now, and this run has {processes} (each "
+            "would need its own share of the stream); set nproc_per_node: 1, or streaming: false "
+            "to train on several"
+        )
     if launching:  # what every rank would refuse, refused once before they start
         resume = plan_output_dir(cfg)
         check_resume_config(cfg, resume)
@@ -206,21 +237,27 @@ def train(cfg: Config) -> TrainResult:
     data_started = time.perf_counter()
     if cfg.streaming:
         data = stream_data(cfg, tokenizer)
-        log.info("data: streamed from %s, %d steps; %d eval samples", ", ".join(cfg.datasets), cfg.max_steps,
-                 len(data.eval))
+        log.info(
+            "data: streamed from %s, %d steps; %d eval samples", ", ".join(cfg.datasets), cfg.max_steps, len(data.eval)
+        )
     else:
         with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it
             data = build_datasets(cfg, tokenizer)
-        log.info("data: %d train / %d eval samples, %d trained tokens", len(data.train), len(data.eval),
-                 data.stats.trained_tokens)
+        log.info(
+            "data: %d train / %d eval samples, %d trained tokens",
+            len(data.train),
+            len(data.eval),
+            data.stats.trained_tokens,
+        )
     data_seconds = time.perf_counter() - data_started
     world = distributed.world_size()
     engine = engines.choose(cfg, world, engines.fits_one_device(cfg, world) if world > 1 else None)
     if engine.name != "single":
         log.info("engine: %s (%s)", engine.name, engine.reason)
     with engines.sharded_loading(cfg, engine) as keep_alive:
-        model, dtype, notes, (trainable, total) = prepare_model(cfg, tokenizer, data, model_path,
-                                                                empty=engines.loads_empty(cfg, engine))
+        model, dtype, notes, (trainable, total) = prepare_model(
+            cfg, tokenizer, data, model_path, empty=engines.loads_empty(cfg, engine)
+        )
     reads_weights = engines.reads_weights(model)
     check_disk(cfg, model, 0 if cfg.streaming else len(data.train))
     callbacks = _callbacks(cfg, counter := TokenCounter())
@@ -243,15 +280,26 @@ def train(cfg: Config) -> TrainResult:
     else:
         collator = PadCollator(tokenizer.pad_token_id)
     grouped = not (packing or cfg.streaming) if cfg.group_by_length is None else cfg.group_by_length
-    args = training_arguments(cfg, dtype, bool(data.eval), group_by_length=grouped, moe=is_moe(model),
-                              engine_keys=engines.training_arguments(cfg, engine, model))
+    args = training_arguments(
+        cfg,
+        dtype,
+        bool(data.eval),
+        group_by_length=grouped,
+        moe=is_moe(model),
+        engine_keys=engines.training_arguments(cfg, engine, model),
+    )
     if cfg.streaming:
         args.ignore_data_skip = True  # the stream itself starts where the checkpoint says (data.stream)
     if main:
         engines.write_engine_config(args, out)
-    log.info("global batch: %d per device x %d accumulation x %d process%s = %d samples per step",
-             cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, world, "es" if world > 1 else "",
-             cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world)
+    log.info(
+        "global batch: %d per device x %d accumulation x %d process%s = %d samples per step",
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        world,
+        "es" if world > 1 else "",
+        cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+    )
     trainer = TunelabTrainer(
         model=model,
         args=args,
@@ -282,9 +330,11 @@ def train(cfg: Config) -> TrainResult:
         finally:
             signals.restore()
         if signals.stopped:
-            raise Interrupted(f"stopped by {signals.describe()} at step "
-                              f"{trainer.state.global_step}; checkpoint saved in {latest_checkpoint(cfg.output_dir)}; "
-                              "resume with the same command plus resume_from_checkpoint=auto")
+            raise Interrupted(
+                f"stopped by {signals.describe()} at step "
+                f"{trainer.state.global_step}; checkpoint saved in {latest_checkpoint(cfg.output_dir)}; "
+                "resume with the same command plus resume_from_checkpoint=auto"
+            )
         if data.eval:
             trainer.evaluate()
     finally:
@@ -300,16 +350,29 @@ def train(cfg: Config) -> TrainResult:
     plot_loss(out / run_folder.METRICS, out / run_folder.LOSS_PLOT)
     metrics = read_metrics(out / run_folder.METRICS)
     summary = {
-        "tunelab_version": __version__, "model_path": model_path, "template": template,
+        "tunelab_version": __version__,
+        "model_path": model_path,
+        "template": template,
         "stop_ids": list(model.generation_config.eos_token_id),
-        "stop_tokens": data.encoder.eot_tokens, "dtype": str(dtype).replace("torch.", ""),
-        "trainable_params": trainable, "total_params": total, "train_samples": None if cfg.streaming else len(data.train),
-        "eval_samples": len(data.eval), "trained_tokens": None if cfg.streaming else data.stats.trained_tokens, "tokens_trained_seen": seen,
-        "processes": distributed.world_size(), "engine": engine.name, "ranks_reading_weights": reading_ranks,
-        "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "stop_tokens": data.encoder.eot_tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_samples": None if cfg.streaming else len(data.train),
+        "eval_samples": len(data.eval),
+        "trained_tokens": None if cfg.streaming else data.stats.trained_tokens,
+        "tokens_trained_seen": seen,
+        "processes": distributed.world_size(),
+        "engine": engine.name,
+        "ranks_reading_weights": reading_ranks,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
         "final_eval_loss": next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None),
-        "packing": packing, "labelled_loss": trainer.labelled_loss, "data_seconds": round(data_seconds, 4),
-        "quirks": notes, "seconds": round(time.perf_counter() - started, 1),
+        "packing": packing,
+        "labelled_loss": trainer.labelled_loss,
+        "data_seconds": round(data_seconds, 4),
+        "quirks": notes,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     if torch.cuda.is_available():  # rank 0's; the estimate's "peak per device" is what it predicts
         summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
@@ -328,7 +391,9 @@ def _launched_run(cfg: Config) -> TrainResult:
     out = Path(cfg.output_dir)
     if cfg.node_rank != 0 or not (out / run_folder.SUMMARY).is_file():
         return TrainResult(out, [], {}, None)
-    return TrainResult(out, read_metrics(out / run_folder.METRICS), json.loads((out / run_folder.SUMMARY).read_text()), None)
+    return TrainResult(
+        out, read_metrics(out / run_folder.METRICS), json.loads((out / run_folder.SUMMARY).read_text()), None
+    )
 
 
 def is_moe(model) -> bool:

@@ -9,12 +9,17 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from . import checkpoints, distributed
-from .guards import LossGuard
 from ..constants import LOSS_POSITIONS
 from ..model.adapters import check_whole
-from ..model.loss import (causal_lm_loss, install_labelled_forward, summed_loss, supports_labelled_loss,
-                          trained_positions)
+from ..model.loss import (
+    causal_lm_loss,
+    install_labelled_forward,
+    summed_loss,
+    supports_labelled_loss,
+    trained_positions,
+)
+from . import checkpoints, distributed
+from .guards import LossGuard
 
 
 def discard_gradients(model) -> None:
@@ -91,8 +96,7 @@ class _JudgeLosses(TrainerCallback):
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, token_counter: TokenCounter | None = None, loss_guard: LossGuard | None = None,
-                 **kwargs):
+    def __init__(self, *args, token_counter: TokenCounter | None = None, loss_guard: LossGuard | None = None, **kwargs):
         self.token_counter = token_counter or TokenCounter()
         self.loss_guard = loss_guard or LossGuard()
         self._skip_step = False
@@ -142,6 +146,7 @@ class TunelabTrainer(Trainer):
                 optimizer.zero_grad(set_to_none=True)
                 return None
             return step(*a, **k)
+
         optimizer.step = guarded_step
         return optimizer
 
@@ -166,8 +171,11 @@ class TunelabTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             # transformers would read every sample to learn its length; the dataset knows them all already
-            sampler = LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                           dataset=dataset, lengths=dataset.lengths)
+            sampler = LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=dataset.lengths,
+            )
         else:
             sampler = super()._get_train_sampler(train_dataset)
         if sampler is None or self.args.world_size <= 1:
@@ -207,8 +215,9 @@ class TunelabTrainer(Trainer):
         share = list(range(rank, len(dataset), world))
         rounds = -(-len(dataset) // (world * size))  # every rank runs as many batches (sharded forwards)
         share += [None] * (rounds * size - len(share))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, share), batch_size=size,
-                                             collate_fn=self.data_collator)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, share), batch_size=size, collate_fn=self.data_collator
+        )
         model = self.model
         was_training = model.training
         model.eval()
@@ -227,8 +236,10 @@ class TunelabTrainer(Trainer):
                 count += n
         model.train(was_training)
         total, count = float(distributed.total(total)), int(distributed.total(count))
-        metrics = {f"{metric_key_prefix}_loss": total / count if count else float("nan"),
-                   f"{metric_key_prefix}_tokens": count}
+        metrics = {
+            f"{metric_key_prefix}_loss": total / count if count else float("nan"),
+            f"{metric_key_prefix}_tokens": count,
+        }
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -281,11 +292,13 @@ class TunelabTrainer(Trainer):
         if return_outputs or not self.labelled_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            self.token_counter.trained += positions.numel() if positions is not None else \
-                trained_positions(inputs["labels"])
+            self.token_counter.trained += (
+                positions.numel() if positions is not None else trained_positions(inputs["labels"])
+            )
         body = {k: v for k, v in inputs.items() if k != "labels"}
-        loss = model(**body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch,
-                     tunelab_positions=positions).loss
+        loss = model(
+            **body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch, tunelab_positions=positions
+        ).loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
