@@ -19,6 +19,8 @@ from tunelab.config import (
 )
 from tunelab.errors import TunelabError
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 BASE = "model: org/base-model\ndataset: /data/train.jsonl\noutput_dir: /runs/out\n"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 
 # Lower numbers are earlier in the pipeline; a module may import its own stage and earlier ones.

@@ -482,7 +482,8 @@ RESUME_MAY_CHANGE = frozenset(name for name, f in FIELDS.items() if f.metadata["
 
 
 def _allowed_types(name: str) -> tuple:
-    hint = eval(FIELDS[name].type, {"Union": Union}) if isinstance(FIELDS[name].type, str) else FIELDS[name].type
+    declared = FIELDS[name].type
+    hint = eval(declared, {"Union": Union}) if isinstance(declared, str) else declared
     if get_origin(hint) is Union:
         return tuple(t if t is not type(None) else type(None) for t in get_args(hint))
     return (hint,)

@@ -16,6 +16,8 @@ from tunelab.data.formats import detect_format, to_conversation
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 SRC = "train.json[record 3]"
 SHARED_DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 

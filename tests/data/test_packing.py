@@ -9,6 +9,8 @@ from tunelab.data.packing import PackCollator, best_fit, pack_row
 from tunelab.demo.build import tiny_config
 from tunelab.model.loss import labelled_loss
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
 
 

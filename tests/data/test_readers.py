@@ -7,6 +7,8 @@ import pytest
 from tunelab.data.readers import Record, read_records
 from tunelab.errors import TunelabError
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 
 def data_of(records):
     return [r.data for r in records]

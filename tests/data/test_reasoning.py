@@ -13,6 +13,8 @@ from tunelab.constants import IGNORE_INDEX
 from tunelab.data.conversation import Conversation, Message
 from tunelab.data.encode import Encoder
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)

@@ -19,6 +19,8 @@ from tunelab.data.conversation import Conversation, Message
 from tunelab.data.encode import Encoder
 from tunelab.data.templates import BUILTIN
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)

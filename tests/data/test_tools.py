@@ -15,6 +15,8 @@ from tunelab.data.formats import detect_format, to_conversation
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 _spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)

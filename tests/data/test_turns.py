@@ -2,10 +2,13 @@
 
 from os.path import commonprefix
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunelab.data.turns import common_prefix
+
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
 texts = st.text(st.sampled_from("ab\u00e9\U0001f469<|>"), max_size=30)
 

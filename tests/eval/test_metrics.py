@@ -8,6 +8,8 @@ import pytest
 
 from tunelab.eval.metrics import bleu4, exact_match, rouge, rouge_l, rouge_n, score, words
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 PRED = "the cat sat on the mat"
 REF = "the cat is on the mat"
 

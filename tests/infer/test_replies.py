@@ -12,6 +12,8 @@ from tunelab.data.encode import Encoder
 from tunelab.infer.chat import ChatSession, show
 from tunelab.infer.replies import parse_reply
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 CALL = {"name": "get_weather", "arguments": {"city": "Oslo"}}
 
 
@@ -42,6 +44,16 @@ def test_reasoning_is_split_from_the_answer_also_when_the_prompt_opened_the_bloc
         "Checking.",
         "get_weather",
     )
+
+
+def test_several_calls_in_one_reply_get_distinct_ids():
+    text = "".join(
+        f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{c}"}}}}\n</tool_call>\n'
+        for c in ("Oslo", "Rome", "Lima")
+    )
+    calls = parse_reply(text).tool_calls
+    assert [c["function"]["arguments"]["city"] for c in calls] == ["Oslo", "Rome", "Lima"]
+    assert len({c["id"] for c in calls}) == 3
 
 
 def test_text_that_only_looks_like_a_call_stays_text():

@@ -6,6 +6,8 @@ import torch
 from tunelab.demo.build import tiny_config
 from tunelab.model.loss import causal_lm_loss, labelled_loss, supports_labelled_loss
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 ARCHS = ["llama", "qwen2", "phi3", "qwen2_moe", "gemma3_text"]
 
 

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from tunelab.demo.build import tiny_config
 from tunelab.model.quirks import enable_gradient_checkpointing, ensure_pad_token, fix_input_embeddings, set_stop_ids
 
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
 
 @pytest.fixture()
 def model(tokenizer):

@@ -76,7 +76,7 @@ def _tokenizer_digest(tokenizer) -> str:
         backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
         h.update(
             backend.to_str().encode()
-            if hasattr(backend, "to_str")
+            if backend is not None and hasattr(backend, "to_str")
             else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
         )
     added = sorted(

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from itertools import chain
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Builder, Sampl
 from .tools import parse_tools
 
 log = logging.getLogger("tunelab")
+
+TrainT = TypeVar("TrainT")  # Samples, or data.stream's StreamingSamples when training streams
 
 
 @dataclass
@@ -74,8 +77,8 @@ class DataStats:
 
 
 @dataclass
-class TokenizedData:
-    train: Samples
+class TokenizedData(Generic[TrainT]):
+    train: TrainT
     eval: Samples
     conversations: int  # read and kept (after max_samples), before the train/eval split
     stats: DataStats
@@ -113,7 +116,7 @@ def read_conversations(
     that is not a valid conversation stops the read, or with `skip_bad` is counted and left out.
     """
     stats = stats if stats is not None else DataStats()
-    conversations = []
+    conversations: list[Conversation] = []
     for spec in [specs] if isinstance(specs, str) else specs:
         records = read_records(spec, hub)
         if max_samples is not None:
@@ -205,7 +208,8 @@ def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: in
 
 def _bar(cfg: Config):
     counts = [count_lines(s) for s in cfg.datasets + cfg.eval_datasets]
-    total = None if None in counts else sum(counts)
+    known = [n for n in counts if n is not None]
+    total = sum(known) if len(known) == len(counts) else None
     return tqdm(
         total=total,
         desc="encode",
@@ -276,7 +280,7 @@ def encode_all(cfg: Config, encoder: Encoder, spill: Path | None = None, max_rec
     return Encoding(arrays, wheres, train_rows, eval_rows, limit, stats)
 
 
-def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
+def build_datasets(cfg: Config, tokenizer) -> TokenizedData[Samples]:
     """Tokenized train/eval samples; the data is read only when the cache cannot answer.
 
     With the cache on, token ids go straight to it while encoding and the samples are read back
@@ -319,7 +323,7 @@ def build_datasets(cfg: Config, tokenizer) -> TokenizedData:
     )
 
 
-def _in_memory(encoding: Encoding, encoder: Encoder) -> TokenizedData:
+def _in_memory(encoding: Encoding, encoder: Encoder) -> TokenizedData[Samples]:
     arrays = {k: v.read() if isinstance(v, Spilled) else v for k, v in encoding.arrays.items()}
     return TokenizedData(
         Samples(arrays, encoding.where, encoding.train_rows),

@@ -288,7 +288,7 @@ class Encoder:
                     "(from a JSON \\u escape?); expected valid Unicode text"
                 )
 
-    def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list | None]]:
+    def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int] | None, list | None]]:
         """(ids, character offsets) per plan, from one call to the fast tokenizer's backend.
 
         The backend is called directly: transformers' wrapper gives the same ids but spends as long

@@ -169,7 +169,9 @@ def _content(value: Any, src: str, i: int) -> tuple[str, str | None, list[dict]]
         raise TunelabError(
             f"{src}: message {i} content must be a string or a list of parts typed {', '.join(PART_TYPES)}"
         )
-    texts, thoughts, calls = [], [], []
+    texts: list[str] = []
+    thoughts: list[str] = []
+    calls: list[dict] = []
     for j, part in enumerate(value):
         body = part.get("text", part.get("value", ""))
         if part["type"] == "tool_call":

@@ -53,7 +53,8 @@ class Shield:
     def wrap(self, value: Any) -> Any:
         """`value` with every special-token text in its strings (nested in dicts and lists) swapped."""
         if isinstance(value, str):
-            return self._special.pattern.sub(self._swap, value) if self._special.holds(value) else value
+            pattern = self._special.pattern
+            return pattern.sub(self._swap, value) if pattern is not None and self._special.holds(value) else value
         if isinstance(value, dict):
             return {k: self.wrap(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

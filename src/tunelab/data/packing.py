@@ -68,7 +68,9 @@ def packing_is_exact(model) -> bool:
 
 
 def pack_row(samples: list[Encoded]) -> dict:
-    ids, labels, positions = [], [], []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
     for s in samples:
         ids += s.input_ids
         labels += [IGNORE_INDEX] + s.labels[1:]

@@ -59,6 +59,7 @@ _JOB: Job | None = None  # the job a forked worker inherits
 
 
 def _run(args: tuple[Chunk, str]) -> Part:
+    assert _JOB is not None  # set by run_chunks before the workers fork
     return _JOB.run(*args)
 
 

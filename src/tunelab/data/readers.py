@@ -224,6 +224,7 @@ def _read_csv(path: Path) -> list[Record]:
         start = reader.line_num + 1
         for row in reader:
             if None in row:  # DictReader files surplus values under the key None
+                assert reader.fieldnames is not None  # a row was read, so the header was
                 raise TunelabError(
                     f"{path}:{start}: row has {len(reader.fieldnames) + len(row[None])} fields "
                     f"but the header has {len(reader.fieldnames)}"

@@ -16,6 +16,7 @@ from ..config import Config
 from ..constants import IGNORE_INDEX
 from .dataset import TokenizedData, build_datasets
 from .encode import Encoded
+from .samples import Samples
 from .tokenizer import prepare_tokenizer
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
@@ -28,7 +29,9 @@ def _percentile(ordered, q: float) -> int:
 def highlight(tokenizer, sample: Encoded, color: bool = True) -> str:
     """Decode a sample with its trained spans in green (or between [[ ]] when not on a terminal)."""
     on, off = (_ON, _OFF) if color else ("[[", "]]")
-    parts, run, trained = [], [], None
+    parts: list[tuple[bool, str]] = []
+    run: list[int] = []
+    trained: bool | None = None
     for tid, label in zip(sample.input_ids, sample.labels):
         is_trained = label != IGNORE_INDEX
         if trained is not None and is_trained != trained:
@@ -37,11 +40,12 @@ def highlight(tokenizer, sample: Encoded, color: bool = True) -> str:
         run.append(tid)
         trained = is_trained
     if run:
+        assert trained is not None  # set with the run's first token
         parts.append((trained, tokenizer.decode(run)))
     return "".join(f"{on}{text}{off}" if t else text for t, text in parts)
 
 
-def load(cfg: Config) -> tuple[TokenizedData, object, str]:
+def load(cfg: Config) -> tuple[TokenizedData[Samples], object, str]:
     tokenizer, _, template = prepare_tokenizer(cfg)
     return build_datasets(cfg, tokenizer), tokenizer, template
 

@@ -139,10 +139,11 @@ class Builder:
         self.n_conversations += part.conversations
 
     def finish(self) -> dict:
-        out = {}
+        out: dict[str, np.ndarray | Spilled] = {}
         for name in TOKEN_COLUMNS:
             if self._files:
                 self._files[name].close()
+                assert self.spill is not None  # files are opened only in the spill folder
                 out[name] = Spilled(self.spill / f"{name}.bin", COLUMNS[name], self.n_tokens)
             else:
                 out[name] = (

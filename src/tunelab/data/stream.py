@@ -109,11 +109,12 @@ class StreamingSamples(torch.utils.data.IterableDataset):
             yield chunk_no, samples
 
 
-def stream_data(cfg: Config, tokenizer) -> TokenizedData:
+def stream_data(cfg: Config, tokenizer) -> TokenizedData[StreamingSamples]:
     """Training data as a stream; eval_dataset, small by nature, encoded whole as usual."""
     encoder = config_encoder(cfg, tokenizer)
     train = StreamingSamples(cfg, config_job(cfg, encoder), cfg.preprocessing_num_workers or default_workers())
     if cfg.eval_datasets:
+        assert cfg.eval_dataset is not None  # eval_datasets is empty without it
         held = replace(cfg, dataset=cfg.eval_dataset, eval_dataset=None, max_samples=None, streaming=False)
         eval_samples = build_datasets(held, tokenizer).train
     else:

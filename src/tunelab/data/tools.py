@@ -21,7 +21,7 @@ def _json(value: Any, what: str) -> Any:
         return value
     try:
         return json.loads(value)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise TunelabError(f"{what} is not valid JSON ({exc.msg} at character {exc.pos}): {value[:80]!r}") from None
 
 
@@ -58,7 +58,7 @@ def parse_call(value: Any, where: str) -> dict:
     call = _json(value, where)
     if not isinstance(call, dict):
         raise TunelabError(f"{where}: a tool call must be an object with 'name' and 'arguments'")
-    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    fn: dict = call["function"] if isinstance(call.get("function"), dict) else call
     name = fn.get("name")
     if not isinstance(name, str) or not name:
         raise TunelabError(f"{where}: the tool call has no function 'name'")

@@ -46,13 +46,14 @@ def _as_call(obj, k: int) -> dict | None:
     return {"id": call.pop("id", None) or f"call{k:05d}", **call}
 
 
-def _json_calls(text: str) -> list[dict] | None:
+def _json_calls(text: str, first: int = 1) -> list[dict] | None:
+    """The calls in one JSON text, numbered from `first` where the model gave no ids (clients key results by id)."""
     try:
         value = json.loads(text)
     except ValueError:
         return None
     items = value if isinstance(value, list) else [value]
-    calls = [_as_call(item, k + 1) for k, item in enumerate(items)]
+    calls = [_as_call(item, first + k) for k, item in enumerate(items)]
     return calls if calls and all(calls) else None
 
 
@@ -66,9 +67,14 @@ def parse_reply(text: str) -> Reply:
         text = tail.lstrip("\n")
     blocks = _HERMES.findall(text)
     if blocks:
-        calls = [_json_calls(b) for b in blocks]
-        if all(calls):
-            return Reply(_HERMES.sub("", text).strip(), reasoning, [c for group in calls for c in group])
+        found: list[dict] = []
+        for block in blocks:
+            group = _json_calls(block, len(found) + 1)
+            if group is None:
+                break
+            found += group
+        else:
+            return Reply(_HERMES.sub("", text).strip(), reasoning, found)
     stripped = text.strip()
     if stripped[:1] in "{[" and (calls := _json_calls(stripped.removeprefix("[TOOL_CALLS]").strip())):
         return Reply("", reasoning, calls)
