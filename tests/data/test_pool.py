@@ -38,14 +38,14 @@ def small_chunks(monkeypatch):
 def worker_pids(monkeypatch, tmp_path):
     """The pids that ran a chunk: a file each worker appends to (fork carries the patch into the workers)."""
     log = tmp_path / "pids"
-    run = pool.Job.run
+    run = pool.EncodeJob.run
 
     def logged(self, chunk, fmt):
         with log.open("a") as f:
             f.write(f"{os.getpid()}\n")
         return run(self, chunk, fmt)
 
-    monkeypatch.setattr(pool.Job, "run", logged)
+    monkeypatch.setattr(pool.EncodeJob, "run", logged)
 
     def pids() -> set[int]:
         found = {int(p) for p in log.read_text().split()} if log.exists() else set()

@@ -64,13 +64,13 @@ def test_a_streamed_run_killed_mid_save_resumes_from_its_data_position_to_the_sa
     assert (tmp_path / "reference" / "checkpoint-12" / STATE_FILE).is_file()
 
     encoded = []
-    run = pool.Job.run
+    run = pool.EncodeJob.run
 
     def counted(self, chunk, fmt):
         encoded.append(chunk.first_line)
         return run(self, chunk, fmt)
 
-    monkeypatch.setattr(pool.Job, "run", counted)
+    monkeypatch.setattr(pool.EncodeJob, "run", counted)
     monkeypatch.setattr(readers, "CHUNK_RECORDS", 1024)  # the checkpoint's chunk size rules, not this one
     train(from_dict({**cfg, "resume_from_checkpoint": "auto", "preprocessing_num_workers": 1}))
     assert_same_run(tmp_path / "run", tmp_path / "reference")

@@ -21,7 +21,7 @@ from . import cache
 from .conversation import Conversation
 from .encode import Encoder
 from .formats import detect_format, to_conversations
-from .pool import Job, default_workers, run_chunks
+from .pool import EncodeJob, default_workers, run_chunks
 from .readers import CHUNK_RECORDS, count_lines, read_records, record_chunks
 from .samples import ENDS_WITH_EOT, LITERAL, OWN_TURN, TRUNCATED, Builder, Samples, Spilled
 from .tools import parse_tools
@@ -187,8 +187,8 @@ def config_encoder(cfg: Config | None, tokenizer) -> Encoder:
     )
 
 
-def config_job(cfg: Config, encoder: Encoder) -> Job:
-    return Job(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
+def config_job(cfg: Config, encoder: Encoder) -> EncodeJob:
+    return EncodeJob(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
 
 
 def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int, max_records: int | None = None):

@@ -34,7 +34,7 @@ def default_workers() -> int:
 
 
 @dataclass
-class Job:
+class EncodeJob:
     """What turns one chunk of records into one Part; the same object runs in the parent and in workers."""
 
     encoder: Encoder
@@ -55,7 +55,7 @@ class Job:
         return part_of(samples, conv, pos, set(self.encoder.eot_ids), len(records), len(convs), skipped)
 
 
-_JOB: Job | None = None  # the job a forked worker inherits
+_JOB: EncodeJob | None = None  # the job a forked worker inherits
 
 
 def _run(args: tuple[Chunk, str]) -> Part:
@@ -63,7 +63,7 @@ def _run(args: tuple[Chunk, str]) -> Part:
     return _JOB.run(*args)
 
 
-def run_chunks(job: Job, chunks: Iterable[tuple[Chunk, str]], workers: int) -> Iterator[Part]:
+def run_chunks(job: EncodeJob, chunks: Iterable[tuple[Chunk, str]], workers: int) -> Iterator[Part]:
     """job.run over (chunk, format) pairs, in order; forked workers when there are several chunks and cores."""
     chunks = iter(chunks)
     head = list(islice(chunks, 2))

@@ -1,7 +1,7 @@
 """`streaming: true`: records read, encoded and trained as they come, for data larger than memory.
 
 The stream is the training files in order, pass after pass, never held whole: chunks are read lazily
-and encoded by the same `Job` and worker pool as the cached path, so a streamed sample is its cached
+and encoded by the same `EncodeJob` and worker pool as the cached path, so a streamed sample is its cached
 twin. A position is (pass, chunk, sample within the chunk); chunk boundaries depend only on the files
 and the chunk size, so a resumed run skips the chunks already trained without encoding them and
 encodes just the one it stopped in.
@@ -22,7 +22,7 @@ from ..config import Config
 from ..errors import TunelabError
 from . import readers
 from .dataset import DataStats, TokenizedData, build_datasets, config_encoder, config_job, spec_chunks
-from .pool import Job, default_workers, run_chunks
+from .pool import EncodeJob, default_workers, run_chunks
 from .samples import Builder, Samples
 
 STATE_FILE = "tunelab_data_position.json"
@@ -49,7 +49,7 @@ class Position:
 class StreamingSamples(torch.utils.data.IterableDataset):
     """Training items ({input_ids, labels}) in file order, pass after pass, from `start` on."""
 
-    def __init__(self, cfg: Config, job: Job, workers: int, start: Position | None = None):
+    def __init__(self, cfg: Config, job: EncodeJob, workers: int, start: Position | None = None):
         self.cfg, self.job, self.workers = cfg, job, workers
         self.start = start or Position(chunk_records=readers.CHUNK_RECORDS)
         self._served: deque = deque(maxlen=REMEMBERED)  # positions of the last samples served, in order

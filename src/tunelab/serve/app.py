@@ -24,7 +24,7 @@ from ..data.tools import parse_tools
 from ..errors import TunelabError
 from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..infer.replies import parse_reply
-from .batcher import Batcher, Job
+from .batcher import Batcher, GenerationJob
 from .protocol import ApiError, ChatRequest, CompletionRequest, validation_error
 
 log = logging.getLogger("tunelab")
@@ -32,7 +32,7 @@ DEFAULT_MAX_TOKENS = 1024
 
 
 @dataclass
-class Served:
+class ServedModel:
     variant: Variant
     encoder: Encoder
 
@@ -44,13 +44,13 @@ class Server:
         self.im = im
         self.models = {}
         for name, variant in names.items():
-            self.models[name] = Served(variant, prompt_encoder(variant, im.base_path))
+            self.models[name] = ServedModel(variant, prompt_encoder(variant, im.base_path))
         self.api_key = api_key
         self.batcher = Batcher(im, max_batch=max_batch)
         self.context = getattr(im.model.config, "max_position_embeddings", None)
         self.created = int(time.time())
 
-    def served(self, name: str) -> Served:
+    def served(self, name: str) -> ServedModel:
         if name not in self.models:
             raise ApiError(
                 404, f"model {name!r} is not served here; served: {', '.join(self.models)}", "model", "model_not_found"
@@ -69,10 +69,10 @@ class Server:
             )
         return asked or min(DEFAULT_MAX_TOKENS, room or DEFAULT_MAX_TOKENS)
 
-    def jobs(self, variant: Variant, prompts: list[list[int]], req, out: asyncio.Queue) -> list[Job]:
+    def jobs(self, variant: Variant, prompts: list[list[int]], req, out: asyncio.Queue) -> list[GenerationJob]:
         loop = asyncio.get_running_loop()
         jobs = [
-            Job(
+            GenerationJob(
                 variant,
                 prompt,
                 self.budget(prompt, req.limit),
@@ -121,7 +121,7 @@ def _conversation(req: ChatRequest) -> Conversation:
     return Conversation(messages, tools=tools, source="request")
 
 
-async def _collect(jobs: list[Job], out: asyncio.Queue) -> dict[int, dict]:
+async def _collect(jobs: list[GenerationJob], out: asyncio.Queue) -> dict[int, dict]:
     results = {j.index: {"text": "", "finish": None, "tokens": 0} for j in jobs}
     while any(r["finish"] is None for r in results.values()):
         index, kind, *rest = await out.get()
@@ -138,7 +138,7 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(jobs: list[Job], out: asyncio.Queue, chunk, usage: dict):
+async def _stream(jobs: list[GenerationJob], out: asyncio.Queue, chunk, usage: dict):
     """Server-sent events until every job has ended; a client that leaves cancels its jobs."""
     open_jobs = {j.index for j in jobs}
     try:
@@ -224,7 +224,7 @@ def create_app(server: Server, ui_runs: str | None = None) -> FastAPI:
     return app
 
 
-async def _answer(server: Server, served: Served, req, prompts: list[list[int]], chat: bool):
+async def _answer(server: Server, served: ServedModel, req, prompts: list[list[int]], chat: bool):
     out: asyncio.Queue = asyncio.Queue()
     jobs = server.jobs(served.variant, prompts, req, out)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

@@ -25,7 +25,7 @@ log = logging.getLogger("tunelab")
 
 
 @dataclass
-class Job:
+class GenerationJob:
     """One completion (a request with n > 1 is n jobs) and where its text goes."""
 
     variant: Variant
@@ -61,7 +61,7 @@ def _hold_back(text: str, stops: list[str]) -> int:
 class _Rows(BaseStreamer, StoppingCriteria):
     """Routes each step's new tokens to their jobs, and tells `generate` which rows are finished."""
 
-    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
+    def __init__(self, jobs: list[GenerationJob], tokenizer, stop_ids: set[int]):
         self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
         self.prompt_seen = False
 
@@ -97,13 +97,13 @@ class _Rows(BaseStreamer, StoppingCriteria):
         return torch.tensor([job.done or job.cancelled for job in self.jobs], device=input_ids.device)
 
     @staticmethod
-    def _send(job: Job, text: str) -> None:
+    def _send(job: GenerationJob, text: str) -> None:
         if len(text) > len(job.sent) and text.startswith(job.sent):
             job.emit("text", text[len(job.sent) :])
             job.sent = text
 
     @staticmethod
-    def _finish(job: Job, reason: str) -> None:
+    def _finish(job: GenerationJob, reason: str) -> None:
         job.done = True
         job.emit("end", reason, len(job.tokens))
 
@@ -115,16 +115,16 @@ class Batcher:
         self.im = im
         self.max_batch = max_batch
         self.window_s = window_s
-        self._queue: queue.Queue[Job] = queue.Queue()
+        self._queue: queue.Queue[GenerationJob] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tunelab-batcher", daemon=True)
         self._thread.start()
         self.batches = 0  # how many generate calls ran, for the logs and the tests
         self.abandoned = 0  # rows stopped because their client left
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: GenerationJob) -> None:
         self._queue.put(job)
 
-    def _take(self) -> list[Job]:
+    def _take(self) -> list[GenerationJob]:
         jobs = [self._queue.get()]
         deadline = time.monotonic() + self.window_s
         while len(jobs) < self.max_batch:
@@ -139,7 +139,7 @@ class Batcher:
             taken = self._take()
             jobs = [j for j in taken if not j.cancelled]
             self.abandoned += len(taken) - len(jobs)
-            groups: dict[tuple, list[Job]] = {}
+            groups: dict[tuple, list[GenerationJob]] = {}
             for job in jobs:
                 groups.setdefault(job.key, []).append(job)
             for group in groups.values():
@@ -152,7 +152,7 @@ class Batcher:
                             job.done = True
                             job.emit("error", str(exc))
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _generate(self, jobs: list[GenerationJob]) -> None:
         variant = jobs[0].variant
         tok = variant.tokenizer
         stops = set(variant.stop_ids)

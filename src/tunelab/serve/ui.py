@@ -30,7 +30,7 @@ from .protocol import ApiError
 
 
 @dataclass
-class Job:
+class TrainingJob:
     id: str
     config: Path
     output_dir: Path
@@ -67,7 +67,7 @@ def _runs(root: Path) -> dict[str, Path]:
 
 def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
     root = Path(runs_root).resolve()
-    jobs: dict[str, Job] = {}
+    jobs: dict[str, TrainingJob] = {}
 
     def run(name: str) -> Path:
         found = _runs(root).get(name)
@@ -149,7 +149,7 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
             start_new_session=True,
             env=dict(os.environ, TQDM_DISABLE="1"),
         )
-        job = jobs[job_id] = Job(job_id, config, output, process)
+        job = jobs[job_id] = TrainingJob(job_id, config, output, process)
         threading.Thread(target=lambda: [job.log.append(line.rstrip()) for line in process.stdout], daemon=True).start()
         return job.state()
 
