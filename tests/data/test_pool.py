@@ -237,3 +237,32 @@ def test_where_fork_is_unsafe_one_process_encodes(
     monkeypatch.setattr(pool.sys, "platform", "darwin")
     assert_same(encode(cfg, tokenizer, 2), linux)
     assert worker_pids() == {os.getpid()}
+
+
+class _SignalProbe:
+    """A job whose result says, from the process that ran it, whether SIGTERM would end that process."""
+
+    def run(self, chunk, fmt):
+        import signal
+
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, os.getpid()
+
+
+def test_workers_end_on_sigterm_whatever_handler_the_trainer_installed():
+    """Training installs a SIGTERM handler that saves and carries on; a forked worker that kept it could not be
+    ended by the pool, so a stream closed mid-way (a checkpoint, a kill) hung on the pool's exit."""
+    import signal
+    import threading
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        results = list(pool.run_chunks(_SignalProbe(), [(i, "x") for i in range(6)], 2))
+        assert all(ends for ends, _ in results) and any(pid != os.getpid() for _, pid in results)
+        chunks = pool.run_chunks(_SignalProbe(), [(i, "x") for i in range(50)], 2)
+        next(chunks)
+        closing = threading.Thread(target=chunks.close, daemon=True)  # abandoned mid-way, as a stopped stream is
+        closing.start()
+        closing.join(timeout=60)
+        assert not closing.is_alive(), "closing the pool hung on a worker that ignores SIGTERM"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ def run_chunks(job: EncodeJob, chunks: Iterable[tuple[Chunk, str]], workers: int
     global _JOB
     _JOB = job
     try:
-        with _quiet_tokenizers(), multiprocessing.get_context("fork").Pool(workers) as pool:
+        with _quiet_tokenizers(), multiprocessing.get_context("fork").Pool(workers, _worker_signals) as pool:
             pending: deque = deque()
             for item in chain(head, chunks):
                 pending.append(pool.apply_async(_run, (item,)))
@@ -84,6 +85,14 @@ def run_chunks(job: EncodeJob, chunks: Iterable[tuple[Chunk, str]], workers: int
                 yield pending.popleft().get()
     finally:
         _JOB = None
+
+
+def _worker_signals() -> None:
+    """A forked worker inherits the trainer's SIGTERM/SIGINT handlers (which save a checkpoint and carry on); with
+    them, the pool's terminate() cannot end a worker waiting for its next chunk, and closing the pool hangs.
+    Workers die on SIGTERM and leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
