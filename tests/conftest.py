@@ -170,3 +170,33 @@ def memorised(tmp_path_factory, llama_dir):
         )
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """serve_app(app) -> a context manager that runs the ASGI app on 127.0.0.1 in a thread and yields its
+    base URL (http://127.0.0.1:PORT), stopping it on exit."""
+    import contextlib
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from tunelab.train.launch import free_port
+
+    @contextlib.contextmanager
+    def serving(app):
+        port = free_port()
+        live = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=live.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not live.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.started, "the server did not start within 30 s"
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            live.should_exit = True
+            thread.join(timeout=10)
+
+    return serving

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 
 import pytest
 
@@ -138,23 +136,13 @@ def test_generate_and_eval_render_what_training_rendered(trained, training_promp
 
 
 @pytest.fixture(scope="module")
-def live(trained):
-    uvicorn = pytest.importorskip("uvicorn")
+def live(trained, serve_app):
     from tunelab.serve.app import create_app
     from tunelab.serve.run import build_server
-    from tunelab.train.launch import free_port
 
     served = build_server(trained["run"], api_key="k")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", served
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(create_app(served)) as url:
+        yield url + "/v1", served
 
 
 def test_the_server_and_serve_check_render_the_trained_prompt(trained, training_prompts, live):

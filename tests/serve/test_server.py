@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,6 @@ uvicorn = pytest.importorskip("uvicorn")
 from tunelab.infer.chat import ChatSession  # noqa: E402
 from tunelab.serve.app import create_app  # noqa: E402
 from tunelab.serve.run import build_server  # noqa: E402
-from tunelab.train.launch import free_port  # noqa: E402
 
 KEY = "test-key"
 
@@ -78,20 +76,11 @@ def adapters(memorised, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(memorised, adapters):
+def server(memorised, adapters, serve_app):
     """(base URL, the Server) of a live server with the base and adapters a and b, keyed."""
     served = build_server(str(memorised / "full"), [f"{n}={d}" for n, d in adapters.items()], api_key=KEY)
-    port = free_port()
-    live = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not live.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live.started
-    yield f"http://127.0.0.1:{port}", served
-    live.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(create_app(served)) as url:
+        yield url, served
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,24 +20,16 @@ ARTIFACTS = Path(os.environ.get("TUNELAB_ARTIFACTS", Path(__file__).resolve().pa
 
 
 @pytest.fixture(scope="module")
-def ui(memorised, llama_dir, tmp_path_factory):
+def ui(memorised, llama_dir, tmp_path_factory, serve_app):
     from tunelab.serve.app import create_app
     from tunelab.serve.run import build_server
-    from tunelab.train.launch import free_port
 
     runs = tmp_path_factory.mktemp("ui-runs")
     shutil.copytree(memorised / "lora", runs / "lora")
     (runs / "qa.jsonl").write_text((memorised / "qa.jsonl").read_text())
     served = build_server(str(memorised / "full"), [f"lora={memorised / 'lora'}", f"copy={runs / 'lora'}"])
-    port = free_port()
-    live = uvicorn.Server(
-        uvicorn.Config(create_app(served, str(runs)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    threading.Thread(target=live.run, daemon=True).start()
-    while not live.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", runs, llama_dir
-    live.should_exit = True
+    with serve_app(create_app(served, str(runs))) as url:
+        yield url, runs, llama_dir
 
 
 @pytest.fixture(scope="module")

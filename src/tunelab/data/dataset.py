@@ -188,7 +188,7 @@ def config_encoder(cfg: Config | None, tokenizer) -> Encoder:
 
 
 def config_job(cfg: Config, encoder: Encoder) -> EncodeJob:
-    return EncodeJob(encoder, cfg.columns, cfg.system, read_tools(cfg.tools), cfg.bad_records == "skip")
+    return EncodeJob(encoder, cfg.columns, encoder.system, encoder.tools, cfg.bad_records == "skip")
 
 
 def _chunks(cfg: Config, specs: list[str], wheres: list, groups: list, group: int, max_records: int | None = None):

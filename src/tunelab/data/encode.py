@@ -142,6 +142,13 @@ class Encoder:
         self._plain: PlainTextEncoder | None = None
         self._markup_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
 
+    @property
+    def defaults(self) -> dict:
+        """What this encoder gives a conversation that leaves it out, for engines that render alone (see
+        `templates.with_run_defaults`): only the defaults there are."""
+        found = {"system": self.system, "tools": self.tools, "thinking": self.template_kwargs.get("enable_thinking")}
+        return {k: v for k, v in found.items() if v is not None}
+
     # ------------------------------------------------------------------ rendering
 
     def render(

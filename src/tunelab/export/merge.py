@@ -144,9 +144,7 @@ def export_merged(
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=shard_size)
     # a plain folder has no run config: the trained system prompt and tools go into its template's defaults
     exported = copy.deepcopy(variant.tokenizer)
-    exported.chat_template = with_run_defaults(
-        exported.chat_template, encoder.system, encoder.tools, encoder.template_kwargs.get("enable_thinking")
-    )
+    exported.chat_template = with_run_defaults(exported.chat_template, **encoder.defaults)
     exported.save_pretrained(out)
     for extra in (run_folder.CONFIG, run_folder.SUMMARY):
         if (adapter_dir / extra).exists():

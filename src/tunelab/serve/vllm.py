@@ -13,9 +13,10 @@ import shlex
 from pathlib import Path
 
 from .. import run_folder
-from ..data.dataset import read_tools
+from ..data.dataset import config_encoder
 from ..data.templates import with_run_defaults
 from ..errors import TunelabError
+from ..infer.load import tokenizer_for
 from .names import served_names
 
 log = logging.getLogger("tunelab")
@@ -69,19 +70,21 @@ def vllm_command(
     if len(set(templates.values())) > 1:
         log.warning("the adapters were trained with different chat templates; vLLM serves one (%s's)", runs[0])
     configs = [run_folder.saved_config(d) for d in runs]
-    defaults = {json.dumps(_defaults(c, templates.get(d, "")), sort_keys=True) for c, d in zip(configs, runs)}
-    if len(defaults) > 1:
+    defaults = [
+        config_encoder(c, tokenizer_for(d, base, c.trust_remote_code)).defaults if c else {}
+        for c, d in zip(configs, runs)
+    ]
+    if len({json.dumps(x, sort_keys=True) for x in defaults}) > 1:
         raise TunelabError(
             "the runs were trained with different system prompts, tools or thinking switches, and "
             "vLLM renders every adapter with one chat template; serve them with separate vLLM "
             "commands, or with tunelab serve (each adapter its own)"
         )
     chosen = runs[0] / "chat_template.jinja"
-    default = _defaults(configs[0], templates.get(runs[0], ""))
-    if runs[0] in templates and any(v is not None for v in default.values()):
+    if runs[0] in templates and defaults[0]:
         # vLLM applies no default system prompt: the template it is given inserts the trained one
         chosen = runs[0] / TEMPLATE_FILE
-        chosen.write_text(with_run_defaults(templates[runs[0]], **default), encoding="utf-8")
+        chosen.write_text(with_run_defaults(templates[runs[0]], **defaults[0]), encoding="utf-8")
     if chosen.is_file():
         cmd += ["--chat-template", str(chosen.resolve())]
     elif runs[0] in templates:
@@ -95,14 +98,6 @@ def vllm_command(
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd
-
-
-def _defaults(cfg, template: str) -> dict:
-    """What a run's prompts get when a request leaves it out (see `with_run_defaults`)."""
-    if cfg is None:
-        return {"system": None, "tools": None, "thinking": None}
-    thinking = False if cfg.reasoning == "drop" and "enable_thinking" in template else None
-    return {"system": cfg.system, "tools": read_tools(cfg.tools), "thinking": thinking}
 
 
 def printable(cmd: list[str]) -> str:
