@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.data.conversation import Conversation, Message
+from tunelab.data.conversation import Conversation
 from tunelab.data.encode import Encoder
+from tunelab.data.formats import message_from_dict
 from tunelab.infer.chat import ChatSession, show
 from tunelab.infer.replies import parse_reply
 
@@ -100,7 +101,7 @@ def test_a_reply_with_a_call_goes_back_as_the_turn_training_renders(tmp_path):
         {"role": "tool", "content": "-3", "tool_call_id": reply.tool_calls[0]["id"]},
     ]
     session = ChatSession(torch.nn.Linear(1, 1), tok)
-    conv = Conversation([Message.from_dict(m) for m in messages], source="chat")
+    conv = Conversation([message_from_dict(m, "chat", i) for i, m in enumerate(messages)], source="chat")
     assert session.prompt_ids(messages) == Encoder(tok).prompt_ids(conv)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in tok.decode(
         session.prompt_ids(messages)

@@ -30,17 +30,6 @@ class Message:
         """The content as a template without an input section renders it."""
         return f"{self.content}\n\n{self.input}" if self.input else self.content
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Message":
-        """An OpenAI-style message dict (what chat history and serving hold) as a Message; tool calls get
-        object arguments, as OpenAI clients send them as JSON strings."""
-        from .tools import parse_calls
-
-        known = {k: data[k] for k in ("reasoning_content", "tool_call_id", "name") if data.get(k) is not None}
-        if data.get("tool_calls"):
-            known["tool_calls"] = parse_calls(data["tool_calls"], f"{data['role']} message tool_calls")
-        return cls(data["role"], data.get("content") or "", **known)
-
     def to_template(self) -> dict[str, Any]:
         # A turn of only tool calls keeps content "": transformers drops None-valued keys before rendering,
         # and a template then fails on the missing key instead of saying it has no tool support.

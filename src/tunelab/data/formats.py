@@ -201,24 +201,39 @@ def _turns(turns: Any, fmt: str, src: str, columns: dict | None) -> list[Message
             allowed = ", ".join(ROLES)
         if role is None:
             raise TunelabError(f"{src}: message {i} has unknown role {_short(raw_role)}; allowed: {allowed}")
-        text, reasoning, calls = _content(turn.get(content_key), src, i)
         if raw_role == "function_call" and fmt == "sharegpt":
-            text, calls = "", parse_calls(text, f"{src}: message {i} (function_call)")
-        msg = Message(role, text)
-        for key in ("reasoning_content", "tool_call_id", "name"):
-            if isinstance(turn.get(key), str):
-                setattr(msg, key, turn[key])
-        if turn.get("tool_calls") is not None:
-            calls += parse_calls(turn["tool_calls"], f"{src}: message {i} tool_calls")
-        if role == "assistant":
-            thought, msg.content = split_think(msg.content)
-            reasoning = "\n\n".join(r for r in (msg.reasoning_content, reasoning, thought) if r) or None
-            msg.reasoning_content = reasoning
-            msg.tool_calls = calls or None
-        elif calls:
-            raise TunelabError(f"{src}: message {i} ({role}) holds tool calls; only assistant messages may")
-        messages.append(msg)
+            text, _, _ = _content(turn.get(content_key), src, i)
+            calls = parse_calls(text, f"{src}: message {i} (function_call)")
+            messages.append(Message("assistant", "", tool_calls=calls or None))
+            continue
+        messages.append(message_from_dict(turn, src, i, role, content_key))
     return _merge_calls(messages)
+
+
+def message_from_dict(
+    turn: dict, src: str, i: int = 0, role: str | None = None, content_key: str = "content"
+) -> Message:
+    """One OpenAI-shaped message as a `Message`: the single reading that training data, chat history and the
+    server's requests share, so a history sent back renders as training rendered it. Content is a string or
+    typed parts; a leading `<think>` block, `reasoning_content` and reasoning parts are the reasoning; tool-call
+    arguments may be an object or a JSON string. `role`: the role already mapped (sharegpt names), else read."""
+    role = turn.get("role") if role is None else role
+    if role not in ROLES:
+        raise TunelabError(f"{src}: message {i} has unknown role {_short(role)}; allowed: {', '.join(ROLES)}")
+    text, reasoning, calls = _content(turn.get(content_key), src, i)
+    msg = Message(role, text)
+    for key in ("reasoning_content", "tool_call_id", "name"):
+        if isinstance(turn.get(key), str):
+            setattr(msg, key, turn[key])
+    if turn.get("tool_calls") is not None:
+        calls += parse_calls(turn["tool_calls"], f"{src}: message {i} tool_calls")
+    if role == "assistant":
+        thought, msg.content = split_think(msg.content)
+        msg.reasoning_content = "\n\n".join(r for r in (msg.reasoning_content, reasoning, thought) if r) or None
+        msg.tool_calls = calls or None
+    elif calls:
+        raise TunelabError(f"{src}: message {i} ({role}) holds tool calls; only assistant messages may")
+    return msg
 
 
 def _merge_calls(messages: list[Message]) -> list[Message]:

@@ -8,8 +8,9 @@ import threading
 
 import torch
 
-from ..data.conversation import Conversation, Message
+from ..data.conversation import Conversation
 from ..data.encode import Encoder
+from ..data.formats import message_from_dict
 from .load import load_inference, prompt_encoder, thinking_switch
 from .replies import Reply, parse_reply
 
@@ -60,7 +61,9 @@ class ChatSession:
         return [] if ids is None else ids if isinstance(ids, list) else [ids]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        conv = Conversation([Message.from_dict(m) for m in messages], tools=self.tools, source="chat")
+        conv = Conversation(
+            [message_from_dict(m, "chat", i) for i, m in enumerate(messages)], tools=self.tools, source="chat"
+        )
         return self.encoder.prompt_ids(conv, **self.template_kwargs)
 
     def generate(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, streamer=None) -> str:

@@ -18,8 +18,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..data.conversation import ROLES, Conversation, Message
+from ..data.conversation import Conversation
 from ..data.encode import Encoder
+from ..data.formats import message_from_dict
 from ..data.tools import parse_tools
 from ..errors import TunelabError
 from ..infer.load import InferenceModel, Variant, prompt_encoder
@@ -96,24 +97,10 @@ class Server:
 def _conversation(req: ChatRequest) -> Conversation:
     messages = []
     for i, m in enumerate(req.messages):
-        if m.get("role") not in ROLES:
-            raise ApiError(
-                400,
-                f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}",
-                f"messages.{i}.role",
-                "invalid_value",
-            )
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if content is not None and not isinstance(content, str):
-            raise ApiError(
-                400,
-                f"messages[{i}].content must be a string or a list of text parts",
-                f"messages.{i}.content",
-                "invalid_value",
-            )
-        messages.append(Message.from_dict(dict(m, content=content)))
+        try:
+            messages.append(message_from_dict(m, "request", i))
+        except TunelabError as exc:
+            raise ApiError(400, str(exc), f"messages.{i}", "invalid_value") from None
     try:
         tools = parse_tools(req.tools, "tools") if req.tools else None
     except TunelabError as exc:

@@ -1,0 +1,80 @@
+"""One reading of an OpenAI-shaped message: the same history (a `<think>` block in the content, typed reasoning and
+text parts, tool-call arguments as a JSON string) gives the same prompt ids through training's reader, the
+server's request and chat's history; a part the templates cannot show is a 400, not dropped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.data.conversation import Conversation
+from tunelab.data.encode import Encoder
+from tunelab.data.formats import to_conversation
+from tunelab.data.readers import Record
+from tunelab.infer.chat import ChatSession
+from tunelab.serve.app import _conversation
+from tunelab.serve.protocol import ApiError, ChatRequest
+
+pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
+
+_spec = importlib.util.spec_from_file_location(
+    "real_tokenizers", Path(__file__).parents[1] / "data" / "real_tokenizers.py"
+)
+real_tokenizers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real_tokenizers)
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+HISTORY = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "content": "<think>The tool knows.</think>I will look.",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})},
+            }
+        ],
+    },
+    {"role": "tool", "content": "-3", "tool_call_id": "c1"},
+    {"role": "assistant", "content": [{"type": "reasoning", "text": "Report it."}, {"type": "text", "text": "-3 °C."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"}]},
+]
+
+
+@pytest.fixture(params=["qwen2.5-instruct", "qwen3"])
+def tok(request, tmp_path):
+    if not real_tokenizers.available(request.param):
+        pytest.skip(f"../shared/tokenizers/{request.param} not present")
+    return real_tokenizers.load(request.param, tmp_path)
+
+
+def test_a_history_reads_the_same_in_training_the_server_and_chat(tok):
+    encoder = Encoder(tok)
+    record = Record({"messages": HISTORY + [{"role": "assistant", "content": "Snow."}], "tools": TOOLS}, "h:1")
+    trained = to_conversation(record, "messages")
+    prompt = Conversation(trained.messages[:-1], tools=trained.tools, source="h:1")
+    want = encoder.prompt_ids(prompt)
+    text = tok.decode(want)
+    shown = encoder.reasoning_mode == "inline"  # Qwen2.5 shows history reasoning inline; Qwen3 drops it
+    assert ("The tool knows." in text) == ("Report it." in text) == shown
+    assert '"city": "Oslo"' in text and "And tomorrow?" in text
+
+    served = _conversation(ChatRequest(model="m", messages=HISTORY, tools=TOOLS))
+    assert encoder.prompt_ids(served) == want
+    session = ChatSession(torch.nn.Linear(1, 1), tok, tools=TOOLS, encoder=encoder)
+    assert session.prompt_ids(HISTORY) == want
+
+
+def test_a_content_part_no_template_can_show_is_a_400_naming_the_message():
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}
+    with pytest.raises(ApiError) as err:
+        _conversation(ChatRequest(model="m", messages=[image]))
+    assert err.value.status == 400 and "message 0" in str(err.value)
+    with pytest.raises(ApiError):
+        _conversation(ChatRequest(model="m", messages=[{"role": "wizard", "content": "hi"}]))
