@@ -59,10 +59,16 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every tunelab import in `path`, relative ones resolved."""
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    """(line, absolute name) of every tunelab import in `path`, relative ones resolved: a module, or a name in
+    one (`tunelab.data.encode.Encoder`)."""
+    return imports_in(path.read_text(encoding="utf-8"), module_name(path), path.name == "__init__.py")
+
+
+def imports_in(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """imports_of for the source text of `module` (nothing is written anywhere)."""
+    package = module if is_package else module.rsplit(".", 1)[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "tunelab"]
         elif isinstance(node, ast.ImportFrom):
@@ -73,10 +79,8 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
                 target = node.module or ""
             if target.split(".")[0] != "tunelab":
                 continue
-            if node.module is None or target.count(".") == 0:  # `from . import cache`, `from .. import x`
-                found += [(node.lineno, f"{target}.{a.name}") for a in node.names]
-            else:
-                found.append((node.lineno, target))
+            # each name as `module.name`: a submodule (`from ..data import encode`) or a name in one
+            found += [(node.lineno, f"{target}.{a.name}") for a in node.names]
     return found
 
 
@@ -94,15 +98,85 @@ def test_no_import_runs_back_up_the_pipeline(path):
     assert not upward, "imports against the pipeline's direction:\n" + "\n".join(upward)
 
 
-def test_the_walker_sees_relative_and_function_level_imports(tmp_path):
+def test_the_walker_sees_relative_and_function_level_imports():
     """The check itself can fail: an upward import inside a function of a data module is found."""
-    fake = PACKAGE / "data" / "_layer_probe.py"
     source = "def f():\n    from ..train.run import train\n    from . import encode\n"
-    tree_imports = None
-    try:
-        fake.write_text(source, encoding="utf-8")
-        tree_imports = imports_of(fake)
-    finally:
-        fake.unlink(missing_ok=True)
-    assert tree_imports == [(2, "tunelab.train.run"), (3, "tunelab.data.encode")]
+    found = imports_in(source, "tunelab.data._layer_probe")
+    assert found == [(2, "tunelab.train.run.train"), (3, "tunelab.data.encode")]
     assert stage_of("tunelab.train.run") > stage_of("tunelab.data._layer_probe")
+
+
+def component(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+# Components of one stage are peers and stay apart (eval and export; sweep, demo and serve), except for these.
+# Stage 0 is the shared floor: its modules may use one another.
+PEERS_ALLOWED = {("__main__", "cli"), ("run_folder", "config")}
+
+
+def peer_imports(imports: dict[str, list[tuple[int, str]]]) -> list[str]:
+    """`module:line imports target` for each import of another component of the same stage."""
+    return [
+        f"{module}:{line} imports {target}"
+        for module, found in imports.items()
+        for line, target in found
+        if stage_of(target) == stage_of(module) > 0
+        and component(target) != component(module)
+        and (component(module), component(target)) not in PEERS_ALLOWED
+    ]
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import circle of `graph` (module -> the modules it imports), once, starting at its least name."""
+    found: set[tuple[str, ...]] = set()
+
+    def walk(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in path:
+                loop = path[path.index(nxt) :]
+                start = loop.index(min(loop))
+                found.add(tuple(loop[start:] + loop[:start]))
+            elif nxt in graph:
+                walk(nxt, path + [nxt])
+
+    for node in sorted(graph):
+        walk(node, [node])
+    return [list(c) + [c[0]] for c in sorted(found)]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every package module -> the package modules it imports (at module level or inside a function)."""
+    modules = {module_name(p) for p in SOURCES}
+
+    def resolve(target: str) -> str | None:  # `tunelab.data.encode.Encoder` -> `tunelab.data.encode`
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    graph = {}
+    for path in SOURCES:
+        module = module_name(path)
+        targets = {resolve(t) for _, t in imports_of(path)}
+        graph[module] = {t for t in targets if t and t != module and not module.startswith(t + ".")}
+    return graph
+
+
+def test_no_component_imports_a_peer_of_its_own_stage():
+    found = peer_imports({module_name(p): imports_of(p) for p in SOURCES})
+    assert not found, "imports between peers of one stage:\n" + "\n".join(found)
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    found = circles(module_graph())
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_peer_and_circle_checks_can_fail():
+    probe = {"tunelab.eval.evaluate": imports_in("from ..export import merge\n", "tunelab.eval.evaluate")}
+    assert peer_imports(probe) == ["tunelab.eval.evaluate:1 imports tunelab.export.merge"]
+    assert not peer_imports({"tunelab.run_folder": [(1, "tunelab.config")]})
+    graph = {"tunelab.train.run": {"tunelab.train.launch"}, "tunelab.train.launch": {"tunelab.train.run"}}
+    assert circles(graph) == [["tunelab.train.launch", "tunelab.train.run", "tunelab.train.launch"]]
+    assert not circles({"a": {"b"}, "b": set()})

@@ -220,7 +220,7 @@ def _driver() -> None:
     from tunelab.data.dataset import PadCollator, SampleDataset, build_datasets
     from tunelab.data.tokenizer import prepare_tokenizer
     from tunelab.train.arguments import training_arguments
-    from tunelab.train.run import prepare_model
+    from tunelab.train.setup import prepare_model
     from tunelab.train.trainer import TunelabTrainer
 
     transformers.logging.set_verbosity_error()

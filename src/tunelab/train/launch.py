@@ -9,6 +9,7 @@ the rank.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,23 +69,26 @@ def free_port() -> int:
 
 
 def _worker(argv: list[str]) -> None:
-    """One process of the job (`python -m tunelab.train.launch CONFIG_JSON [THREADS]`): the same `train`
-    as a single process. Its error is recorded for the launcher, which names the rank that failed."""
+    """One process of the job (`python -m tunelab.train.launch ENTRY CONFIG_JSON [THREADS]`): ENTRY
+    (`module:function`, the per-rank run the launcher was given) on the config, as a single process runs it.
+    Its error is recorded for the launcher, which names the rank that failed."""
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     from ..logs import setup_logging
 
     setup_logging()
-    if len(argv) > 1:  # accelerate would set 1 thread where OMP_NUM_THREADS is unset
-        os.environ["OMP_NUM_THREADS"] = argv[1]
-        torch.set_num_threads(int(argv[1]))
+    entry, config, *threads = argv
+    if threads:  # accelerate would set 1 thread where OMP_NUM_THREADS is unset
+        os.environ["OMP_NUM_THREADS"] = threads[0]
+        torch.set_num_threads(int(threads[0]))
     errors = get_error_handler()
     errors.initialize()
     try:
         from ..config import from_dict
-        from .run import train
 
-        train(from_dict(json.loads(argv[0])))
+        module, _, name = entry.partition(":")
+        run_rank = getattr(importlib.import_module(module), name)
+        run_rank(from_dict(json.loads(config)))
     except (Interrupted, KeyboardInterrupt) as exc:  # stopped by a signal (after saving, once training runs)
         errors.record_exception(exc)
         sys.exit(INTERRUPTED)
@@ -96,15 +101,16 @@ def _worker(argv: list[str]) -> None:
         raise
 
 
-def launch(cfg: Config) -> None:
-    """Run `cfg` in `processes_per_node x nnodes` processes, each a fresh Python (as torchrun starts them)."""
+def launch(cfg: Config, run_rank: Callable[[Config], object]) -> None:
+    """Run `run_rank(cfg)` in `processes_per_node x nnodes` processes, each a fresh Python (as torchrun starts
+    them); `run_rank` is named by its module and name, so it must be a module-level function."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nproc = processes_per_node(cfg)
     port = cfg.master_port or (free_port() if cfg.nnodes == 1 else 29500)
-    args = [json.dumps(cfg.to_dict())]
+    args = [f"{run_rank.__module__}:{run_rank.__qualname__}", json.dumps(cfg.to_dict())]
     if not torch.cuda.is_available():  # processes sharing the cores must not each use all of them
         args.append(str(max(1, (os.cpu_count() or 1) // nproc)))
     log.info(
