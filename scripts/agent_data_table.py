@@ -24,7 +24,7 @@ from tunelab.data.dataset import read_conversations  # noqa: E402
 from tunelab.data.encode import Encoder  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", ROOT / "tests" / "data" / "real_tokenizers.py")
+_spec = importlib.util.spec_from_file_location("real_tokenizers", ROOT / "tests" / "support" / "real_tokenizers.py")
 real_tokenizers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_tokenizers)
 

@@ -52,18 +52,12 @@ def qwen2_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def qwen3_tiny(tmp_path_factory):
     """A tiny Qwen3 with Qwen3's real tokenizer and thinking/tool template (../shared/tokenizers/qwen3)."""
-    import importlib.util
+    import real_tokenizers
 
-    spec = importlib.util.spec_from_file_location("real_tokenizers", ROOT / "tests" / "data" / "real_tokenizers.py")
-    real_tokenizers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_tokenizers)
-    if not real_tokenizers.available("qwen3"):
-        pytest.skip("../shared/tokenizers/qwen3 not present")
     root = tmp_path_factory.mktemp("qwen3-tiny")
+    tok = real_tokenizers.load_or_skip("qwen3", root)
     # a 151k vocabulary: a narrow tied embedding keeps the model small
-    return _build(
-        tmp_path_factory, real_tokenizers.load("qwen3", root), "qwen3", hidden=16, heads=2, tie_word_embeddings=True
-    )
+    return _build(tmp_path_factory, tok, "qwen3", hidden=16, heads=2, tie_word_embeddings=True)
 
 
 @pytest.fixture()

@@ -10,19 +10,15 @@ there (TRL's markers also take the newline, or Phi-3's closing `<|endoftext|>`, 
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
+import real_tokenizers
 
 from tunelab.data.conversation import Conversation, Message
 from tunelab.data.encode import Encoder
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 EOT = {
     "qwen2.5-instruct": "<|im_end|>",

@@ -5,10 +5,9 @@ into the first user turn, Llama-3-like) and for the real templates under ../shar
 """
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
+import real_tokenizers
 
 from tunelab.constants import IGNORE_INDEX
 from tunelab.data.conversation import Conversation, Message
@@ -17,9 +16,6 @@ from tunelab.errors import TunelabError
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 EOT = {
     "chatml": "<|im_end|>",

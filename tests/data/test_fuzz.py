@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import io
 import json
 import re
 import signal
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+import real_tokenizers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -32,10 +31,6 @@ from tunelab.data.formats import FIELDS, detect_format, to_conversation
 from tunelab.data.readers import Record, read_records
 from tunelab.data.templates import BUILTIN
 from tunelab.errors import TunelabError
-
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 SRC = "fuzz/dätä set.jsonl:7"
 HANG_S = 30  # an example running this long is a hang

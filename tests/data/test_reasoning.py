@@ -4,10 +4,8 @@ Qwen3 training template."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+import real_tokenizers
 
 from tunelab.constants import IGNORE_INDEX
 from tunelab.data.conversation import Conversation, Message
@@ -15,15 +13,8 @@ from tunelab.data.encode import Encoder
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
-
-def real(family, tmp_path):
-    if not real_tokenizers.available(family):
-        pytest.skip(f"../shared/tokenizers/{family} not present")
-    return real_tokenizers.load(family, tmp_path)
+real = real_tokenizers.load_or_skip
 
 
 def chat(reasoning=("Blue is calm.", "Count: seven.")) -> Conversation:

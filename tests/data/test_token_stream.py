@@ -9,10 +9,8 @@ place tunelab departs from that reference, on purpose: those characters stay tex
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+import real_tokenizers
 
 from tunelab.constants import IGNORE_INDEX
 from tunelab.data.conversation import Conversation, Message
@@ -21,9 +19,6 @@ from tunelab.data.templates import BUILTIN
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 # Templates that move text between turns train such turns in samples of their own (see test_turns.py); every
 # sample is still the tokenizer's own ids of a rendering.

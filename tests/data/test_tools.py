@@ -3,11 +3,11 @@ and on real templates a call trains like the assistant's text while tool results
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import real_tokenizers
 
 from tunelab.data.dataset import DataStats, read_conversations
 from tunelab.data.encode import Encoder
@@ -17,9 +17,6 @@ from tunelab.errors import TunelabError
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location("real_tokenizers", Path(__file__).with_name("real_tokenizers.py"))
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 SRC = "calls.jsonl:4"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "llama-factory"
@@ -203,10 +200,7 @@ def test_bad_records_skip_counts_and_names_what_it_left_out(write_data):
 trained_runs = real_tokenizers.trained_runs
 
 
-def real(family, tmp_path):
-    if not real_tokenizers.available(family):
-        pytest.skip(f"../shared/tokenizers/{family} not present")
-    return real_tokenizers.load(family, tmp_path)
+real = real_tokenizers.load_or_skip
 
 
 CALL_TEXT = {

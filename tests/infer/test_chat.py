@@ -37,23 +37,14 @@ def test_interactive_session_streams_and_remembers(memorised, monkeypatch, capsy
 
 def test_chat_renders_through_the_training_encoder_keeping_tools(tmp_path):
     """Chat's prompt is `Encoder.prompt_ids`: the template sees `tools`, and control-token text stays text."""
-    import importlib.util
-    from pathlib import Path
 
-    import pytest
+    import real_tokenizers
     import torch
 
     from tunelab.data.conversation import Conversation, Message
     from tunelab.data.encode import Encoder
 
-    spec = importlib.util.spec_from_file_location(
-        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
-    )
-    real_tokenizers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_tokenizers)
-    if not real_tokenizers.available("qwen2.5-instruct"):
-        pytest.skip("../shared/tokenizers/qwen2.5-instruct not present")
-    tok = real_tokenizers.load("qwen2.5-instruct", tmp_path)
+    tok = real_tokenizers.load_or_skip("qwen2.5-instruct", tmp_path)
     tools = [
         {
             "type": "function",

@@ -1,10 +1,8 @@
 """A generated answer splits into reasoning, text and tool calls in each template family's own format, and
 goes back into the conversation as the assistant turn training would render."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+import real_tokenizers
 import torch
 
 from tunelab.data.conversation import Conversation
@@ -68,15 +66,7 @@ def test_the_terminal_shows_reasoning_apart_and_calls_as_json():
     assert shown.startswith("[thinking]\nplan\n[answer]") and '"tool_calls"' in shown and '"a": 1' in shown
 
 
-def _real(family, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
-    )
-    real_tokenizers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_tokenizers)
-    if not real_tokenizers.available(family):
-        pytest.skip(f"../shared/tokenizers/{family} not present")
-    return real_tokenizers.load(family, tmp_path)
+_real = real_tokenizers.load_or_skip
 
 
 def test_no_think_renders_qwen3s_thinking_off_prompt(tmp_path):

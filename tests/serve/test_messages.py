@@ -4,11 +4,10 @@ server's request and chat's history; a part the templates cannot show is a 400, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+import real_tokenizers
 import torch
 
 from tunelab.data.conversation import Conversation
@@ -21,11 +20,6 @@ from tunelab.serve.protocol import ApiError, ChatRequest
 
 pytestmark = pytest.mark.fast  # a pure unit: `make test-fast` runs it
 
-_spec = importlib.util.spec_from_file_location(
-    "real_tokenizers", Path(__file__).parents[1] / "data" / "real_tokenizers.py"
-)
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 HISTORY = [
@@ -49,9 +43,7 @@ HISTORY = [
 
 @pytest.fixture(params=["qwen2.5-instruct", "qwen3"])
 def tok(request, tmp_path):
-    if not real_tokenizers.available(request.param):
-        pytest.skip(f"../shared/tokenizers/{request.param} not present")
-    return real_tokenizers.load(request.param, tmp_path)
+    return real_tokenizers.load_or_skip(request.param, tmp_path)
 
 
 def test_a_history_reads_the_same_in_training_the_server_and_chat(tok):

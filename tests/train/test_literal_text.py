@@ -7,11 +7,10 @@ text is trained as the characters it is; chat renders such a prompt to the very 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+import real_tokenizers
 
 from tunelab.config import from_dict
 from tunelab.constants import IGNORE_INDEX
@@ -20,12 +19,6 @@ from tunelab.data.encode import special_tokens
 from tunelab.data.tokenizer import prepare_tokenizer
 from tunelab.infer.chat import ChatSession
 from tunelab.train.run import train
-
-_spec = importlib.util.spec_from_file_location(
-    "real_tokenizers", Path(__file__).resolve().parents[1] / "data" / "real_tokenizers.py"
-)
-real_tokenizers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_tokenizers)
 
 FAMILIES = {"qwen2.5-instruct": "<|im_end|>", "llama-3.2-3b-instruct": "<|eot_id|>", "gemma-3-4b-it": "<end_of_turn>"}
 LITERALS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"]

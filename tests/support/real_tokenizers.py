@@ -25,6 +25,15 @@ TEMPLATE_ONLY = (
 ALL = FULL + TEMPLATE_ONLY
 
 
+def load_or_skip(family: str, workdir: Path):
+    """`load(family)`, or the test skipped, naming what is missing, where ../shared lacks it."""
+    import pytest
+
+    if not available(family):
+        pytest.skip(f"../shared/tokenizers/{family} not present")
+    return load(family, workdir)
+
+
 def available(family: str) -> bool:
     return (SHARED_TOKENIZERS / "qwen2.5-instruct" / "vocab.json").exists() and (
         SHARED_TOKENIZERS / family.split("-v")[0] if family.startswith("mistral") else SHARED_TOKENIZERS / family
