@@ -59,8 +59,8 @@ MUTATIONS = [
     Mutation(
         "accumulation normalised per micro-batch",
         "train/trainer.py",
-        "tunelab_num_items=num_items_in_batch,\n",
-        "tunelab_num_items=None,\n",
+        "tunelab_num_items=num_items_in_batch, tunelab_positions=positions",
+        "tunelab_num_items=None, tunelab_positions=positions",
         ("tests/train/test_accumulation.py",),
     ),
     Mutation(
@@ -73,8 +73,8 @@ MUTATIONS = [
     Mutation(
         "cache key without system",
         "config.py",
-        'system prompt put first in every conversation that has none.",\n                                   group="data", data=True)',
-        'system prompt put first in every conversation that has none.",\n                                   group="data")',
+        '"A system prompt put first in every conversation that has none.", group="data", data=True',
+        '"A system prompt put first in every conversation that has none.", group="data"',
         ("tests/data/test_cache_keys.py", "tests/data/test_cache.py"),
     ),
     Mutation(
@@ -87,7 +87,7 @@ MUTATIONS = [
     # --- precision (GPU paths, CPU proxies) -----------------------------------------------------------------
     Mutation(
         "precision: full fine-tuning without fp32 master weights",
-        "train/run.py",
+        "train/setup.py",
         'weights = torch.float32 if cfg.finetuning_type == "full" and not cfg.pure_bf16 else dtype',
         "weights = dtype",
         ("tests/train/test_precision.py",),
@@ -95,9 +95,10 @@ MUTATIONS = [
     Mutation(
         "precision: the loss runs outside the model's forward (outside autocast)",
         "train/trainer.py",
-        'loss = model(**body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch,\n'
-        "                     tunelab_positions=positions).loss",
-        "from ..model.loss import labelled_loss\n        loss = labelled_loss(model, inputs, num_items_in_batch)",
+        "        loss = model(\n"
+        '            **body, tunelab_labels=inputs["labels"], tunelab_num_items=num_items_in_batch, tunelab_positions=positions\n'
+        "        ).loss\n",
+        "        from ..model.loss import labelled_loss\n\n        loss = labelled_loss(model, inputs, num_items_in_batch)\n",
         ("tests/train/test_precision.py",),
     ),
     Mutation(
@@ -130,7 +131,7 @@ MUTATIONS = [
     ),
     Mutation(
         "precision: pure_bf16 keeps peft's fp32 adapters",
-        "train/run.py",
+        "train/setup.py",
         "        if p.requires_grad and p.dtype != torch.bfloat16:",
         "        if False:",
         ("tests/train/test_optim.py",),
@@ -180,8 +181,8 @@ MUTATIONS = [
     Mutation(
         "memory: export merges on the GPU by default",
         "export/merge.py",
-        '                  device: str = "cpu") -> ExportReport:',
-        '                  device: str = "cuda") -> ExportReport:',
+        '    device: str = "cpu",\n) -> ExportReport:',
+        '    device: str = "cuda",\n) -> ExportReport:',
         ("tests/export/test_merge.py::test_export_merges_on_the_cpu_even_with_a_gpu_visible",),
     ),
     Mutation(
@@ -209,7 +210,7 @@ MUTATIONS = [
     Mutation(
         "control-token text in messages read as control tokens",
         "data/literal.py",
-        "return self._special.pattern.sub(self._swap, value) if self._special.holds(value) else value",
+        "return pattern.sub(self._swap, value) if pattern is not None and self._special.holds(value) else value",
         "return value",
         ("tests/data/test_token_stream.py",),
     ),
@@ -307,8 +308,8 @@ MUTATIONS = [
     Mutation(
         "readers: JSONL line numbers off by one",
         "data/readers.py",
-        'for lineno, line in enumerate(_text(path).split("\\n"), 1):',
-        'for lineno, line in enumerate(_text(path).split("\\n")):',
+        "        lines, first_line, first_byte, byte = [], 1, 0, 0\n",
+        "        lines, first_line, first_byte, byte = [], 0, 0, 0\n",
         ("tests/data/test_readers.py",),
     ),
     # --- sharding engines (issue 13) ------------------------------------------------------------------------
@@ -389,8 +390,8 @@ MUTATIONS = [
     Mutation(
         "turns: the think block the template writes after the prompt is not trained",
         "data/turns.py",
-        "            start = len(commonprefix([prompt, cut]))",
-        "            start = len(commonprefix([prompt, cut]))\n"
+        "            start = common_prefix(prompt, cut)",
+        "            start = common_prefix(prompt, cut)\n"
         '            start = cut.find(messages[i].get("content") or "\\x00", start) if '
         '(messages[i].get("content") or "\\x00") in cut[start:] else start',
         ("tests/data/test_reasoning.py",),
@@ -491,8 +492,8 @@ MUTATIONS = [
     Mutation(
         "samples: a label where the mask says prompt",
         "data/samples.py",
-        "np.where(trained, ids, IGNORE_INDEX).tolist(), bool(flags & TRUNCATED)",
-        "ids.tolist(), bool(flags & TRUNCATED)",
+        "            np.where(trained, ids, IGNORE_INDEX).tolist(),\n            bool(flags & TRUNCATED),",
+        "            ids.tolist(),\n            bool(flags & TRUNCATED),",
         ("tests/data/test_samples.py",),
     ),
     Mutation(
@@ -515,6 +516,63 @@ MUTATIONS = [
         "            base.generator = torch.Generator().manual_seed(self.args.seed)",
         "            pass",
         ("tests/train/test_streaming.py",),
+    ),
+    # --- a run answers as it was trained (issue 24) ---------------------------------------------------------
+    Mutation(
+        "peft: what peft wrapped not checked",
+        "model/adapters.py",
+        "    if extra_params or stray:\n",
+        "    if extra_params:\n",
+        ("tests/train/test_archs.py",),
+    ),
+    Mutation(
+        "moe: short target names on a MoE",
+        "model/adapters.py",
+        "    if _has_moe_internals(model):\n        return list(chosen)\n",
+        "",
+        ("tests/train/test_archs.py::test_moe_trains_without_touching_experts",),
+    ),
+    Mutation(
+        "reasoning: R1 turn trained without its native think block",
+        "data/encode.py",
+        "            return thinking.native_turn(prompt, text, reasoning) or text\n",
+        "            return text\n",
+        ("tests/data/test_reasoning.py",),
+    ),
+    Mutation(
+        "defaults: the trained system prompt not applied at inference",
+        "data/conversation.py",
+        '            messages = [Message("system", system), *messages]\n',
+        "            pass\n",
+        ("tests/test_trained_prompt.py",),
+    ),
+    Mutation(
+        "messages: a leading think block not split from the content",
+        "data/formats.py",
+        "        thought, msg.content = split_think(msg.content)\n",
+        "        thought = None\n",
+        ("tests/serve/test_messages.py", "tests/data/test_formats.py"),
+    ),
+    Mutation(
+        "pool: workers keep the trainer's SIGTERM handler",
+        "data/pool.py",
+        '.get_context("fork").Pool(workers, _worker_signals) as pool:',
+        '.get_context("fork").Pool(workers) as pool:',
+        ("tests/data/test_pool.py::test_workers_end_on_sigterm_whatever_handler_the_trainer_installed",),
+    ),
+    Mutation(
+        "replies: every call in a reply numbered from one",
+        "infer/replies.py",
+        "            group = _json_calls(block, len(found) + 1)\n",
+        "            group = _json_calls(block)\n",
+        ("tests/infer/test_replies.py",),
+    ),
+    Mutation(
+        "run folder: a newer tunelab's keys silently dropped",
+        "run_folder.py",
+        "    newer = sorted(k for k in data if k not in FIELDS)\n    if newer:\n",
+        "    data = {k: v for k, v in data.items() if k in FIELDS}\n    if False:\n",
+        ("tests/train/test_setup.py",),
     ),
 ]
 

@@ -120,6 +120,14 @@ def test_relative_dataset_paths_are_resolved_against_the_yaml_folder(tmp_path, y
     assert cfg.eval_dataset == [str(tmp_path / "cfg" / "data" / "eval.jsonl")]
 
 
+def test_output_dir_is_relative_to_the_yaml_and_an_override_to_where_the_command_runs(tmp_path, yaml_file):
+    path = yaml_file("model: m\ndataset: /d.jsonl\noutput_dir: ../outputs/run\n", name="cfg/run.yaml")
+    assert load_config(path).output_dir == str(tmp_path / "cfg" / ".." / "outputs" / "run")
+    assert load_config(path, ["output_dir=here"]).output_dir == "here"
+    absolute = yaml_file(f"model: m\ndataset: /d.jsonl\noutput_dir: {tmp_path / 'abs'}\n", name="cfg/abs.yaml")
+    assert load_config(absolute).output_dir == str(tmp_path / "abs")
+
+
 def test_a_dataset_name_that_is_no_file_next_to_the_yaml_is_kept_as_written(yaml_file):
     cfg = load_config(yaml_file("model: m\noutput_dir: o\ndataset: someone/hub-dataset\n"))
     assert cfg.dataset == "someone/hub-dataset"

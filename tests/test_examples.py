@@ -93,8 +93,10 @@ def test_example_is_valid_as_shipped(path):
     assert cfg.finetuning_type in ("lora", "full")
     for data in cfg.datasets + cfg.eval_datasets + ([cfg.tools] if cfg.tools else []):
         assert Path(data).is_file(), f"{data} does not resolve to a file next to the example"
+    # the run folder is relative to the example, and lands in the checkout's outputs/, where the README looks
+    assert Path(cfg.output_dir).resolve().parent == path.resolve().parents[1] / "outputs"
     for key, value in raw.items():
-        if key in ("dataset", "eval_dataset", "tools"):
+        if key in ("dataset", "eval_dataset", "tools", "output_dir"):
             continue
         got = getattr(cfg, key)
         assert got == (float(value) if isinstance(got, float) else value), key

@@ -141,8 +141,7 @@ def _train(args) -> int:
     from .config import load_config
     from .train.run import train
 
-    result = train(load_config(args.config, args.overrides))
-    print(f"saved to {result.output_dir}")
+    train(load_config(args.config, args.overrides))  # it says where the run folder is, at the start and the end
     return 0
 
 

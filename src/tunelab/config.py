@@ -689,7 +689,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:
-    """Data paths in a YAML file are relative to that file when they exist there, so examples run from anywhere."""
+    """Paths in a YAML file are relative to that file, so a config runs the same from any folder: `output_dir`
+    always; data, model, tools and DeepSpeed files where they exist there (else where the command runs).
+    `key=value` overrides are relative to where the command runs."""
 
     def fix(p):
         if isinstance(p, str) and not Path(p).is_absolute() and not Path(p).exists() and (base / p).exists():
@@ -697,6 +699,8 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
         return p
 
     out = dict(data)
+    if isinstance(out.get("output_dir"), str) and out["output_dir"] and not Path(out["output_dir"]).is_absolute():
+        out["output_dir"] = str(base / out["output_dir"])
     for key in ("dataset", "eval_dataset", "model", "tools", "deepspeed"):
         if key in out:
             out[key] = [fix(p) for p in out[key]] if isinstance(out[key], list) else fix(out[key])

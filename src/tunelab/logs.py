@@ -19,6 +19,9 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
+    # accelerate imports DeepSpeed whenever it is installed; on a machine without a GPU its import warns that it
+    # fell back to the CPU, in runs that never use it (a run that does use it says so itself)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     try:
         from transformers.utils import logging as hf_logging
 

@@ -175,6 +175,7 @@ def prepare(cfg: Config) -> Prepared:
 
     out = Path(cfg.output_dir)
     if distributed.is_main():
+        log.info("run folder: %s", out.resolve())
         out.mkdir(parents=True, exist_ok=True)
         run_folder.write_config(cfg, out)  # now, so that a resume can check it trains the same run
         for name in remove_leftovers(out):
@@ -295,7 +296,7 @@ def finish(run: Prepared, result, started: float) -> TrainResult:
     staged = out / f".{run_folder.SUMMARY}.tmp"
     staged.write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     os.replace(staged, out / run_folder.SUMMARY)  # last, and whole: its presence marks the run finished
-    log.info("saved to %s (%.1fs)", out, summary["seconds"])
+    log.info("saved to %s (%.1fs)", out.resolve(), summary["seconds"])
     distributed.barrier()
     distributed.shutdown()
     return TrainResult(out, metrics, summary, trainer.model)
