@@ -154,7 +154,7 @@ def test_an_unknown_key_with_no_close_match_gets_no_suggestion(yaml_file):
 
 def test_a_bad_choice_names_the_key_the_value_and_the_allowed_values(yaml_file):
     msg = error_of(yaml_file(BASE + "finetuning_type: qlora\n"))
-    assert "finetuning_type: 'qlora' is not one of lora, full" in msg
+    assert "finetuning_type: 'qlora' is not one of lora, full; QLoRA is finetuning_type: lora with load_in_4bit" in msg
 
 
 def test_a_wrong_type_names_the_key_the_value_and_the_expected_type(yaml_file):

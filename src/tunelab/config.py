@@ -522,6 +522,12 @@ def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
     return value, f"expected {_type_name(types)}"
 
 
+# Values other tools use for what our keys say another way.
+VALUE_HINTS = {
+    ("finetuning_type", "qlora"): "; QLoRA is finetuning_type: lora with load_in_4bit: true",
+    ("finetuning_type", "freeze"): "; train part of a model with finetuning_type: lora and lora_target",
+}
+
 # Names other tools use for our keys, so the hint is right where spelling similarity is not.
 ALIASES = {
     "batch_size": "per_device_train_batch_size",
@@ -562,7 +568,8 @@ def _check(cfg: dict) -> list[str]:
         bad.discard(key)
         meta = FIELDS[key].metadata
         if meta["choices"] and value is not None and value not in meta["choices"]:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            hint = VALUE_HINTS.get((key, value), "")
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}{hint}")
         if meta["positive"] and value is not None and value <= 0:
             problems.append(f"{key}: {value!r} must be greater than 0")
         if meta["unit_interval"] and not 0 <= value < 1:

@@ -172,7 +172,7 @@ def test_a_json_file_holding_a_scalar_is_an_error(tmp_path):
 
 def test_a_missing_file_is_an_error(tmp_path):
     path = tmp_path / "nope.jsonl"
-    assert error_of(path) == f"{path}: data file not found"
+    assert error_of(path).startswith(f"{path}: data file not found (looked for {path.resolve()};")
 
 
 def test_a_non_utf8_file_names_the_file_and_the_byte(tmp_path):

@@ -216,6 +216,7 @@ def _bar(cfg: Config):
         unit="record",
         leave=False,
         mininterval=1,
+        delay=2,  # shown only for work that takes a while: no empty bar before a quick read or an error
         disable=total is not None and total <= 2 * CHUNK_RECORDS,
     )
 

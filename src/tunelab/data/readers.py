@@ -108,7 +108,10 @@ def record_chunks(spec: str, hub: str = "hf", size: int | None = None, stream: b
     elif _looks_like_hub_name(spec):
         yield from _split(_read_hub(spec, hub, stream), (f"{spec}[row ", "]"), size or CHUNK_RECORDS)
     else:
-        raise TunelabError(f"{spec}: data file not found")
+        raise TunelabError(
+            f"{spec}: data file not found (looked for {path.resolve()}; a relative path in a YAML config is "
+            "looked for next to that file first)"
+        )
 
 
 def count_lines(spec: str) -> int | None:

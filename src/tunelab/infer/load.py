@@ -172,6 +172,11 @@ def split_run_folder(model: str, adapters: list[str] | None) -> tuple[str, list[
         if not base:
             raise TunelabError(f"{folder}: adapter_config.json names no base model; pass --model BASE --adapter DIR")
         return base, [str(folder)]
+    if adapters and run_folder.is_adapter(folder) and not (folder / run_folder.MODEL_CONFIG).is_file():
+        raise TunelabError(
+            f"--model: '{folder}' is a LoRA run folder, not a model; pass it alone (--model {folder}: its base comes "
+            f"from adapter_config.json), or pass its base as --model with --adapter {folder}"
+        )
     return model, list(adapters or [])
 
 
