@@ -103,6 +103,8 @@ def test_data_report_shows_counts_and_highlighted_answers(capsys, config):
     assert "train samples: 20   eval samples: 4" in out
     assert "labels end in an end-of-turn token" in out and ": yes" in out
     assert "[[It is" in out and "<|im_end|>]]" in out
+    assert "trained tokens between [[ and ]]" in out  # the markers are explained
+    assert "template's own system prompt" not in out  # this template writes none
 
 
 def test_data_jsonl_writes_only_ids_and_labels(capsys, config):

@@ -212,14 +212,14 @@ def _generate(args) -> int:
 
 
 def _eval(args) -> int:
-    from .eval.evaluate import COLUMNS, evaluate, markdown_table, write_table
+    from .eval.evaluate import COLUMNS, UNITS, evaluate, markdown_table, write_table
     from .infer.generate import write_predictions
 
     cases, im = _cases_and_model(args)
     rows = evaluate(im, cases, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, COLUMNS) + "\n\n" + UNITS)
     if args.output_dir:
-        write_table(rows, args.output_dir, "eval", COLUMNS)
+        write_table(rows, args.output_dir, "eval", COLUMNS, UNITS)
         write_predictions(cases, [v.label for v in im.variants], f"{args.output_dir}/predictions.jsonl")
     return 0
 

@@ -277,3 +277,13 @@ def test_a_tokenizer_without_offsets_still_encodes_and_serves_the_same_prompt(to
     assert trained_spans(tokenizer, sample) == ["Ocean blue, 海蓝色.<|im_end|>", "Seven.<|im_end|>"]
     prompt = encoder.prompt_ids(Conversation(conv.messages[:2], source="t"))
     assert prompt and sample.input_ids[: len(prompt)] == prompt
+
+
+def test_the_templates_own_system_prompt_is_found_where_it_writes_one(tmp_path):
+    from tunelab.data.templates import CHATML, default_system
+
+    qwen = real_tokenizers.load_or_skip("qwen2.5-instruct", tmp_path)
+    assert default_system(qwen) == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert default_system(real_tokenizers.load_or_skip("llama-3.2-3b-instruct", tmp_path)) is None  # dates only
+    qwen.chat_template = CHATML
+    assert default_system(qwen) is None

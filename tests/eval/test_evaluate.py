@@ -69,6 +69,8 @@ def test_cli_compares_base_and_adapter_in_one_table(pairs, memorised, tmp_path, 
     table = capsys.readouterr().out
     assert table.splitlines()[0].startswith("| model | samples | eval_loss | perplexity | exact_match")
     assert "| base |" in table and "| lora |" in table
+    assert "exact_match, bleu-4, rouge-1/2/l: percent (0-100)" in table  # the units, under the table and in eval.md
+    assert "percent (0-100)" in (out / "eval.md").read_text()
     rows = json.loads((out / "eval.json").read_text())
     assert [r["model"] for r in rows] == ["base", "lora"]
     assert (out / "eval.csv").read_text().count("\n") == 3

@@ -58,6 +58,10 @@ def test_a_history_reads_the_same_in_training_the_server_and_chat(tok):
     assert '"city": "Oslo"' in text and "And tomorrow?" in text
 
     served = _conversation(ChatRequest(model="m", messages=HISTORY, tools=TOOLS))
+    call_turn, parts_turn = served.messages[1], served.messages[3]
+    assert (call_turn.reasoning_content, call_turn.content) == ("The tool knows.", "I will look.")
+    assert call_turn.tool_calls[0]["function"]["arguments"] == {"city": "Oslo"}  # the JSON string read as an object
+    assert (parts_turn.reasoning_content, parts_turn.content) == ("Report it.", "-3 °C.")
     assert encoder.prompt_ids(served) == want
     session = ChatSession(torch.nn.Linear(1, 1), tok, tools=TOOLS, encoder=encoder)
     assert session.prompt_ids(HISTORY) == want

@@ -64,6 +64,11 @@ def test_a_run_shows_its_plot_config_and_data_and_a_training_started_here_finish
     url, runs, llama_dir = ui
     page.goto(url)
     page.click("#tab-runs")
+    import json as _json
+
+    logged = [_json.loads(line) for line in (runs / "lora" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = next(r["loss"] for r in reversed(logged) if "loss" in r)  # the last logged loss, not the run's mean
+    assert page.locator("#runs-list li >> text=lora").first.inner_text().endswith(f"last loss {last:.3f})")
     page.click("#runs-list li >> text=lora")
     page.wait_for_function("document.getElementById('run-config').textContent.includes('finetuning_type')")
     page.wait_for_function("document.getElementById('loss').naturalWidth > 0")

@@ -17,6 +17,7 @@ from ..constants import IGNORE_INDEX
 from .dataset import TokenizedData, build_datasets
 from .encode import Encoded
 from .samples import Samples
+from .templates import default_system
 from .tokenizer import prepare_tokenizer
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"
@@ -89,12 +90,23 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
         f"turns trained in samples of their own (rendered as inference would, cut at that turn): "
         f"{s.own_turns} samples, {s.own_turn_tokens} extra tokens"
     )
+    default = default_system(tokenizer)
+    if default:
+        lines.append(
+            f"records without a system message get the template's own system prompt {default!r}"
+            + ("; this config's system: replaces it" if cfg.system else "; set system: in the config to train another")
+        )
     if s.reasoning_lost:
         lines.append(
             f"WARNING: {s.reasoning_lost} turns keep reasoning the template cannot show; they train without it"
         )
     for message in s.skipped:
         lines.append(f"skipped: {message}")
+    if n_samples:
+        lines.append(
+            "\nsamples as the model sees them; trained tokens "
+            + ("in green" if color else "between [[ and ]] (the brackets are not in the text)")
+        )
     for i, sample in enumerate(data.train[:n_samples]):
         lines.append(
             f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---"

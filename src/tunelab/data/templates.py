@@ -130,3 +130,20 @@ def with_run_defaults(
             "{%- endif -%}"
         )
     return head + template
+
+
+def default_system(tokenizer) -> str | None:
+    """The system prompt the template writes for a conversation that has none (Qwen2.5's "You are Qwen, ..."),
+    found by rendering with and without a system message; None when it writes none."""
+    probe, user = "tunelab-probe-system", [{"role": "user", "content": "tunelab-probe-user"}]
+    try:
+        with_system = tokenizer.apply_chat_template([{"role": "system", "content": probe}, *user], tokenize=False)
+        without = tokenizer.apply_chat_template(user, tokenize=False)
+    except Exception:  # a template without a system role
+        return None
+    at = with_system.find(probe)
+    if at < 0:
+        return None
+    head, tail = with_system[:at], with_system[at + len(probe) :]
+    end = without.find(tail[: tail.find("tunelab-probe-user")], len(head)) if without.startswith(head) else -1
+    return without[len(head) : end] or None if end > 0 else None

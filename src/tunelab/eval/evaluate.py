@@ -21,6 +21,12 @@ from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..model.loss import install_labelled_forward, summed_loss, supports_labelled_loss
 from .metrics import score
 
+# What the columns measure, printed under the table and written beside it
+UNITS = (
+    "eval_loss: mean cross-entropy per trained token (nats), as training's eval_loss; perplexity: exp(eval_loss); "
+    "exact_match, bleu-4, rouge-1/2/l: percent (0-100) of the references, averaged over samples; stopped_pct: "
+    "percent of answers that ended on a stop id before the token limit; mean_new_tokens: tokens generated"
+)
 COLUMNS = (
     "model",
     "samples",
@@ -101,8 +107,10 @@ def markdown_table(rows: list[dict], columns: list[str] | tuple | None = None) -
     return "\n".join(lines)
 
 
-def write_table(rows: list[dict], folder: str | Path, stem: str, columns: list[str] | tuple | None = None) -> None:
-    """`stem`.csv, `stem`.json and `stem`.md side by side."""
+def write_table(
+    rows: list[dict], folder: str | Path, stem: str, columns: list[str] | tuple | None = None, note: str | None = None
+) -> None:
+    """`stem`.csv, `stem`.json and `stem`.md side by side; `note` (what the columns measure) under the md table."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -111,4 +119,5 @@ def write_table(rows: list[dict], folder: str | Path, stem: str, columns: list[s
         writer.writeheader()
         writer.writerows(rows)
     (folder / f"{stem}.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
-    (folder / f"{stem}.md").write_text(markdown_table(rows, columns) + "\n", encoding="utf-8")
+    text = markdown_table(rows, columns) + (f"\n\n{note}" if note else "")
+    (folder / f"{stem}.md").write_text(text + "\n", encoding="utf-8")

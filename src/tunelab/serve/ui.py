@@ -59,6 +59,13 @@ class TrainRequest(BaseModel):
     yaml: str
 
 
+def _last_loss(folder: Path) -> float | None:
+    """The last training loss logged (the summary's train_loss is the mean over the whole run)."""
+    path = folder / run_folder.METRICS
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return next((r["loss"] for r in reversed(rows) if "loss" in r), None)
+
+
 def _runs(root: Path) -> dict[str, Path]:
     marks = list(root.glob(f"*/{run_folder.CONFIG}")) + list(root.glob(f"*/*/{run_folder.CONFIG}"))
     found = sorted(p.parent for p in marks)
@@ -93,7 +100,7 @@ def add_ui(app: FastAPI, authorized, runs_root: str, api_key: bool) -> None:
                 {
                     "name": name,
                     "finished": summary.is_file(),
-                    "final_loss": facts.get("train_loss"),
+                    "last_loss": _last_loss(folder),
                     "steps": facts.get("global_step"),
                 }
             )
