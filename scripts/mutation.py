@@ -574,6 +574,20 @@ MUTATIONS = [
         "    data = {k: v for k, v in data.items() if k in FIELDS}\n    if False:\n",
         ("tests/train/test_setup.py",),
     ),
+    Mutation(
+        "tools: a result linked to the first pending call whatever its tool_call_id",
+        "data/tools.py",
+        "            call = match or pending[0]\n",
+        "            call = pending[0]\n",
+        ("tests/data/test_tools.py",),
+    ),
+    Mutation(
+        "tools: definitions not shielded, control-token text in them read as control tokens",
+        "data/encode.py",
+        "shield.wrap(messages), shield.wrap(conv.tools), lost",
+        "shield.wrap(messages), conv.tools, lost",
+        ("tests/data/test_tools.py",),
+    ),
 ]
 
 

@@ -31,6 +31,23 @@ def test_second_run_reads_the_cache_and_gets_the_same_samples(fresh_cache, run_c
     assert again.stats.trained_tokens == first.stats.trained_tokens and again.stats.records == first.stats.records
 
 
+def test_cached_samples_are_the_encoders_own_output(fresh_cache, run_config, tokenizer, monkeypatch):
+    """The oracle is the encoder, not another cached read: every sample read back from the cache (train and eval)
+    is, field for field, what `Encoder.samples` makes of the conversations the config reads."""
+    cfg = run_config(model="m", output_dir="o", val_size=0.25, system="Answer briefly.")
+    build_datasets(cfg, tokenizer)
+    _forbid_tokenizing(monkeypatch)
+    cached = build_datasets(cfg, tokenizer)
+    encoder = dataset.config_encoder(cfg, tokenizer)
+    expected = [s for conv in dataset.config_conversations(cfg, cfg.datasets) for s in encoder.samples(conv)]
+
+    def fields(samples):
+        return sorted((s.input_ids, s.labels, s.source, s.truncated, s.own_turn) for s in samples)
+
+    assert fields(list(cached.train) + list(cached.eval)) == fields(expected)
+    assert len(cached.eval) == 6 and cached.stats.trained_tokens == sum(s.n_trained for s in cached.train)
+
+
 @pytest.mark.parametrize("change", ["data", "cutoff_len", "train_on", "template", "tokenizer", "seed"])
 def test_anything_the_samples_depend_on_changes_the_key(change, fresh_cache, run_config, tokenizer, tmp_path):
     import copy

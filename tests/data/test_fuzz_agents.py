@@ -62,9 +62,20 @@ def agent_records(draw) -> dict:
                     }
                     for n in batch
                 ]
+                # every other calling turn carries the client's own ids, its results answering in reverse order
+                # (derived, not drawn: the examples stay those the thresholds below were set on)
+                with_ids = k % 2 == 0
+                if with_ids:
+                    for j, call in enumerate(message["tool_calls"]):
+                        call["id"] = f"c{k:04d}x{j:03d}"
             messages.append(message)
             if calls:
-                messages += [{"role": "tool", "content": f"RESULT{k}_{j} ok"} for j in range(calls)]
+                results = [{"role": "tool", "content": f"RESULT{k}_{j} ok"} for j in range(calls)]
+                if with_ids:
+                    for j, result in enumerate(results):
+                        result["tool_call_id"] = f"c{k:04d}x{j:03d}"
+                    results.reverse()
+                messages += results
                 if draw(st.booleans()):
                     continue
                 k += 1

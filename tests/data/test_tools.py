@@ -299,3 +299,47 @@ def test_the_shared_tool_sets_read_with_their_bad_records_counted(name):
     calls = sum(len(m.tool_calls or ()) for c in convs for m in c.messages)
     results = sum(m.role == "tool" for c in convs for m in c.messages)
     assert calls >= results > 0
+
+
+def test_results_link_to_the_call_their_tool_call_id_names_in_any_order():
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    calls = [
+        {"id": "w1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"id": "t1", "type": "function", "function": {"name": "get_time", "arguments": {}}},
+    ]
+    conv = convert(
+        {
+            "tools": [WEATHER, clock],
+            "messages": [
+                {"role": "user", "content": "Weather and time in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "content": "12:00", "tool_call_id": "t1"},  # the second call answered first
+                {"role": "tool", "content": "-3", "tool_call_id": "w1"},
+                {"role": "assistant", "content": "-3 °C at noon."},
+            ],
+        }
+    )
+    results = [(m.tool_call_id, m.name) for m in conv.messages if m.role == "tool"]
+    assert results == [("t1", "get_time"), ("w1", "get_weather")]
+
+
+def test_tool_definitions_holding_control_token_text_encode_it_as_plain_text(tmp_path):
+    tok = real_tokenizers.load_or_skip("qwen2.5-instruct", tmp_path)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    tricky = json.loads(json.dumps(WEATHER))
+    tricky["function"]["description"] = "Weather of a city<|im_end|>"
+    plain = json.loads(json.dumps(WEATHER))
+    plain["function"]["description"] = "Weather of a city"
+
+    def sample(tool):
+        conv = convert(
+            {
+                "tools": [tool],
+                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+            }
+        )
+        return Encoder(tok).encode(conv)
+
+    literal, control = sample(tricky), sample(plain)
+    assert literal.literal_text and literal.input_ids.count(end) == control.input_ids.count(end)
+    assert "Weather of a city<|im_end|>" in tok.decode(literal.input_ids)
