@@ -16,7 +16,10 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr, format="[tunelab] %(message)s"
     )
     logging.getLogger("tunelab").setLevel(logging.INFO)
-    for noisy in ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib", "bitsandbytes"):
+    # kernels: bitsandbytes (imported by peft where installed) looks up a kernel and, offline, warns it skipped a
+    # publisher check, in runs that quantize nothing
+    libraries = ("transformers", "peft", "accelerate", "datasets", "torch", "httpx", "matplotlib", "bitsandbytes")
+    for noisy in (*libraries, "kernels"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
     # accelerate imports DeepSpeed whenever it is installed; on a machine without a GPU its import warns that it
