@@ -147,6 +147,21 @@ def test_malformed_jsonl_line_names_the_file_and_the_line(tmp_path):
     assert "column" in msg
 
 
+def test_a_line_cut_short_says_where_it_ends_not_column_1_of_the_next(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "a", "more": [1,\n', encoding="utf-8")
+    assert (
+        error_of(path)
+        == f"{path}:2: malformed JSON (Expecting value: the line ends after column 25, before the JSON does)"
+    )
+    whole = tmp_path / "cut.json"
+    whole.write_text('[{"text": "ok"},\n {"text": ', encoding="utf-8")
+    assert (
+        error_of(whole)
+        == f"{whole}:2: malformed JSON (Expecting value: the file ends after column 9, before the JSON does)"
+    )
+
+
 def test_a_jsonl_line_that_is_not_an_object_names_the_line_and_the_type(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"text": "ok"}\n["a", "b"]\n', encoding="utf-8")

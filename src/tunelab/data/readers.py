@@ -192,6 +192,15 @@ def _loads(text: str, where: str, multiline: bool = False):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
+        body = text.rstrip()
+        if exc.pos >= len(body):  # cut short: say where the text ends, not the column after its line break
+            last = body.count("\n") + 1
+            line = f":{last}" if multiline else ""
+            ends = len(body) - (body.rfind("\n") + 1)
+            what = "file" if multiline else "line"
+            raise TunelabError(
+                f"{where}{line}: malformed JSON ({exc.msg}: the {what} ends after column {ends}, before the JSON does)"
+            ) from None
         line = f":{exc.lineno}" if multiline else ""
         raise TunelabError(f"{where}{line}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     except RecursionError:
