@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from tunelab.data import dataset, pool, readers
 from tunelab.data.encode import Encoder
+from tunelab.data.samples import Samples
 from tunelab.errors import TunelabError
 
 _spec = importlib.util.spec_from_file_location("fuzz_agents", Path(__file__).with_name("test_fuzz_agents.py"))
@@ -105,6 +107,12 @@ def test_two_workers_give_one_workers_samples_on_the_shared_sets(
     assert len(worker_pids() - {os.getpid()}) == 2, "both workers encoded chunks"
     assert_same(one, many)
     assert len(one.train_rows) > 20 and len(one.eval_rows), "a train and an eval set, over many chunks"
+    # and against the encoder itself, not only one worker against two
+    encoder = Encoder(tok, cfg.train_on, cfg.cutoff_len, cfg.reasoning, cfg.expand_turns)
+    expected = [s for conv in dataset.config_conversations(cfg, cfg.datasets) for s in encoder.samples(conv)]
+    stored = Counter((tuple(s.input_ids), tuple(s.labels)) for s in Samples(many.arrays, many.where))
+    made = Counter((tuple(s.input_ids), tuple(s.labels)) for s in expected)
+    assert stored and not stored - made, "every stored sample is, ids and labels, one the encoder makes"
 
 
 def test_fuzzed_records_bad_ones_included_encode_the_same_on_two_workers(small_chunks, run_config, tokenizer, tmp_path):
