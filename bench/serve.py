@@ -1,6 +1,7 @@
-"""Serving throughput and latency: 1 client against 32 concurrent ones, on one `tunelab serve` process.
+"""Serving throughput and latency: 1 client against 32 concurrent ones, and short requests behind long ones.
 
-    python bench/serve.py [--requests 64] [--max-tokens 32] [--out bench/serve.json]
+    python bench/serve.py [--requests 64] [--max-tokens 32] [--long-requests 20] [--long-tokens 400]
+                          [--short-requests 8] [--short-tokens 8] [--out bench/serve.json]
 
 A tiny Qwen2 (the tests' shape: hidden 64, 2 layers) with a base and two LoRA adapters behind the
 real server on 127.0.0.1; every request asks for exactly `--max-tokens` new tokens (`ignore_eos`), so
@@ -8,6 +9,13 @@ both runs generate the same work. Reported side by side: requests/s, new tokens/
 latency per request, the forward-pass batches the server ran, and the ratios. One client at a time
 is what a server without batching gives any number of clients; the 32-client run spreads over the
 base and both adapters, so batching per model is measured, not one model's best case.
+
+The mixed case: `--long-requests` of `--long-tokens` each (spread over the three models) in flight, then
+`--short-requests` of `--short-tokens` sent one after another, a fixed gap apart whether or not the last
+has answered: their p50/p95 latency against the long ones' wall time. A server that runs each batch to
+its end answers the short ones only after the long ones; one that batches per step answers them in
+about their own number of steps. Only the HTTP API and `server.batcher.batches` are used, so the same
+file measures an older checkout too.
 """
 
 from __future__ import annotations
@@ -49,23 +57,33 @@ def build(work: Path) -> tuple[str, dict[str, str]]:
     return str(base), adapters
 
 
+def ask(url: str, model: str, i: int, max_tokens: int) -> float:
+    """One chat completion of exactly `max_tokens` new tokens; its latency in seconds."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Tell me about river {i}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    started = time.perf_counter()
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        out = json.loads(reply.read())
+    assert out["usage"]["completion_tokens"] == max_tokens, out["usage"]
+    return time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[int(q * (len(ordered) - 1))], 3)
+
+
 def run(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> dict:
     def one(i: int) -> float:
-        body = {
-            "model": models[i % len(models)],
-            "messages": [{"role": "user", "content": f"Tell me about river {i}."}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        started = time.perf_counter()
-        request = urllib.request.Request(
-            f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=600) as reply:
-            out = json.loads(reply.read())
-        assert out["usage"]["completion_tokens"] == max_tokens, out["usage"]
-        return time.perf_counter() - started
+        return ask(url, models[i % len(models)], i, max_tokens)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -78,7 +96,38 @@ def run(url: str, models: list[str], n: int, clients: int, max_tokens: int) -> d
         "requests_per_s": round(n / wall, 2),
         "new_tokens_per_s": round(n * max_tokens / wall, 1),
         "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+        "latency_p95_s": percentile(latencies, 0.95),
+    }
+
+
+def mixed(url: str, models: list[str], server, args) -> dict:
+    """Short requests sent while long ones run: how long each short one waits, against the long ones' time."""
+    before = server.batcher.batches
+    with ThreadPoolExecutor(args.long_requests + args.short_requests) as pool:
+        started = time.perf_counter()
+        long = [pool.submit(ask, url, models[i % len(models)], i, args.long_tokens) for i in range(args.long_requests)]
+        while server.batcher.batches == before:  # the long ones are generating
+            time.sleep(0.005)
+        time.sleep(args.short_gap)
+        short = []
+        for i in range(args.short_requests):
+            short.append(pool.submit(ask, url, models[0], 1000 + i, args.short_tokens))
+            time.sleep(args.short_gap)
+        short_s = [f.result() for f in short]
+        for f in long:
+            f.result()
+        long_wall = time.perf_counter() - started
+    return {
+        "long_requests": args.long_requests,
+        "long_tokens": args.long_tokens,
+        "short_requests": args.short_requests,
+        "short_tokens": args.short_tokens,
+        "short_gap_s": args.short_gap,
+        "long_wall_s": round(long_wall, 3),
+        "short_latency_p50_s": percentile(short_s, 0.5),
+        "short_latency_p95_s": percentile(short_s, 0.95),
+        "short_p50_vs_long_wall": round(percentile(short_s, 0.5) / long_wall, 3),
+        "batches": server.batcher.batches - before,
     }
 
 
@@ -86,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--long-requests", type=int, default=20)
+    parser.add_argument("--long-tokens", type=int, default=400)
+    parser.add_argument("--short-requests", type=int, default=8)
+    parser.add_argument("--short-tokens", type=int, default=8)
+    parser.add_argument("--short-gap", type=float, default=0.05, help="seconds between two short requests")
     parser.add_argument("--out", default=str(ROOT / "bench" / "serve.json"))
     args = parser.parse_args(argv)
 
@@ -112,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run(url, models, args.requests, clients, args.max_tokens)
         row["batches"] = server.batcher.batches - before
         results.append(row)
+    behind = mixed(url, models, server, args)
     live.should_exit = True
     one, many = results
     record = {
@@ -122,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_s_32_vs_1": round(many["requests_per_s"] / one["requests_per_s"], 2),
             "latency_p50_32_vs_1": round(many["latency_p50_s"] / one["latency_p50_s"], 2),
         },
+        "short_behind_long": behind,
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print("| clients | requests/s | new tokens/s | p50 latency s | p95 latency s | forward batches |")
@@ -134,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"32 clients vs 1: {record['ratios']['requests_per_s_32_vs_1']}x requests/s, "
         f"{record['ratios']['latency_p50_32_vs_1']}x p50 latency"
+    )
+    print(
+        f"{behind['short_requests']} requests of {behind['short_tokens']} tokens behind {behind['long_requests']} of "
+        f"{behind['long_tokens']}: p50 {behind['short_latency_p50_s']} s, p95 {behind['short_latency_p95_s']} s; "
+        f"the long ones took {behind['long_wall_s']} s (p50 / long wall: {behind['short_p50_vs_long_wall']})"
     )
     return 0
 

@@ -313,10 +313,21 @@ def _serve_args(p):
         metavar="NAME=DIR",
         help="a LoRA run folder served as model NAME; repeat for several, switched per request",
     )
-    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 unless told; another host wants --api-key")
+    p.add_argument("--served-model-name", help="the id the base model is served under (default: --model as given)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1, this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", help="the key requests must send (Authorization: Bearer KEY), read from a file")
+    key.add_argument("--api-key", help="the key on the command line (other users can read it; prefer TUNELAB_API_KEY)")
+    key.add_argument("--no-api-key", action="store_true", help="no key at all (loopback host only, not with --ui)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME", help="another Host name to answer")
     p.add_argument("--max-batch", type=int, default=32, help="requests that share one forward pass at most")
+    p.add_argument("--max-queue", type=int, default=256, help="completions waiting at most; more are answered 429")
+    p.add_argument("--max-tokens", type=int, default=4096, help="the most new tokens one completion may ask for")
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024, help="the largest request body")
+    p.add_argument("--docs", action="store_true", help="also serve the OpenAPI schema at /openapi.json")
     p.add_argument(
         "--check",
         metavar="DATASET",
@@ -331,8 +342,11 @@ def _serve_args(p):
         help="vllm: run vLLM with the same adapters, template and stop ids (a GPU machine with vLLM)",
     )
     p.add_argument("--print-vllm", action="store_true", help="print that vLLM command and exit")
-    p.add_argument("--ui", action="store_true", help="also serve the web page at / : chat side by side, runs, training")
+    p.add_argument("--ui", action="store_true", help="also serve the web page at / : chat side by side and runs")
     p.add_argument("--runs", default=".", help="the folder whose run folders the web page shows and trains into")
+    p.add_argument("--allow-training", action="store_true", help="let the web page start training runs under --runs")
+    p.add_argument("--allow-hub", action="store_true", help="let page-started runs download models and datasets")
+    p.add_argument("--max-jobs", type=int, default=1, help="training runs the page may have running at once")
     p.add_argument("--max-samples", type=int, help="--check only the first N records")
     _trust_arg(p)
 
@@ -356,24 +370,21 @@ def _serve(args) -> int:
                 "--print-vllm shows the command to run there"
             )
         os.execvp(cmd[0], cmd)
-    if args.max_batch <= 0:
-        raise TunelabError(f"--max-batch: {args.max_batch} must be greater than 0")
+    for flag in ("max_batch", "max_queue", "max_tokens", "max_request_bytes", "max_jobs"):
+        if getattr(args, flag) <= 0:
+            raise TunelabError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must be greater than 0")
     try:
-        from .serve.run import serve
+        from .serve.run import ServeOptions, serve
     except ImportError as exc:
         raise TunelabError(
             f"serving needs FastAPI and uvicorn ({exc.name} is missing): pip install 'tunelab[serve]'"
         ) from None
-    serve(
-        args.model,
-        args.adapter,
-        args.host,
-        args.port,
-        args.api_key,
-        args.trust_remote_code,
-        args.max_batch,
-        args.runs if args.ui else None,
+    options = ServeOptions(
+        **{k: getattr(args, k) for k in ServeOptions.__dataclass_fields__ if k not in ("allowed_hosts", "ui_runs")},
+        allowed_hosts=args.allowed_host,
+        ui_runs=args.runs if args.ui else None,
     )
+    serve(args.model, args.adapter, options, args.trust_remote_code)
     return 0
 
 
@@ -385,7 +396,10 @@ def _serve_check(args) -> int:
     if len(named) > 1:
         raise TunelabError("--check: one model at a time; give one --adapter NAME=DIR, or none for --model")
     model_id, folder = next(iter(named.items())) if named else (args.model, args.model)
-    text, passed = report(check(args.url, model_id, folder, args.check, args.api_key, max_samples=args.max_samples))
+    from .serve.guard import resolve_api_key
+
+    key, _ = resolve_api_key(args.api_key, args.api_key_file, need_one=False)
+    text, passed = report(check(args.url, model_id, folder, args.check, key, max_samples=args.max_samples))
     print(text)
     return 0 if passed else 1
 

@@ -305,17 +305,3 @@ def test_the_vllm_hand_off_names_the_same_adapters_template_and_stop_ids(memoris
     assert template.read_text() == (Path(adapters["a"]) / "chat_template.jinja").read_text()
     stops = json.loads((Path(flags["--generation-config"]) / "generation_config.json").read_text())["eos_token_id"]
     assert ChatSession.load(base, adapter=adapters["a"]).tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
-
-
-def test_a_public_host_without_a_key_warns_on_every_start(monkeypatch, caplog):
-    import uvicorn as server_lib
-
-    from tunelab.serve import run as serve_run
-
-    monkeypatch.setattr(serve_run, "build_server", lambda *a, **k: type("S", (), {"models": {"m": None}})())
-    monkeypatch.setattr(serve_run, "create_app", lambda *a, **k: None)
-    monkeypatch.setattr(server_lib, "run", lambda *a, **k: None)
-    for host, key, warned in (("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)):
-        caplog.clear()
-        serve_run.serve("m", host=host, api_key=key)
-        assert ("without --api-key" in caplog.text) == warned, (host, key)

@@ -223,8 +223,11 @@ def message_from_dict(
     text, reasoning, calls = _content(turn.get(content_key), src, i)
     msg = Message(role, text)
     for key in ("reasoning_content", "tool_call_id", "name"):
-        if isinstance(turn.get(key), str):
-            setattr(msg, key, turn[key])
+        value = turn.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TunelabError(f"{src}: message {i} {key} must be a string, not {type(value).__name__}")
+        if value is not None:
+            setattr(msg, key, value)
     if turn.get("tool_calls") is not None:
         calls += parse_calls(turn["tool_calls"], f"{src}: message {i} tool_calls")
     if role == "assistant":

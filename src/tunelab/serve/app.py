@@ -8,6 +8,8 @@ stop ids, so a served prompt is token for token the one the adapter was trained 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -15,8 +17,10 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..data.conversation import Conversation
 from ..data.encode import Encoder
@@ -25,11 +29,16 @@ from ..data.tools import parse_tools
 from ..errors import TunelabError
 from ..infer.load import InferenceModel, Variant, prompt_encoder
 from ..infer.replies import parse_reply
-from .batcher import Batcher, GenerationJob
+from .batcher import Batcher, BatcherBusy, GenerationJob
+from .guard import DEFAULT_MAX_REQUEST_BYTES, LOCAL_HOSTS, Guard, key_matches
 from .protocol import ApiError, ChatRequest, CompletionRequest, validation_error
 
 log = logging.getLogger("tunelab")
 DEFAULT_MAX_TOKENS = 1024
+SERVER_MAX_TOKENS = 4096  # what one completion may ask for at most unless --max-tokens says otherwise
+MAX_JOBS_PER_REQUEST = 64  # prompts x n
+RETRY_AFTER_S = 2
+DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request looks whether its client is still there
 
 
 @dataclass
@@ -41,13 +50,22 @@ class ServedModel:
 class Server:
     """What the routes share: the models by id, their encoders, the batcher and the context length."""
 
-    def __init__(self, im: InferenceModel, names: dict[str, Variant], api_key: str | None = None, max_batch: int = 32):
+    def __init__(
+        self,
+        im: InferenceModel,
+        names: dict[str, Variant],
+        api_key: str | None = None,
+        max_batch: int = 32,
+        max_tokens: int = SERVER_MAX_TOKENS,
+        max_queue: int = 256,
+    ):
         self.im = im
         self.models = {}
         for name, variant in names.items():
             self.models[name] = ServedModel(variant, prompt_encoder(variant, im.base_path))
         self.api_key = api_key
-        self.batcher = Batcher(im, max_batch=max_batch)
+        self.max_tokens = max_tokens
+        self.batcher = Batcher(im, max_batch=max_batch, max_queue=max_queue)
         self.context = getattr(im.model.config, "max_position_embeddings", None)
         self.created = int(time.time())
 
@@ -59,6 +77,8 @@ class Server:
         return self.models[name]
 
     def budget(self, prompt: list[int], asked: int | None) -> int:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: there is nothing to continue", "prompt", "invalid_value")
         room = None if self.context is None else self.context - len(prompt)
         if room is not None and room < (asked or 1):
             raise ApiError(
@@ -68,9 +88,24 @@ class Server:
                 "messages",
                 "context_length_exceeded",
             )
-        return asked or min(DEFAULT_MAX_TOKENS, room or DEFAULT_MAX_TOKENS)
+        if asked is not None and asked > self.max_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens: {asked} is over this server's limit of {self.max_tokens}",
+                "max_tokens",
+                "invalid_value",
+            )
+        return asked or min(DEFAULT_MAX_TOKENS, self.max_tokens, room or DEFAULT_MAX_TOKENS)
 
     def jobs(self, variant: Variant, prompts: list[list[int]], req, out: asyncio.Queue) -> list[GenerationJob]:
+        if len(prompts) * req.n > MAX_JOBS_PER_REQUEST:
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} completions; at most "
+                f"{MAX_JOBS_PER_REQUEST} per request",
+                "n",
+                "invalid_value",
+            )
         loop = asyncio.get_running_loop()
         jobs = [
             GenerationJob(
@@ -89,8 +124,12 @@ class Server:
             for k, prompt in enumerate(prompts)
             for i in range(req.n)
         ]
-        for job in jobs:
-            self.batcher.submit(job)
+        try:
+            self.batcher.submit_all(jobs)
+        except BatcherBusy:
+            raise ApiError(
+                429, "the server is busy: too many completions are waiting; retry shortly", None, "server_busy"
+            ) from None
         return jobs
 
 
@@ -108,10 +147,19 @@ def _conversation(req: ChatRequest) -> Conversation:
     return Conversation(messages, tools=tools, source="request")
 
 
-async def _collect(jobs: list[GenerationJob], out: asyncio.Queue) -> dict[int, dict]:
+async def _collect(jobs: list[GenerationJob], out: asyncio.Queue, request: Request) -> dict[int, dict] | None:
+    """Every job's whole text; None when the client left first (its rows are then cancelled by the caller)."""
     results = {j.index: {"text": "", "finish": None, "tokens": 0} for j in jobs}
+    checked = time.monotonic()
     while any(r["finish"] is None for r in results.values()):
-        index, kind, *rest = await out.get()
+        if time.monotonic() - checked > DISCONNECT_CHECK_S:
+            if await request.is_disconnected():
+                return None
+            checked = time.monotonic()
+        try:
+            index, kind, *rest = await asyncio.wait_for(out.get(), timeout=DISCONNECT_CHECK_S)
+        except asyncio.TimeoutError:
+            continue
         if kind == "text":
             results[index]["text"] += rest[0]
         elif kind == "end":
@@ -155,21 +203,52 @@ async def _stream(jobs: list[GenerationJob], out: asyncio.Queue, chunk, usage: d
             j.cancelled = True
 
 
-def create_app(server: Server, ui_runs: str | None = None) -> FastAPI:
-    """The API; with `ui_runs` (a folder of run folders) also the web page at `/` (see `ui`)."""
-    app = FastAPI(title="tunelab", docs_url=None, redoc_url=None)
+def create_app(
+    server: Server,
+    ui_runs: str | None = None,
+    ui=None,
+    hosts: set[str] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    docs: bool = False,
+):
+    """The API behind `Guard`; with `ui_runs` (a folder of run folders) also the web page at `/` (see `ui`),
+    with `ui` its `UiOptions`. `hosts`: the Host names answered (default: this machine's loopback names)."""
+    from .ui import UiOptions, add_ui
+
+    ui_jobs = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if ui_jobs is not None:
+            ui_jobs.close()
+
+    app = FastAPI(
+        title="tunelab", docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None, lifespan=lifespan
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(TunelabError)
+    async def tunelab_error(request: Request, exc: TunelabError):
+        return JSONResponse(ApiError(400, str(exc), None, "invalid_value").body(), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         error = validation_error(exc.errors())
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"no route {request.method} {request.url.path}" if code else str(exc.detail)
+        return JSONResponse(ApiError(exc.status_code, message, None, code).body(), status_code=exc.status_code)
+
     async def authorized(request: Request) -> None:
-        if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
+        if server.api_key and not key_matches(request.headers.get("authorization"), server.api_key):
             raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", None, "invalid_api_key")
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
@@ -184,34 +263,38 @@ def create_app(server: Server, ui_runs: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(server.models)}
+        return {"status": "ok"}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         served = server.served(req.model)
+        conversation = _conversation(req)
         try:
-            prompt = served.encoder.prompt_ids(_conversation(req))
+            prompt = await run_in_threadpool(served.encoder.prompt_ids, conversation)
         except TunelabError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_value") from None
-        return await _answer(server, served, req, [prompt], chat=True)
+        return await _answer(server, served, req, [prompt], request, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         served = server.served(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
             raise ApiError(400, "prompt: at least one prompt is needed", "prompt", "invalid_value")
         tok = served.variant.tokenizer
-        return await _answer(server, served, req, [tok(t)["input_ids"] for t in texts], chat=False)
+        prompts = await run_in_threadpool(lambda: [tok(t)["input_ids"] for t in texts])
+        return await _answer(server, served, req, prompts, request, chat=False)
 
     if ui_runs is not None:
-        from .ui import add_ui
+        ui = ui or UiOptions()
+        ui = dataclasses.replace(
+            ui, served=ui.served or list(server.models), base_path=ui.base_path or server.im.base_path
+        )
+        ui_jobs = add_ui(app, authorized, ui_runs, ui)
+    return Guard(app, hosts or set(LOCAL_HOSTS), max_request_bytes)
 
-        add_ui(app, authorized, ui_runs, bool(server.api_key))
-    return app
 
-
-async def _answer(server: Server, served: ServedModel, req, prompts: list[list[int]], chat: bool):
+async def _answer(server: Server, served: ServedModel, req, prompts: list[list[int]], request: Request, chat: bool):
     out: asyncio.Queue = asyncio.Queue()
     jobs = server.jobs(served.variant, prompts, req, out)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -235,10 +318,12 @@ async def _answer(server: Server, served: ServedModel, req, prompts: list[list[i
         chunk.chat = chat
         return StreamingResponse(_stream(jobs, out, chunk, usage), media_type="text/event-stream")
     try:
-        results = await _collect(jobs, out)
+        results = await _collect(jobs, out, request)
     finally:
         for j in jobs:
             j.cancelled = True
+    if results is None:
+        return JSONResponse({}, status_code=499)  # nobody reads it: the client has gone
     choices = []
     for index in sorted(results):
         r = results[index]

@@ -1,27 +1,38 @@
-"""Concurrent requests share forward passes: a worker thread batches what is waiting and generates once.
+"""Concurrent requests share forward passes one decoding step at a time (iteration-level batching).
 
-Requests for the same model (base or adapter) with the same sampling settings go in one left-padded
-`generate` call; every new token is routed to its request as it comes (a stream, or the whole answer
-at the end). Each row stops on its own: on a stop id, at its own `max_tokens`, or when its client has
-gone, so a finished or abandoned row costs nothing more than the batch's remaining steps.
+One thread runs the model. Between every two decoding steps it admits what is waiting: prefilled
+together per model (base or one adapter; left padding, position ids from the mask as `generate` makes
+them), then merged into a running batch of that model where the cache layout allows it. Every live
+batch then takes one step per turn with its adapter switched in, so a short request behind long ones
+ends after about its own number of steps, not after theirs. A row that ends (a stop id, a stop string,
+its own `max_tokens`, its client gone) leaves its batch's cache at once and costs nothing more.
+
+Rows sample on their own: greedy at temperature 0, else temperature and top-p with the row's own
+generator seeded from its request, so a seeded answer is the same whatever shares its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..infer.load import InferenceModel, Variant
+from .textstream import IncrementalText, StopScan, special_ids
 
 log = logging.getLogger("tunelab")
+
+
+class BatcherBusy(Exception):
+    """More completions would be waiting or running than `max_queue`: the request is refused whole (a 429)."""
 
 
 @dataclass
@@ -44,57 +55,281 @@ class GenerationJob:
     sent: str = ""
     done: bool = False
 
-    @property
-    def key(self) -> tuple:
-        sampling = (self.temperature, self.top_p, self.seed) if self.temperature > 0 else ()
-        return (self.variant.label, self.ignore_eos, *sampling)
-
     def emit(self, *item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, *item))
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, *item))
+        except RuntimeError:  # its event loop has closed: nobody reads this job any more
+            self.cancelled = True
 
 
-def _hold_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still become a stop string: they wait for the next token."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+@dataclass
+class _Row:
+    job: GenerationJob
+    text: IncrementalText
+    stops: StopScan
+    hold: int = 0
+    generator: torch.Generator | None = None
 
 
-class _Rows(BaseStreamer, StoppingCriteria):
-    """Routes each step's new tokens to their jobs, and tells `generate` which rows are finished."""
+class _Batch:
+    """Rows of one variant stepped together: their cache, the mask over its columns, the next input."""
 
-    def __init__(self, jobs: list[GenerationJob], tokenizer, stop_ids: set[int]):
-        self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
-        self.prompt_seen = False
+    def __init__(self, variant: Variant, rows: list[_Row]):
+        self.variant, self.rows = variant, rows
+        self.cache = self.mask = self.ids = self.pos = None
+        self.padded = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call is the prompt
-            self.prompt_seen = True
-            return
-        for job, token in zip(self.jobs, value.reshape(len(self.jobs), -1)[:, -1].tolist()):
-            if job.done:
-                continue
-            if token in self.stop_ids and not job.ignore_eos:
-                self._finish(job, "stop")
-                continue
-            job.tokens.append(token)
-            text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            hit = min((text.find(s) for s in job.stop if s in text), default=-1)
-            if hit >= 0:
-                self._send(job, text[:hit])
-                self._finish(job, "stop")
-            elif len(job.tokens) >= job.max_tokens:
-                self._send(job, text)
-                self._finish(job, "length")
-            elif not text.endswith("\ufffd"):  # half of a multi-byte character waits for the rest
-                self._send(job, text[: len(text) - _hold_back(text, job.stop)])
 
-    def end(self) -> None:
-        for job in self.jobs:
-            if not job.done:
-                self._send(job, self.tokenizer.decode(job.tokens, skip_special_tokens=True))
-                self._finish(job, "length")
+def _left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` cut or zero-padded on the left along `dim` to `length`."""
+    have = t.shape[dim]
+    if length <= have:
+        return t.narrow(dim, have - length, length)
+    shape = list(t.shape)
+    shape[dim] = length - have
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([job.done or job.cancelled for job in self.jobs], device=input_ids.device)
+
+def _resize(batch: _Batch, length: int) -> None:
+    """The batch's columns cut or left-padded to `length`: masked columns, so no row's answer changes."""
+    delta = length - batch.mask.shape[1]
+    for layer in batch.cache.layers:
+        keep = length
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length += delta
+            keep = min(layer.cumulative_length, layer.sliding_window - 1)
+        layer.keys, layer.values = _left(layer.keys, keep, -2), _left(layer.values, keep, -2)
+    batch.mask = _left(batch.mask, length, 1)
+
+
+class Batcher:
+    """The one thread that runs the model; `submit_all` from any thread, results arrive on each job's queue."""
+
+    def __init__(self, im: InferenceModel, max_batch: int = 32, max_queue: int = 256, window_s: float = 0.005):
+        self.im = im
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.window_s = window_s
+        self.batches = 0  # how many batches were prefilled, for the logs and the tests
+        self.abandoned = 0  # rows stopped because their client left
+        config = im.model.config.get_text_config(decoder=True)
+        # chunked attention's chunks count padding, so moving a row's columns would change its answer
+        self._movable = "chunked_attention" not in (getattr(config, "layer_types", None) or ())
+        self._cond = threading.Condition()
+        self._waiting: deque[GenerationJob] = deque()
+        self._load = 0  # jobs waiting or running
+        self._live: list[_Batch] = []
+        self._special: dict[int, set[int]] = {}  # by tokenizer
+        self._held = contextlib.ExitStack()  # the variant switched in, kept while busy: see `_use`
+        self._in_use: Variant | None = None
+        self._thread = threading.Thread(target=self._run, name="tunelab-batcher", daemon=True)
+        self._thread.start()
+
+    def submit_all(self, jobs: list[GenerationJob]) -> None:
+        """Queue all of a request's jobs, or none: BatcherBusy when that would pass `max_queue`."""
+        with self._cond:
+            if self._load + len(jobs) > self.max_queue:
+                raise BatcherBusy(f"{self._load} completions waiting or running; at most {self.max_queue}")
+            self._load += len(jobs)
+            self._waiting.extend(jobs)
+            self._cond.notify()
+
+    def submit(self, job: GenerationJob) -> None:
+        self.submit_all([job])
+
+    def _take(self) -> list[GenerationJob]:
+        with self._cond:
+            idle = not self._live and not self._waiting
+        if idle:
+            self._let_go()
+        with self._cond:
+            if not self._live:  # idle: sleep until a job comes, then give a burst a moment to gather
+                while not self._waiting:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.window_s
+                while len(self._waiting) < self.max_batch and time.monotonic() < deadline:
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+            jobs = list(self._waiting)
+            self._waiting.clear()
+        return jobs
+
+    def _release(self, n: int = 1) -> None:
+        with self._cond:
+            self._load -= n
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while True:
+                try:
+                    self._admit(self._take())
+                    self._merge()
+                    for batch in list(self._live):
+                        self._guarded(self._step, batch)
+                except Exception:  # the loop must outlive any bug: jobs not in a batch would hang
+                    log.exception("batcher turn failed")
+
+    def _guarded(self, action, batch: _Batch) -> None:
+        """One bad batch must not stop the server: its rows end with an error, the others go on."""
+        try:
+            action(batch)
+        except Exception as exc:
+            log.exception("generation failed")
+            self._fail(batch, exc)
+
+    def _fail(self, batch: _Batch, exc: Exception) -> None:
+        if batch in self._live:
+            self._live.remove(batch)
+        for row in batch.rows:
+            if not row.job.done:
+                row.job.done = True
+                self._release()
+                row.job.emit("error", str(exc) or type(exc).__name__)
+        batch.rows = []
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        live = [j for j in jobs if not j.cancelled]
+        self.abandoned += len(jobs) - len(live)
+        self._release(len(jobs) - len(live))
+        groups: dict[str, list[GenerationJob]] = {}
+        for job in live:
+            groups.setdefault(job.variant.label, []).append(job)
+        for group in groups.values():
+            for start in range(0, len(group), self.max_batch):
+                rows = [self._row(j) for j in group[start : start + self.max_batch]]
+                batch = _Batch(group[0].variant, rows)
+                self._live.append(batch)
+                self._guarded(self._prefill, batch)
+
+    def _row(self, job: GenerationJob) -> _Row:
+        tok = job.variant.tokenizer
+        if id(tok) not in self._special:
+            self._special[id(tok)] = special_ids(tok)
+        return _Row(job, IncrementalText(tok, job.tokens, self._special[id(tok)]), StopScan(job.stop))
+
+    def _prefill(self, batch: _Batch) -> None:
+        self.batches += 1
+        tok, prompts = batch.variant.tokenizer, [r.job.prompt for r in batch.rows]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (batch.variant.stop_ids or [0])[0]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        ids, batch.mask = ids.to(self.im.device), mask.to(self.im.device)
+        batch.padded = any(len(p) < width for p in prompts)
+        pos = (batch.mask.cumsum(-1) - 1).masked_fill(batch.mask == 0, 0)
+        batch.pos = pos
+        logits = self._forward(batch, ids, first=True)
+        batch.pos = pos[:, -1:] + 1
+        self._route(batch, logits)
+
+    def _step(self, batch: _Batch) -> None:
+        stay = [i for i, r in enumerate(batch.rows) if not r.job.cancelled]
+        if len(stay) < len(batch.rows):
+            self.abandoned += len(batch.rows) - len(stay)
+            self._release(len(batch.rows) - len(stay))
+            self._drop(batch, stay)
+            if not stay:
+                return
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        logits = self._forward(batch, batch.ids, first=False)
+        batch.pos = batch.pos + 1
+        self._route(batch, logits)
+
+    def _use(self, variant: Variant):
+        """The model with `variant` switched in, left so until another variant or idleness: peft's switch walks
+        every module (and, for the base, checks every layer's status), too slow to do at every step."""
+        if self._in_use is not variant:
+            self._let_go()
+            self._model = self._held.enter_context(self.im.use(variant))
+            self._in_use = variant
+        return self._model
+
+    def _let_go(self) -> None:
+        self._in_use = None
+        self._held.close()
+
+    def _forward(self, batch: _Batch, ids: torch.Tensor, first: bool) -> torch.Tensor:
+        """The last position's logits, the model called as `generate` calls it (no mask where none is padded)."""
+        model = self._use(batch.variant)
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if batch.cache is None and core._supports_default_dynamic_cache():
+            batch.cache = DynamicCache(config=core.config)
+        kwargs = dict(cache=batch.cache, position_ids=batch.pos, use_cache=True)
+        if core._supports_logits_to_keep():
+            kwargs["logits_to_keep"] = 1
+        mask = batch.mask if batch.padded else None
+        inputs = core.prepare_inputs_for_generation(ids, attention_mask=mask, is_first_iteration=first, **kwargs)
+        out = core(**inputs, return_dict=True)
+        if getattr(out, "cache", None) is not None:
+            batch.cache = out.cache
+        return out.logits[:, -1].to(dtype=torch.float32)
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Each row's next token: argmax, or a draw from its own generator after temperature and top-p."""
+        picks = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if r.job.temperature > 0]
+        if not sampled:
+            return picks
+        at = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([rows[i].job.temperature for i in sampled], device=logits.device)
+        top_p = torch.tensor([rows[i].job.top_p for i in sampled], device=logits.device)
+        scores = logits[at] / temperature[:, None]
+        ordered, order = scores.sort(dim=-1)  # as transformers' TopPLogitsWarper
+        drop = ordered.softmax(-1).cumsum(-1) <= (1 - top_p)[:, None]
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = scores.softmax(-1)
+        for k, i in enumerate(sampled):
+            row = rows[i]
+            if row.generator is None:
+                row.generator = torch.Generator(device=logits.device)
+                if row.job.seed is None:
+                    row.generator.seed()
+                else:  # the choices of one seeded request differ from each other, each the same every time
+                    row.generator.manual_seed((row.job.seed + row.job.index * 0x9E3779B97F4A7C15) % 2**64)
+            picks[i] = torch.multinomial(probs[k], 1, generator=row.generator)[0]
+        return picks
+
+    def _route(self, batch: _Batch, logits: torch.Tensor) -> None:
+        picks = self._pick(logits, batch.rows)
+        batch.ids = picks[:, None]
+        stop_ids = set(batch.variant.stop_ids)
+        keep = [i for i, token in enumerate(picks.tolist()) if not self._advance(batch.rows[i], token, stop_ids)]
+        if len(keep) < len(batch.rows):
+            self._drop(batch, keep)
+
+    def _advance(self, row: _Row, token: int, stop_ids: set[int]) -> bool:
+        """Route one token to its job; True when the job has ended."""
+        job = row.job
+        if token in stop_ids and not job.ignore_eos:
+            return self._end(row, "stop")
+        new = row.text.add(token)
+        if new:
+            hit, row.hold = row.stops.feed(new)
+            if hit is not None:
+                return self._end(row, "stop", row.text.text[:hit])
+        if len(job.tokens) >= job.max_tokens:
+            return self._end(row, "length")
+        if new:
+            self._send(job, row.text.text[: len(row.text.text) - row.hold])
+        return False
+
+    def _end(self, row: _Row, reason: str, text: str | None = None) -> bool:
+        if text is None:  # the whole decode, exact even where the incremental one were not
+            text, seen = row.text.whole(), row.text.text
+            if text.startswith(seen):
+                hit = row.stops.feed(text[len(seen) :])[0]
+            else:
+                hit = min((text.find(s) for s in row.stops.stops if s in text), default=None)
+            if hit is not None:
+                text, reason = text[:hit], "stop"
+        self._send(row.job, text)
+        row.job.done = True
+        self._release()  # before the end goes out: its client may submit again at once
+        row.job.emit("end", reason, len(row.job.tokens))
+        return True
 
     @staticmethod
     def _send(job: GenerationJob, text: str) -> None:
@@ -102,83 +337,65 @@ class _Rows(BaseStreamer, StoppingCriteria):
             job.emit("text", text[len(job.sent) :])
             job.sent = text
 
-    @staticmethod
-    def _finish(job: GenerationJob, reason: str) -> None:
-        job.done = True
-        job.emit("end", reason, len(job.tokens))
-
-
-class Batcher:
-    """The one thread that runs the model; `submit` from any thread, results arrive on each job's queue."""
-
-    def __init__(self, im: InferenceModel, max_batch: int = 32, window_s: float = 0.005):
-        self.im = im
-        self.max_batch = max_batch
-        self.window_s = window_s
-        self._queue: queue.Queue[GenerationJob] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="tunelab-batcher", daemon=True)
-        self._thread.start()
-        self.batches = 0  # how many generate calls ran, for the logs and the tests
-        self.abandoned = 0  # rows stopped because their client left
-
-    def submit(self, job: GenerationJob) -> None:
-        self._queue.put(job)
-
-    def _take(self) -> list[GenerationJob]:
-        jobs = [self._queue.get()]
-        deadline = time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
-            try:
-                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return jobs
-
-    def _run(self) -> None:
-        while True:
-            taken = self._take()
-            jobs = [j for j in taken if not j.cancelled]
-            self.abandoned += len(taken) - len(jobs)
-            groups: dict[tuple, list[GenerationJob]] = {}
-            for job in jobs:
-                groups.setdefault(job.key, []).append(job)
-            for group in groups.values():
-                try:
-                    self._generate(group)
-                except Exception as exc:  # one bad batch must not stop the server
-                    log.exception("generation failed")
-                    for job in group:
-                        if not job.done:
-                            job.done = True
-                            job.emit("error", str(exc))
-
-    def _generate(self, jobs: list[GenerationJob]) -> None:
-        variant = jobs[0].variant
-        tok = variant.tokenizer
-        stops = set(variant.stop_ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (variant.stop_ids or [0])[0]
-        first = jobs[0]
-        width = max(len(j.prompt) for j in jobs)
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt) :] = torch.tensor(job.prompt)
-            mask[row, width - len(job.prompt) :] = 1
-        rows = _Rows(jobs, tok, stops)
-        kwargs = dict(
-            max_new_tokens=max(j.max_tokens for j in jobs),
-            eos_token_id=None if first.ignore_eos else list(stops) or None,
-            pad_token_id=pad,
-            streamer=rows,
-            stopping_criteria=StoppingCriteriaList([rows]),
+    def _movable_cache(self, batch: _Batch) -> bool:
+        layers = getattr(batch.cache, "layers", None)
+        return (
+            self._movable
+            and type(batch.cache) is DynamicCache
+            and not batch.cache.offloading
+            and all(type(la) in (DynamicLayer, DynamicSlidingWindowLayer) and la.is_initialized for la in layers)
         )
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        self.batches += 1
-        with self.im.use(variant) as model, torch.no_grad():
-            model.generate(input_ids=ids.to(self.im.device), attention_mask=mask.to(self.im.device), **kwargs)
-        self.abandoned += sum(j.cancelled and len(j.tokens) < j.max_tokens for j in jobs)
+
+    def _drop(self, batch: _Batch, keep: list[int]) -> None:
+        """Only the rows in `keep` stay; the cache columns no remaining row reads go too."""
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            self._live.remove(batch)
+            return
+        at = torch.tensor(keep)  # on the CPU: it indexes tensors on any device
+        batch.cache.batch_select_indices(at)
+        batch.mask, batch.ids, batch.pos = batch.mask[at], batch.ids[at], batch.pos[at]
+        if self._movable_cache(batch):
+            unread = int(batch.mask.any(0).int().argmax())
+            if unread:
+                _resize(batch, batch.mask.shape[1] - unread)
+        batch.padded = bool((batch.mask == 0).any())
+
+    def _merge(self) -> None:
+        """Batches of one variant become one where their rows fit: requests that arrive one by one still share
+        forward passes. The shorter timeline is left-padded with masked columns."""
+        kept: list[_Batch] = []
+        for batch in list(self._live):
+            into = next(
+                (
+                    k
+                    for k in kept
+                    if k.variant is batch.variant
+                    and len(k.rows) + len(batch.rows) <= self.max_batch
+                    and self._movable_cache(k)
+                    and self._movable_cache(batch)
+                ),
+                None,
+            )
+            if into is None:
+                kept.append(batch)
+                continue
+            self._live.remove(batch)
+            try:
+                self._join(into, batch)
+            except Exception as exc:  # half joined: neither is whole any more
+                log.exception("merging batches failed")
+                self._fail(into, exc)
+                self._fail(batch, exc)
+                kept.remove(into)
+
+    @staticmethod
+    def _join(a: _Batch, b: _Batch) -> None:
+        length = max(a.mask.shape[1], b.mask.shape[1])
+        a.padded = a.padded or b.padded or a.mask.shape[1] != b.mask.shape[1]
+        _resize(a, length)
+        _resize(b, length)
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
+        a.mask, a.ids, a.pos = torch.cat([a.mask, b.mask]), torch.cat([a.ids, b.ids]), torch.cat([a.pos, b.pos])
+        a.rows = a.rows + b.rows

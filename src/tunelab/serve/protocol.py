@@ -38,14 +38,15 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # what a torch.Generator accepts
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: the prompt's ids in the response (see `serve --check`)
 
     @property
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [s for s in stops if s]  # "" would end every answer before its first token
 
 
 class ChatRequest(_Sampling):
