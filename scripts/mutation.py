@@ -524,6 +524,50 @@ MUTATIONS = [
         "        return list(stops)",
         ("tests/serve/test_guard.py::test_an_empty_stop_string_is_ignored_rather_than_ending_every_answer",),
     ),
+    Mutation(
+        "serve: an answer that calls a tool finishes as 'stop'",
+        "serve/app.py",
+        '        finish = "tool_calls"\n',
+        "        finish = finish\n",
+        ("tests/serve/test_messages.py",),
+    ),
+    Mutation(
+        "page: a model id inserted as HTML",
+        "serve/ui.html",
+        '    label.append(box, " " + m.id);',
+        '    label.append(box); label.insertAdjacentHTML("beforeend", " " + m.id);',
+        ("tests/serve/test_ui.py::test_a_model_id_that_is_html_shows_as_text_and_runs_nothing",),
+    ),
+    Mutation(
+        "page: trust_remote_code accepted in a posted YAML",
+        "serve/ui.py",
+        '    "trust_remote_code": "runs the model\'s own Python code on this machine",\n',
+        "",
+        (
+            "tests/serve/test_ui_routes.py::test_each_forbidden_key_is_a_400_naming_it_before_anything_is_written_or_started",
+        ),
+    ),
+    Mutation(
+        "page: a run's data report honours its trust_remote_code",
+        "serve/ui.py",
+        "        if cfg.trust_remote_code:\n            raise refused(",
+        "        if False:\n            raise refused(",
+        ("tests/serve/test_ui_routes.py::test_the_data_report_never_runs_a_runs_own_code",),
+    ),
+    Mutation(
+        "page: symlinks out of the runs folder followed",
+        "serve/ui.py",
+        "        return path.resolve() == path\n",
+        "        return True\n",
+        ("tests/serve/test_ui_routes.py::test_a_symlink_out_of_the_runs_folder_is_not_served",),
+    ),
+    Mutation(
+        "page: the trainer outlives a killed server",
+        "serve/jobs.py",
+        "            preexec_fn=_die_with_parent(),\n",
+        "",
+        ("tests/serve/test_ui_routes.py::test_a_killed_server_takes_its_job_with_it",),
+    ),
     # --- data at scale ----------------------------------------------------------------------------------------
     Mutation(
         "pool: results taken as they finish, not in order",

@@ -74,3 +74,16 @@ def test_a_content_part_no_template_can_show_is_a_400_naming_the_message():
     assert err.value.status == 400 and "message 0" in str(err.value)
     with pytest.raises(ApiError):
         _conversation(ChatRequest(model="m", messages=[{"role": "wizard", "content": "hi"}]))
+
+
+@pytest.mark.fast
+def test_an_answer_that_calls_a_tool_finishes_with_tool_calls_and_json_arguments():
+    from tunelab.serve.app import chat_choice
+
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    choice = chat_choice(0, text, "stop")
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert chat_choice(1, "Sunny in Paris.", "length")["finish_reason"] == "length"
+    assert chat_choice(2, "<think>\nhmm\n</think>\n\nSunny.", "stop")["message"]["reasoning_content"] == "hmm"

@@ -294,6 +294,17 @@ def create_app(
     return Guard(app, hosts or set(LOCAL_HOSTS), max_request_bytes)
 
 
+def chat_choice(index: int, text: str, finish: str) -> dict:
+    """One chat choice as OpenAI shapes it: reasoning and tool calls parsed out, arguments as a JSON string."""
+    reply = parse_reply(text)
+    message = reply.message()
+    if reply.tool_calls:
+        finish = "tool_calls"
+        for call in message["tool_calls"]:
+            call["function"]["arguments"] = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+    return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+
+
 async def _answer(server: Server, served: ServedModel, req, prompts: list[list[int]], request: Request, chat: bool):
     out: asyncio.Queue = asyncio.Queue()
     jobs = server.jobs(served.variant, prompts, req, out)
@@ -329,13 +340,7 @@ async def _answer(server: Server, served: ServedModel, req, prompts: list[list[i
         r = results[index]
         usage["completion_tokens"] += r["tokens"]
         if chat:
-            reply = parse_reply(r["text"])
-            message = reply.message()
-            finish = "tool_calls" if reply.tool_calls else r["finish"]
-            if reply.tool_calls:
-                for call in message["tool_calls"]:
-                    call["function"]["arguments"] = json.dumps(call["function"]["arguments"], ensure_ascii=False)
-            choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
+            choices.append(chat_choice(index, r["text"], r["finish"]))
         else:
             choices.append({"index": index, "text": r["text"], "finish_reason": r["finish"], "logprobs": None})
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
