@@ -1,6 +1,7 @@
-"""The serving batcher on its own: rows of one batch answer as if alone (as `generate` does, unpadded),
-each ends on its own terms, a short request is not held behind long ones, a huge stop list stalls no one,
-a client that leaves frees its row, and a full queue refuses a whole request."""
+"""The serving batcher on its own: rows of one batch, or joining it later, answer as `generate` does alone and
+unpadded (sliding-window layers too); each row ends on its own terms; a seeded sample does not depend on its
+neighbours; a short request is not held behind long ones, nor behind a huge stop list or slow adapter switches;
+a client that leaves frees its row; a full queue refuses a whole request; a failing batch fails alone."""
 
 from __future__ import annotations
 
@@ -227,6 +228,38 @@ def test_a_short_request_is_not_held_behind_long_ones(im, batcher):
 
     short_s, long_s = asyncio.run(main())
     assert short_s < long_s / 3, (short_s, long_s)
+
+
+def test_variants_taking_turns_switch_seldom_when_switching_is_slow(im, reference, monkeypatch):
+    """peft's switch walks every module (about 0.1 s on a 7B model): batches of different variants then take
+    several steps in a row, and a short request of a third variant still ends long before the long ones."""
+    b, switches = Batcher(im), []
+    use = im.use
+
+    def slow_use(variant):
+        switches.append(variant.label)
+        time.sleep(0.02)
+        return use(variant)
+
+    monkeypatch.setattr(im, "use", slow_use)
+    base, a, other = im.variants
+
+    async def main():
+        long = [job(v, prompt(im, QUESTIONS[2]), max_tokens=300, ignore_eos=True) for v in (base, a)]
+        started = time.time()
+        b.submit_all(long)
+        while min(len(j.tokens) for j in long) < 5:
+            await asyncio.sleep(0.001)
+        short = job(other, prompt(im, QUESTIONS[0]), max_tokens=8, ignore_eos=True)
+        submitted = time.time()
+        b.submit(short)
+        done = await asyncio.gather(finish(short), *(finish(j) for j in long))
+        return done[0]["at"] - submitted, max(d["at"] for d in done[1:]) - started, done[2]["ids"]
+
+    short_s, long_s, ids = asyncio.run(main())
+    assert len(switches) < 100, len(switches)  # one a step would be 600
+    assert short_s < long_s / 3, (short_s, long_s)
+    assert ids == generated(reference, a, prompt(im, QUESTIONS[2]), 300)
 
 
 def test_a_huge_stop_list_stalls_no_other_request(im, batcher):

@@ -3,8 +3,9 @@
 One thread runs the model. Between every two decoding steps it admits what is waiting: prefilled
 together per model (base or one adapter; left padding, position ids from the mask as `generate` makes
 them), then merged into a running batch of that model where the cache layout allows it. Every live
-batch then takes one step per turn with its adapter switched in, so a short request behind long ones
-ends after about its own number of steps, not after theirs. A row that ends (a stop id, a stop string,
+batch then takes one step per turn with its adapter switched in (a few in a row where variants take
+turns: peft's switch walks every module), so a short request behind long ones ends after about its own
+number of steps, not after theirs. A row that ends (a stop id, a stop string,
 its own `max_tokens`, its client gone) leaves its batch's cache at once and costs nothing more.
 
 Rows sample on their own: greedy at temperature 0, else temperature and top-p with the row's own
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -23,12 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..infer.load import InferenceModel, Variant
+from . import kvcache
 from .textstream import IncrementalText, StopScan, special_ids
 
 log = logging.getLogger("tunelab")
+SWITCH_SHARE = 0.2  # where variants take turns, about the most of their time that switching them may take
+MAX_RUN = 64  # the most steps one batch takes in a row while another variant waits
 
 
 class BatcherBusy(Exception):
@@ -78,28 +82,7 @@ class _Batch:
         self.variant, self.rows = variant, rows
         self.cache = self.mask = self.ids = self.pos = None
         self.padded = False
-
-
-def _left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """`t` cut or zero-padded on the left along `dim` to `length`."""
-    have = t.shape[dim]
-    if length <= have:
-        return t.narrow(dim, have - length, length)
-    shape = list(t.shape)
-    shape[dim] = length - have
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _resize(batch: _Batch, length: int) -> None:
-    """The batch's columns cut or left-padded to `length`: masked columns, so no row's answer changes."""
-    delta = length - batch.mask.shape[1]
-    for layer in batch.cache.layers:
-        keep = length
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            layer.cumulative_length += delta
-            keep = min(layer.cumulative_length, layer.sliding_window - 1)
-        layer.keys, layer.values = _left(layer.keys, keep, -2), _left(layer.values, keep, -2)
-    batch.mask = _left(batch.mask, length, 1)
+        self.step_s = 0.0  # how long one of its steps takes, switching aside
 
 
 class Batcher:
@@ -112,9 +95,7 @@ class Batcher:
         self.window_s = window_s
         self.batches = 0  # how many batches were prefilled, for the logs and the tests
         self.abandoned = 0  # rows stopped because their client left
-        config = im.model.config.get_text_config(decoder=True)
-        # chunked attention's chunks count padding, so moving a row's columns would change its answer
-        self._movable = "chunked_attention" not in (getattr(config, "layer_types", None) or ())
+        self._movable = not kvcache.chunked(im.model.config)
         self._cond = threading.Condition()
         self._waiting: deque[GenerationJob] = deque()
         self._load = 0  # jobs waiting or running
@@ -122,6 +103,7 @@ class Batcher:
         self._special: dict[int, set[int]] = {}  # by tokenizer
         self._held = contextlib.ExitStack()  # the variant switched in, kept while busy: see `_use`
         self._in_use: Variant | None = None
+        self._switch_s = self._switched_s = 0.0  # a switch's usual time, the last step's
         self._thread = threading.Thread(target=self._run, name="tunelab-batcher", daemon=True)
         self._thread.start()
 
@@ -164,7 +146,9 @@ class Batcher:
                     self._admit(self._take())
                     self._merge()
                     for batch in list(self._live):
-                        self._guarded(self._step, batch)
+                        for _ in range(self._run_length(batch)):
+                            if batch in self._live:
+                                self._guarded(self._step, batch)
                 except Exception:  # the loop must outlive any bug: jobs not in a batch would hang
                     log.exception("batcher turn failed")
 
@@ -224,7 +208,21 @@ class Batcher:
         batch.pos = pos[:, -1:] + 1
         self._route(batch, logits)
 
+    def _run_length(self, batch: _Batch) -> int:
+        """Steps `batch` takes in a row: one, or where another variant is live (its own is then switched in
+        every turn) enough that the switch takes about SWITCH_SHARE of the turn at most."""
+        if not batch.step_s or all(b.variant is batch.variant for b in self._live):
+            return 1
+        wanted = self._switch_s * (1 - SWITCH_SHARE) / (SWITCH_SHARE * batch.step_s)
+        return max(1, min(MAX_RUN, math.ceil(wanted)))
+
     def _step(self, batch: _Batch) -> None:
+        started, self._switched_s = time.perf_counter(), 0.0
+        self._decode(batch)
+        took = time.perf_counter() - started - self._switched_s
+        batch.step_s = 0.7 * batch.step_s + 0.3 * took if batch.step_s else took
+
+    def _decode(self, batch: _Batch) -> None:
         stay = [i for i, r in enumerate(batch.rows) if not r.job.cancelled]
         if len(stay) < len(batch.rows):
             self.abandoned += len(batch.rows) - len(stay)
@@ -241,9 +239,12 @@ class Batcher:
         """The model with `variant` switched in, left so until another variant or idleness: peft's switch walks
         every module (and, for the base, checks every layer's status), too slow to do at every step."""
         if self._in_use is not variant:
+            started = time.perf_counter()
             self._let_go()
             self._model = self._held.enter_context(self.im.use(variant))
             self._in_use = variant
+            self._switched_s = time.perf_counter() - started
+            self._switch_s = 0.7 * self._switch_s + 0.3 * self._switched_s if self._switch_s else self._switched_s
         return self._model
 
     def _let_go(self) -> None:
@@ -338,13 +339,7 @@ class Batcher:
             job.sent = text
 
     def _movable_cache(self, batch: _Batch) -> bool:
-        layers = getattr(batch.cache, "layers", None)
-        return (
-            self._movable
-            and type(batch.cache) is DynamicCache
-            and not batch.cache.offloading
-            and all(type(la) in (DynamicLayer, DynamicSlidingWindowLayer) and la.is_initialized for la in layers)
-        )
+        return self._movable and kvcache.movable(batch.cache)
 
     def _drop(self, batch: _Batch, keep: list[int]) -> None:
         """Only the rows in `keep` stay; the cache columns no remaining row reads go too."""
@@ -355,10 +350,8 @@ class Batcher:
         at = torch.tensor(keep)  # on the CPU: it indexes tensors on any device
         batch.cache.batch_select_indices(at)
         batch.mask, batch.ids, batch.pos = batch.mask[at], batch.ids[at], batch.pos[at]
-        if self._movable_cache(batch):
-            unread = int(batch.mask.any(0).int().argmax())
-            if unread:
-                _resize(batch, batch.mask.shape[1] - unread)
+        if self._movable_cache(batch) and (unread := kvcache.unread(batch.mask)):
+            batch.mask = kvcache.resize(batch.cache, batch.mask, batch.mask.shape[1] - unread)
         batch.padded = bool((batch.mask == 0).any())
 
     def _merge(self) -> None:
@@ -393,9 +386,7 @@ class Batcher:
     def _join(a: _Batch, b: _Batch) -> None:
         length = max(a.mask.shape[1], b.mask.shape[1])
         a.padded = a.padded or b.padded or a.mask.shape[1] != b.mask.shape[1]
-        _resize(a, length)
-        _resize(b, length)
-        for la, lb in zip(a.cache.layers, b.cache.layers):
-            la.keys, la.values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
+        a.mask, b.mask = kvcache.resize(a.cache, a.mask, length), kvcache.resize(b.cache, b.mask, length)
+        kvcache.join(a.cache, b.cache)
         a.mask, a.ids, a.pos = torch.cat([a.mask, b.mask]), torch.cat([a.ids, b.ids]), torch.cat([a.pos, b.pos])
         a.rows = a.rows + b.rows
