@@ -475,6 +475,13 @@ MUTATIONS = [
         ("tests/serve/test_batcher.py::test_each_row_stops_at_its_own_max_tokens_or_earliest_stop_string",),
     ),
     Mutation(
+        "serve: the model's repetition_penalty ignored",
+        "serve/batcher.py",
+        "        if penalty == 1.0:\n            return logits",
+        "        if True:\n            return logits",
+        ("tests/serve/test_batcher.py::test_the_models_repetition_penalty_applies_as_generate_applies_it",),
+    ),
+    Mutation(
         "serve: several stop strings cut at the last one found",
         "serve/textstream.py",
         "                    hit = start if hit is None else min(hit, start)",

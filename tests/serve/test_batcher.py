@@ -405,3 +405,24 @@ def test_a_failing_batch_ends_its_rows_with_an_error_and_the_loop_goes_on(im, mo
         return await finish(good)
 
     assert asyncio.run(main())["tokens"] == 4
+
+
+def test_the_models_repetition_penalty_applies_as_generate_applies_it(served, tokenizer, tmp_path):
+    """A run whose generation_config sets repetition_penalty answers in the server as in `tunelab chat`."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "penalised"
+    model = AutoModelForCausalLM.from_pretrained(served[0])
+    model.generation_config.repetition_penalty = 1.8
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    im, reference = (load_inference(str(folder), device="cpu") for _ in range(2))
+    (variant,) = im.variants
+    prompts = [prompt(im, q) for q in QUESTIONS]
+    got = run(Batcher(im), [(variant, p, {"max_tokens": 16, "ignore_eos": True}) for p in prompts])
+    for p, answer in zip(prompts, got):
+        expected = generated(reference, variant, p, 16)
+        assert answer["ids"] == expected
+    plain = load_inference(served[0], device="cpu")
+    unpenalised = run(Batcher(plain), [(plain.variants[0], prompts[1], {"max_tokens": 16, "ignore_eos": True})])
+    assert unpenalised[0]["ids"] != got[1]["ids"]  # the penalty changed this answer: the test can tell

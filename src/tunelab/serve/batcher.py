@@ -267,6 +267,18 @@ class Batcher:
             batch.cache = out.cache
         return out.logits[:, -1].to(dtype=torch.float32)
 
+    def _penalised(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The model's own `repetition_penalty` (its generation_config), as `generate` and `tunelab chat` apply
+        it: every token of the prompt and the answer so far scored down."""
+        penalty = getattr(self.im.model.generation_config, "repetition_penalty", None) or 1.0
+        if penalty == 1.0:
+            return logits
+        for i, row in enumerate(rows):
+            seen = torch.tensor(row.job.prompt + row.job.tokens, device=logits.device)
+            scores = logits[i].gather(0, seen)
+            logits[i].scatter_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+        return logits
+
     def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         """Each row's next token: argmax, or a draw from its own generator after temperature and top-p."""
         picks = logits.argmax(-1)
@@ -294,7 +306,7 @@ class Batcher:
         return picks
 
     def _route(self, batch: _Batch, logits: torch.Tensor) -> None:
-        picks = self._pick(logits, batch.rows)
+        picks = self._pick(self._penalised(logits, batch.rows), batch.rows)
         batch.ids = picks[:, None]
         stop_ids = set(batch.variant.stop_ids)
         keep = [i for i, token in enumerate(picks.tolist()) if not self._advance(batch.rows[i], token, stop_ids)]
