@@ -560,6 +560,13 @@ MUTATIONS = [
         ("tests/serve/test_guard.py::test_a_client_that_leaves_a_non_streamed_request_frees_its_rows",),
     ),
     Mutation(
+        "serve: a chat prompt tokenized on the event loop",
+        "serve/app.py",
+        "            prompt = await run_in_threadpool(served.encoder.prompt_ids, conversation)",
+        "            prompt = served.encoder.prompt_ids(conversation)",
+        ("tests/serve/test_guard.py::test_a_huge_prompt_is_tokenized_off_the_event_loop_while_others_are_answered",),
+    ),
+    Mutation(
         "serve: an empty stop string kept",
         "serve/protocol.py",
         "        return [s for s in stops if s]",

@@ -295,3 +295,27 @@ def test_no_key_is_allowed_only_for_the_plain_api_on_a_loopback_host():
         serve("m", None, ServeOptions(host="0.0.0.0", no_api_key=True))
     with pytest.raises(TunelabError, match="always has a key"):
         serve("m", None, ServeOptions(no_api_key=True, ui_runs="."))
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop_while_others_are_answered(live):
+    url, _ = live
+    huge = chat_body(messages=[{"role": "user", "content": "word " * 700_000}])  # 3.5 MB: under the body limit
+    result = {}
+
+    def send_huge():
+        started = time.perf_counter()
+        result["status"] = request(url, "POST", "/v1/chat/completions", huge, AUTH)[0]
+        result["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=send_huge)
+    thread.start()
+    time.sleep(0.3)  # it is being read and rendered now
+    waits = []
+    while thread.is_alive():
+        started = time.perf_counter()
+        assert request(url, "GET", "/health")[0] == 200
+        waits.append(time.perf_counter() - started)
+        time.sleep(0.1)
+    thread.join()
+    assert result["status"] == 400, result  # longer than the context
+    assert waits and max(waits) < 1.0, (waits, result)
