@@ -85,14 +85,6 @@ def attacker(guarded):
     site.shutdown()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
 def test_another_site_can_neither_start_nor_stop_training_nor_chat(guarded, attacker, browser):
     url, counted, runs = guarded
     page = browser.new_page()

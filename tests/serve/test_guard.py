@@ -52,6 +52,20 @@ def chat_body(**kw) -> bytes:
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 
+def in_background(url: str, body: bytes) -> tuple[threading.Thread, dict]:
+    """A chat request sent from a thread: (the thread, then its status and seconds once it has ended)."""
+    result: dict = {}
+
+    def send():
+        started = time.perf_counter()
+        result["status"] = request(url, "POST", "/v1/chat/completions", body, AUTH)[0]
+        result["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, result
+
+
 @pytest.fixture(scope="module")
 def live(memorised, serve_app):
     from tunelab.serve.app import create_app
@@ -166,15 +180,7 @@ def _asgi_status(app, method: str, path: str, headers: dict) -> int:
 def test_a_10_mb_body_is_refused_at_once_and_small_requests_go_on_meanwhile(live):
     url, _ = live
     big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (10 * 1024 * 1024) + b'"}]}'
-    result = {}
-
-    def send_big():
-        started = time.perf_counter()
-        result["status"] = request(url, "POST", "/v1/chat/completions", big, AUTH)[0]
-        result["seconds"] = time.perf_counter() - started
-
-    thread = threading.Thread(target=send_big)
-    thread.start()
+    thread, result = in_background(url, big)
     started = time.perf_counter()
     assert request(url, "POST", "/v1/chat/completions", chat_body(), AUTH)[0] == 200
     small = time.perf_counter() - started
@@ -300,15 +306,7 @@ def test_no_key_is_allowed_only_for_the_plain_api_on_a_loopback_host():
 def test_a_huge_prompt_is_tokenized_off_the_event_loop_while_others_are_answered(live):
     url, _ = live
     huge = chat_body(messages=[{"role": "user", "content": "word " * 700_000}])  # 3.5 MB: under the body limit
-    result = {}
-
-    def send_huge():
-        started = time.perf_counter()
-        result["status"] = request(url, "POST", "/v1/chat/completions", huge, AUTH)[0]
-        result["seconds"] = time.perf_counter() - started
-
-    thread = threading.Thread(target=send_huge)
-    thread.start()
+    thread, result = in_background(url, huge)
     time.sleep(0.3)  # it is being read and rendered now
     waits = []
     while thread.is_alive():

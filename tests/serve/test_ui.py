@@ -45,14 +45,6 @@ def ui(memorised, llama_dir, tmp_path_factory, serve_app):
 
 
 @pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
-
-
-@pytest.fixture(scope="module")
 def context(browser):
     opened = browser.new_context(viewport={"width": 1280, "height": 900})
     yield opened
