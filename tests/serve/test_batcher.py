@@ -213,21 +213,28 @@ def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(im, batcher):
 
 def test_a_short_request_is_not_held_behind_long_ones(im, batcher):
     v = im.variants[0]
+    long = [(v, QUESTIONS[i % 3], 400) for i in range(20)]
+    short_s, long_s, _ = short_behind_long(im, batcher, long, v, started_after=10)
+    assert short_s < long_s / 3, (short_s, long_s)
+
+
+def short_behind_long(im, batcher, long_specs: list[tuple], short_variant, started_after: int):
+    """(the 8-token job's seconds, the long jobs' wall seconds, the second long job's ids): the long jobs
+    (variant, question, max_tokens) run `started_after` tokens, then the short one is submitted."""
 
     async def main():
-        long = [job(v, prompt(im, QUESTIONS[i % 3]), max_tokens=400, ignore_eos=True) for i in range(20)]
+        long = [job(v, prompt(im, q), max_tokens=n, ignore_eos=True) for v, q, n in long_specs]
         started = time.time()
         batcher.submit_all(long)
-        while min(len(j.tokens) for j in long) < 10:
+        while min(len(j.tokens) for j in long) < started_after:
             await asyncio.sleep(0.001)
-        short = job(v, prompt(im, QUESTIONS[0]), max_tokens=8, ignore_eos=True)
+        short = job(short_variant, prompt(im, QUESTIONS[0]), max_tokens=8, ignore_eos=True)
         submitted = time.time()
         batcher.submit(short)
         done = await asyncio.gather(finish(short), *(finish(j) for j in long))
-        return done[0]["at"] - submitted, max(d["at"] for d in done[1:]) - started
+        return done[0]["at"] - submitted, max(d["at"] for d in done[1:]) - started, done[2]["ids"]
 
-    short_s, long_s = asyncio.run(main())
-    assert short_s < long_s / 3, (short_s, long_s)
+    return asyncio.run(main())
 
 
 def test_variants_taking_turns_switch_seldom_when_switching_is_slow(im, reference, monkeypatch):
@@ -244,19 +251,7 @@ def test_variants_taking_turns_switch_seldom_when_switching_is_slow(im, referenc
     monkeypatch.setattr(im, "use", slow_use)
     base, a, other = im.variants
 
-    async def main():
-        long = [job(v, prompt(im, QUESTIONS[2]), max_tokens=300, ignore_eos=True) for v in (base, a)]
-        started = time.time()
-        b.submit_all(long)
-        while min(len(j.tokens) for j in long) < 5:
-            await asyncio.sleep(0.001)
-        short = job(other, prompt(im, QUESTIONS[0]), max_tokens=8, ignore_eos=True)
-        submitted = time.time()
-        b.submit(short)
-        done = await asyncio.gather(finish(short), *(finish(j) for j in long))
-        return done[0]["at"] - submitted, max(d["at"] for d in done[1:]) - started, done[2]["ids"]
-
-    short_s, long_s, ids = asyncio.run(main())
+    short_s, long_s, ids = short_behind_long(im, b, [(v, QUESTIONS[2], 300) for v in (base, a)], other, 5)
     assert len(switches) < 100, len(switches)  # one a step would be 600
     assert short_s < long_s / 3, (short_s, long_s)
     assert ids == generated(reference, a, prompt(im, QUESTIONS[2]), 300)
