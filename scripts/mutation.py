@@ -597,6 +597,15 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "page: a posted YAML may train on data outside the runs folder",
+        "serve/ui.py",
+        "            if isinstance(spec, str) and Path(spec).exists() and not Path(spec).resolve().is_relative_to(root):",
+        "            if False:",
+        (
+            "tests/serve/test_ui_routes.py::test_each_forbidden_key_is_a_400_naming_it_before_anything_is_written_or_started",
+        ),
+    ),
+    Mutation(
         "page: a run's data report honours its trust_remote_code",
         "serve/ui.py",
         "        if cfg.trust_remote_code:\n            raise refused(",

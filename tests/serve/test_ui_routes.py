@@ -76,6 +76,7 @@ def runs(tmp_path):
     root.mkdir()
     (root / "data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (tmp_path / "model").mkdir()
+    (tmp_path / "secret.jsonl").write_text((root / "data.jsonl").read_text())  # readable, but not the page's
     return root
 
 
@@ -126,6 +127,9 @@ FORBIDDEN = [
     ("model", {"model": "Qwen/Qwen2.5-0.5B-Instruct"}),
     ("dataset", {"dataset": "tatsu-lab/alpaca"}),
     ("eval_dataset", {"eval_dataset": ["data.jsonl", "org/held-out"]}),
+    ("dataset", {"dataset": "../secret.jsonl"}),
+    ("eval_dataset", {"eval_dataset": ["data.jsonl", "../secret.jsonl"]}),
+    ("tools", {"tools": "../secret.jsonl"}),
     ("resume_from_checkpoint", {"resume_from_checkpoint": "../elsewhere/checkpoint-5"}),
     ("resume_from_checkpoint", {"resume_from_checkpoint": "/tmp/checkpoint-5"}),
 ]
@@ -305,8 +309,9 @@ def _pgid(proc: Path) -> int | None:
 
 def test_close_ends_a_running_training_jobs_process_group(ui, runs, llama_dir, chat_file):
     url, jobs = ui(allow_training=True)
+    shutil.copy(chat_file, runs / "chat.jsonl")  # the page trains on data in the runs folder only
     text = yaml.safe_dump(
-        {"model": llama_dir, "dataset": chat_file, "output_dir": "long", "max_steps": 100000, "logging_steps": 1}
+        {"model": llama_dir, "dataset": "chat.jsonl", "output_dir": "long", "max_steps": 100000, "logging_steps": 1}
     )
     status, _, state = call(url, "/ui/train", {"yaml": text})
     assert status == 200, state

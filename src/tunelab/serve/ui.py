@@ -46,6 +46,7 @@ REFUSED_IF_SET = {
 }
 LOCAL_LOGGERS = ("none", "tensorboard", "swanlab")  # swanlab: offline, as a job never gets SWANLAB_MODE
 HUB_KEYS = ("model", "dataset", "eval_dataset")
+DATA_KEYS = ("dataset", "eval_dataset", "tools")
 
 
 @dataclass
@@ -139,6 +140,17 @@ def _refused(key: str, why: str) -> ApiError:
     )
 
 
+def _data_outside(data: dict, root: Path) -> str | None:
+    """The first data key naming an existing file outside the runs folder: a key holder could otherwise train
+    on, and read back through the data report, any file the server can read."""
+    for key in DATA_KEYS:
+        value = data.get(key)
+        for spec in value if isinstance(value, list) else [value]:
+            if isinstance(spec, str) and Path(spec).exists() and not Path(spec).resolve().is_relative_to(root):
+                return key
+    return None
+
+
 def _remote(cfg: Config) -> tuple[str, str] | None:
     """(key, value) of the first model or data that is not an existing absolute path (a hub id), or None."""
     for key in HUB_KEYS:
@@ -191,6 +203,9 @@ def check_posted(text: str, root: Path, allow_hub: bool) -> tuple[Config, list[s
     if raw.get("nnodes", 1) != 1:
         raise _refused("nnodes", "a job across machines connects to other hosts")
     data = _resolve_relative_paths(raw, root)
+    outside = _data_outside(data, root)
+    if outside:
+        raise _refused(outside, "reads a file outside the runs folder (put the data there)")
     name, notes = _run_name(raw.get("output_dir"), root)
     data["output_dir"] = str(root / name)
     resume = data.get("resume_from_checkpoint")
