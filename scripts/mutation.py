@@ -597,6 +597,13 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "serve: the command line's --allowed-host dropped",
+        "serve/run.py",
+        "trusted_hosts(o.host, o.allowed_hosts)",
+        "trusted_hosts(o.host)",
+        ("tests/serve/test_guard.py::test_the_command_line_opens_what_its_flags_name_and_nothing_else",),
+    ),
+    Mutation(
         "page: a posted YAML may train on data outside the runs folder",
         "serve/ui.py",
         "            if isinstance(spec, str) and Path(spec).exists() and not Path(spec).resolve().is_relative_to(root):",

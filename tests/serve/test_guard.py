@@ -317,3 +317,30 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop_while_others_are_answered
     thread.join()
     assert result["status"] == 400, result  # longer than the context
     assert waits and max(waits) < 1.0, (waits, result)
+
+
+def test_the_command_line_opens_what_its_flags_name_and_nothing_else(memorised, monkeypatch, tmp_path, capsys):
+    import uvicorn as server_lib
+    from starlette.testclient import TestClient
+
+    from tunelab.cli import main
+
+    started = {}
+    monkeypatch.setattr(server_lib, "run", lambda app, **kw: started.update(app=app, **kw))
+    (tmp_path / "key").write_text("file-key\n")
+    base = ["serve", "--model", str(memorised / "full"), "--served-model-name", "m", "--api-key-file"]
+    flags = ["--ui", "--runs", str(tmp_path), "--allow-training", "--allowed-host", "box.lan", "--port", "8124"]
+    assert main([*base, str(tmp_path / "key"), *flags]) == 0
+    assert "file-key" not in capsys.readouterr().out  # a key the user gave is never printed
+    keyed = {"Authorization": "Bearer file-key"}
+    with TestClient(started["app"], base_url="http://box.lan:8124") as client:
+        assert client.get("/ui/info", headers=keyed).json()["training"] is True
+        assert client.get("/openapi.json", headers=keyed).status_code == 404
+    with TestClient(started["app"], base_url="http://other.lan:8124") as client:
+        assert client.get("/health").status_code == 421
+    assert started["host"] == "127.0.0.1" and started["port"] == 8124
+
+    assert main([*base, str(tmp_path / "key"), "--ui", "--runs", str(tmp_path), "--docs"]) == 0
+    with TestClient(started["app"], base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/ui/info", headers=keyed).json()["training"] is False  # training stays off unless asked
+        assert client.get("/openapi.json").status_code == 200
