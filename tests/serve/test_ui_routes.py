@@ -29,10 +29,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
 
 from tunelab import run_folder  # noqa: E402
 from tunelab.serve import jobs as jobs_module  # noqa: E402
+from tunelab.serve.app import api_error_response  # noqa: E402
 from tunelab.serve.jobs import UiJobs, child_env  # noqa: E402
 from tunelab.serve.protocol import ApiError  # noqa: E402
 from tunelab.serve.ui import JOB_CONFIG, UiOptions, add_ui, check_posted, default_yaml  # noqa: E402
@@ -58,9 +58,7 @@ def call(url: str, path: str, body: dict | None = None, key: str = KEY) -> tuple
 def small_app(runs: Path, options: UiOptions):
     app = FastAPI()
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    app.exception_handler(ApiError)(api_error_response)
 
     async def authorized(request: Request) -> None:
         if request.headers.get("authorization") != f"Bearer {KEY}":

@@ -128,9 +128,19 @@ class Server:
             self.batcher.submit_all(jobs)
         except BatcherBusy:
             raise ApiError(
-                429, "the server is busy: too many completions are waiting; retry shortly", None, "server_busy"
+                429,
+                "the server is busy: too many completions are waiting; retry shortly",
+                None,
+                "server_busy",
+                retry_after=RETRY_AFTER_S,
             ) from None
         return jobs
+
+
+async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
+    """OpenAI's error shape, with Retry-After where the error says when to come back."""
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _conversation(req: ChatRequest) -> Conversation:
@@ -227,10 +237,7 @@ def create_app(
         title="tunelab", docs_url=None, redoc_url=None, openapi_url="/openapi.json" if docs else None, lifespan=lifespan
     )
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    app.exception_handler(ApiError)(api_error_response)
 
     @app.exception_handler(TunelabError)
     async def tunelab_error(request: Request, exc: TunelabError):

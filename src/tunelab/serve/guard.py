@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from ..errors import TunelabError
+from .protocol import ApiError
 
 log = logging.getLogger("tunelab")
 KEY_ENV = "TUNELAB_API_KEY"
@@ -153,9 +154,7 @@ def _replay(body: bytes, receive):
 
 
 async def _refuse(send, status: int, message: str, code: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    ).encode()
+    body = json.dumps(ApiError(status, message, None, code).body()).encode()
     await send(
         {
             "type": "http.response.start",

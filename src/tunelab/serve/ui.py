@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 from fastapi import Depends, FastAPI
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from .. import run_folder
@@ -346,14 +346,14 @@ def add_ui(app: FastAPI, authorized, runs_root: str, options: UiOptions) -> UiJo
             )
         cfg, notes = check_posted(req.yaml, root, options.allow_hub)
         if jobs.full():
-            busy = ApiError(
+            raise ApiError(
                 429,
                 f"{len(jobs.running())} training run(s) already running (at most {options.max_jobs} at a time); "
                 "stop one or wait",
                 None,
                 "too_many_jobs",
+                retry_after=RETRY_AFTER_S,
             )
-            return JSONResponse(busy.body(), status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
         root.mkdir(parents=True, exist_ok=True)
         name = Path(cfg.output_dir).name
         while True:
