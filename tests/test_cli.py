@@ -1,6 +1,7 @@
 """The CLI: each bad input is one clear line on stderr, a non-zero exit and no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,25 @@ def test_data_jsonl_writes_only_ids_and_labels(capsys, config):
     assert code == 0 and len(rows) == 24
     assert set(rows[0]) == {"input_ids", "labels"}
     assert len(rows[0]["input_ids"]) == len(rows[0]["labels"]) and -100 in rows[0]["labels"]
+
+
+def test_data_report_of_a_preference_stage(capsys, config, write_data):
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"It is {2 * i}.", "rejected": "No idea."} for i in range(6)]
+    rows.append({"prompt": "Say " + "word " * 60, "chosen": "ok", "rejected": "no"})  # no room for the answer
+    rows.append({"prompt": "Talk.", "chosen": "word " * 60, "rejected": "no"})  # the chosen side is cut
+    code, out, _ = run(
+        capsys, "data", config(dataset=write_data("pairs.jsonl", rows), stage="dpo", cutoff_len=40), "--samples", "1"
+    )
+    assert code == 0
+    assert "records read: 8 (trl: 8)" in out and "train pairs: 7   eval pairs: 0" in out
+    assert "dropped: 1 (1 prompt longer than cutoff_len)" in out
+    assert "truncated to cutoff_len 40: 1 pairs (1 chosen only, 0 rejected only, 0 both)" in out
+    assert re.search(r"prompt tokens: p50 \d+ / p90 \d+ / p99 \d+ / max \d+", out)
+    assert re.search(r"tokens: prompt \d+, chosen \d+, rejected \d+", out)
+    assert "--- 0 chosen" in out and "[[It is 0.<|im_end|>]]" in out and "[[No idea.<|im_end|>]]" in out
+    kto = config(dataset=write_data("kto.jsonl", rows[:6]), stage="kto")
+    code, out, _ = run(capsys, "data", kto, "--samples", "0")
+    assert code == 0 and "train examples: 12" in out and "desirable: 6   undesirable: 6" in out
 
 
 def test_train_then_chat_from_the_console_script(config, tmp_path):

@@ -291,6 +291,7 @@ def test_the_cache_and_resume_key_sets_are_the_specified_ones_and_disjoint():
         "bad_records",
         "seed",
         "model_hub",
+        "stage",
     }
     assert list(DATA_KEYS) == [name for name in FIELDS if name in DATA_KEYS]
     assert RESUME_MAY_CHANGE == {

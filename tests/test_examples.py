@@ -56,6 +56,9 @@ EXPECTED = {
     "qwen2.5-7b-instruct-tools.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", template="auto"),
     "qwen3-8b-reasoning.yaml": dict(model="Qwen/Qwen3-8B", template="auto", reasoning="keep"),
     "qwen2.5-7b-instruct-streaming.yaml": dict(model="Qwen/Qwen2.5-7B-Instruct", streaming=True, max_steps=2000),
+    "qwen2.5-7b-instruct-dpo.yaml": dict(
+        model="Qwen/Qwen2.5-7B-Instruct", stage="dpo", pref_loss="sigmoid", finetuning_type="lora", template="auto"
+    ),
 }
 # Recipes whose data needs a template with tools and thinking: trained on a tiny Qwen3 with Qwen3's own tokenizer.
 NEEDS_QWEN3 = {"qwen2.5-7b-instruct-tools.yaml", "qwen3-8b-reasoning.yaml"}
@@ -135,6 +138,8 @@ def test_example_trains_on_a_tiny_model(path, request, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses), rows
     assert result.summary["global_step"] == 1
+    if cfg.stage != "sft":  # a preference recipe logs what its loss moves
+        assert any("rewards/margins" in r for r in rows), rows
     if cfg.eval_dataset:
         assert result.summary["eval_samples"] > 0
         assert math.isfinite(result.summary["final_eval_loss"])

@@ -213,8 +213,20 @@ def _generate(args) -> int:
 
 def _eval(args) -> int:
     from .eval.evaluate import COLUMNS, UNITS, evaluate, markdown_table, write_table
+    from .eval.preference import COLUMNS as PREF_COLUMNS
+    from .eval.preference import UNITS as PREF_UNITS
+    from .eval.preference import evaluate_preferences, is_preference_data, read_pairs
     from .infer.generate import write_predictions
+    from .infer.load import load_inference
 
+    if is_preference_data(args.dataset):  # pairs: which answer each model prefers, no generation
+        records = read_pairs(args.dataset, args.system, args.max_samples, args.tools)
+        im = load_inference(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+        rows = evaluate_preferences(im, records, batch_size=args.batch_size)
+        print(markdown_table(rows, PREF_COLUMNS) + "\n\n" + PREF_UNITS)
+        if args.output_dir:
+            write_table(rows, args.output_dir, "eval", PREF_COLUMNS, PREF_UNITS)
+        return 0
     cases, im = _cases_and_model(args)
     rows = evaluate(im, cases, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(markdown_table(rows, COLUMNS) + "\n\n" + UNITS)

@@ -31,7 +31,9 @@ LR_SCHEDULERS = (
     "warmup_stable_decay",
 )
 
-GROUPS = ("model", "data", "speed", "adapters", "run", "training", "distributed")
+GROUPS = ("model", "data", "speed", "adapters", "run", "training", "preference", "distributed")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
+REFERENCE_FREE = ("orpo", "simpo")
 
 
 def key(
@@ -386,6 +388,52 @@ class Config:
         group="training",
     )
 
+    stage: str = key(
+        "sft",
+        "What the run trains: sft (supervised answers), dpo (preferred over rejected answers, any "
+        "pref_loss), kto (answers marked desirable or not).",
+        group="preference",
+        choices=("sft", "dpo", "kto"),
+        data=True,
+    )
+    pref_loss: str = key(
+        "sigmoid",
+        "The dpo stage's loss: sigmoid (DPO), ipo, hinge, robust (DPO for noisy labels, with label_smoothing), "
+        "orpo or simpo (both without a reference model).",
+        group="preference",
+        choices=PREF_LOSSES,
+    )
+    pref_beta: float = key(
+        0.1,
+        "How far the policy may move from the reference (DPO's beta; IPO's tau; ORPO's lambda; KTO's beta).",
+        group="preference",
+        positive=True,
+    )
+    pref_ftx: float = key(
+        0.0,
+        "Weight of a supervised loss on the chosen answers added to the preference loss; 0 = none.",
+        group="preference",
+    )
+    simpo_gamma: float = key(0.5, "SimPO's target reward margin.", group="preference")
+    label_smoothing: float = key(
+        0.0,
+        "The share of preference labels assumed flipped (robust DPO; conservative DPO with sigmoid; simpo); "
+        "in [0, 0.5).",
+        group="preference",
+    )
+    kto_chosen_weight: float = key(
+        1.0, "KTO's weight of the desirable answers' loss.", group="preference", positive=True
+    )
+    kto_rejected_weight: float = key(
+        1.0, "KTO's weight of the undesirable answers' loss.", group="preference", positive=True
+    )
+    precompute_ref: bool = key(
+        False,
+        "Full fine-tuning: the reference model's log-probs are computed once before training (kept in the run "
+        "folder for a resume), so no reference copy sits in memory while training.",
+        group="preference",
+    )
+
     nproc_per_node: Union[int, None] = key(
         None,
         "Training processes on this machine, one per GPU; null = auto: "
@@ -642,9 +690,33 @@ def _check_combinations(cfg: dict) -> list[str]:
                 "streaming: true trains in one process for now (each process would need its own share "
                 "of the stream); set nproc_per_node: 1 and nnodes: 1, or streaming: false"
             )
+    problems += _check_preference(cfg)
     columns = cfg.get("columns")
     if columns is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         problems.append(f"columns: {columns!r} must map field names to column names (strings)")
+    return problems
+
+
+def _check_preference(cfg: dict) -> list[str]:
+    problems = []
+    stage = cfg.get("stage", "sft")
+    smoothing = cfg.get("label_smoothing", 0.0)
+    if not 0 <= smoothing < 0.5:
+        problems.append(f"label_smoothing: {smoothing!r} must be in [0, 0.5)")
+    if cfg.get("pref_ftx", 0.0) < 0:
+        problems.append(f"pref_ftx: {cfg['pref_ftx']!r} must be 0 or more")
+    if stage == "sft":
+        return problems
+    if cfg.get("streaming"):
+        problems.append(f"streaming: true trains the sft stage only for now; stage {stage!r} reads its data whole")
+    if stage == "kto" and cfg.get("pref_loss", "sigmoid") != "sigmoid":
+        problems.append(f"pref_loss: {cfg['pref_loss']!r} is a dpo-stage loss; stage kto has its own (leave pref_loss)")
+    if smoothing and stage == "dpo" and cfg.get("pref_loss", "sigmoid") not in ("sigmoid", "robust", "simpo"):
+        problems.append(
+            f"label_smoothing: {smoothing!r} applies to pref_loss sigmoid, robust or simpo, not {cfg['pref_loss']!r}"
+        )
+    if cfg.get("precompute_ref") and cfg.get("pref_loss") in REFERENCE_FREE and stage == "dpo":
+        problems.append(f"precompute_ref: true, but pref_loss {cfg['pref_loss']!r} uses no reference model")
     return problems
 
 

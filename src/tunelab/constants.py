@@ -19,3 +19,9 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     keep = labels[:, 1:] != IGNORE_INDEX
     rows, cols = keep.nonzero(as_tuple=True)
     return rows * labels.shape[1] + cols
+
+
+# Preference batches (see data.pairs): each labelled position's sequence when rows are packed, and how many
+# sequences a batch holds.
+SEGMENTS = "tunelab_segments"
+SEQUENCES = "tunelab_sequences"

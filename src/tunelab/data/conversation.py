@@ -51,16 +51,19 @@ class Conversation:
     text: str | None = None
     tools: list[dict] | None = None
     source: str = ""
+    # Only assistant turns at this message index or later are trained: a preference side trains its
+    # completion, never the assistant turns of the prompt it shares with the other side.
+    train_from: int = 0
 
     def with_defaults(self, system: str | None, tools: list[dict] | None) -> "Conversation":
         """The run's rule for what a conversation lacks, the same in training and at inference: the
         configured system prompt when it has none, the configured tools when it carries none."""
         if self.text is not None or not (system or tools):
             return self
-        messages = self.messages
+        messages, train_from = self.messages, self.train_from
         if system and (not messages or messages[0].role != "system"):
-            messages = [Message("system", system), *messages]
-        return Conversation(messages, self.text, self.tools or tools, self.source)
+            messages, train_from = [Message("system", system), *messages], train_from + 1
+        return Conversation(messages, self.text, self.tools or tools, self.source, train_from)
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]

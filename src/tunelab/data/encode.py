@@ -233,7 +233,7 @@ class Encoder:
         if self.train_on == "all":
             text, _, protected = shield.unwrap(full, None, conv.source)
             return [_Plan(text, None, protected=protected, source=conv.source)]
-        turns = conv.assistant_indices
+        turns = [i for i in conv.assistant_indices if i >= conv.train_from]
         if self.train_on == "last":
             turns = turns[-1:]
 

@@ -16,6 +16,7 @@ from ..config import Config
 from ..constants import IGNORE_INDEX
 from .dataset import TokenizedData, build_datasets
 from .encode import Encoded
+from .preference import build_preference_data
 from .samples import Samples
 from .templates import default_system
 from .tokenizer import prepare_tokenizer
@@ -52,6 +53,8 @@ def load(cfg: Config) -> tuple[TokenizedData[Samples], object, str]:
 
 
 def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
+    if cfg.stage != "sft":
+        return preference_report(cfg, n_samples, color)
     data, tokenizer, template = load(cfg)
     s = data.stats
     lines = [
@@ -115,8 +118,78 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
     return "\n".join(lines)
 
 
+def preference_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
+    """The preference stages' report: pairs (KTO examples), tokens per side, and what cutoff_len cuts and from
+    which side, since a cut completion is scored on part of itself."""
+    tokenizer, _, template = prepare_tokenizer(cfg)
+    data = build_preference_data(cfg, tokenizer)
+    s = data.stats
+    unit = "examples" if cfg.stage == "kto" else "pairs"
+    lines = [
+        f"stage: {cfg.stage} (only the completions are trained; prompts render as inference renders them)",
+        f"records read: {sum(s.records.values())} (" + ", ".join(f"{fmt}: {n}" for fmt, n in s.records.items()) + ")",
+    ]
+    if cfg.max_samples:
+        lines.append(f"max_samples: first {cfg.max_samples} records kept")
+    lines.append(f"train {unit}: {s.pairs}   eval {unit}: {s.eval_pairs}")
+    if cfg.stage == "kto":
+        lines.append(f"desirable: {s.desirable}   undesirable: {s.undesirable}")
+    dropped = sum(s.dropped.values())
+    lines.append(
+        f"dropped: {dropped}"
+        + (" (" + ", ".join(f"{n} {why}" for why, n in s.dropped.items()) + ")" if dropped else "")
+    )
+    t = s.truncated
+    if cfg.stage == "kto":
+        cut = f"{t['completion']} completions, {t['kl']} KL sequences"
+    else:
+        cut = f"{sum(t.values())} pairs ({t['chosen']} chosen only, {t['rejected']} rejected only, {t['both']} both)"
+    lines.append(f"truncated to cutoff_len {cfg.cutoff_len}: {cut}")
+    sides = ("desirable", "undesirable") if cfg.stage == "kto" else ("chosen", "rejected")
+    lines.append(
+        f"tokens: prompt {s.prompt_tokens}, {sides[0]} {s.chosen_tokens}, {sides[1]} {s.rejected_tokens} "
+        f"(trained {s.trained_tokens})"
+    )
+    for name, lengths in (("prompt", s.prompt_lengths), ("completion", s.completion_lengths)):
+        lines.append(f"{name} tokens: " + " / ".join(f"{q} {n}" for q, n in lengths.items()))
+    lines.append(
+        f"template: {template}   reasoning: {cfg.reasoning} "
+        f"(the template shows reasoning: {data.encoder.reasoning_mode})"
+    )
+    default = default_system(tokenizer)
+    if default and not cfg.system:
+        lines.append(f"records without a system message get the template's own system prompt {default!r}")
+    for message in s.skipped:
+        lines.append(f"skipped: {message}")
+    if n_samples:
+        lines.append(
+            "\nsides as the model sees them; trained tokens "
+            + ("in green" if color else "between [[ and ]] (the brackets are not in the text)")
+        )
+    for i, pair in enumerate(data.train[:n_samples]):
+        shown = [("chosen", pair.chosen), ("rejected", pair.rejected)]
+        if pair.label is not None:
+            shown = [("desirable" if pair.label else "undesirable", pair.chosen), ("kl", pair.kl)]
+        for name, side in shown:
+            if side is not None:
+                lines.append(
+                    f"\n--- {i} {name} ({pair.source}; {len(side.input_ids)} tokens, {side.n_trained} trained) ---"
+                )
+                lines.append(highlight(tokenizer, side, color))
+    return "\n".join(lines)
+
+
 def write_jsonl(cfg: Config, stream: TextIO = sys.stdout) -> int:
-    """One {"input_ids", "labels"} object per training sample; labels unshifted, masked positions -100."""
+    """One {"input_ids", "labels"} object per training sample; labels unshifted, masked positions -100.
+    Preference stages: one object per pair, each side ({"input_ids", "labels"}) under its name."""
+    if cfg.stage != "sft":
+        tokenizer, _, _ = prepare_tokenizer(cfg)
+        pairs = build_preference_data(cfg, tokenizer).train
+        for pair in pairs:
+            sides = {"chosen": pair.chosen, "rejected": pair.rejected, "kl": pair.kl}
+            row = {k: {"input_ids": v.input_ids, "labels": v.labels} for k, v in sides.items() if v is not None}
+            stream.write(json.dumps(row if pair.label is None else {**row, "label": pair.label}) + "\n")
+        return len(pairs)
     data, _, _ = load(cfg)
     for i in range(len(data.train)):
         stream.write(json.dumps(data.train.item(i)) + "\n")

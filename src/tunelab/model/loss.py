@@ -110,6 +110,90 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """Log-probability of each target under `hidden @ weight.T`, one value per row, chunk by chunk.
+
+    Preference and RL losses weigh each sequence's log-prob differently, so the gradient reaching each row
+    is only known in backward. With the head frozen (LoRA) the per-row gradient of log p is formed here,
+    once, and backward scales it; a trained head recomputes each chunk's logits in backward instead of
+    keeping (rows x vocab) of them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        per_row = torch.empty_like(hidden) if need_h and not need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
+            logits, tanh = _capped(h @ weight.t(), softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            out[start : start + chunk] = logits.gather(1, y[:, None]).squeeze(1) - lse
+            if per_row is not None:
+                per_row[start : start + chunk] = _logp_grad(logits, lse, y, tanh, softcap).to(weight.dtype) @ weight
+        ctx.softcap, ctx.chunk = softcap, chunk
+        if per_row is not None:
+            ctx.save_for_backward(per_row)
+        elif need_h or need_w:
+            ctx.save_for_backward(hidden, weight, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if len(ctx.saved_tensors) == 1:
+            (per_row,) = ctx.saved_tensors
+            return per_row * grad_out[:, None].to(per_row.dtype), None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, y = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk]
+            logits, tanh = _capped(h @ weight.t(), ctx.softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            grad = _logp_grad(logits, lse, y, tanh, ctx.softcap)
+            grad = (grad * grad_out[start : start + ctx.chunk, None]).to(weight.dtype)
+            if need_h:
+                grad_h[start : start + ctx.chunk] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).float()
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
+
+
+def _capped(logits: torch.Tensor, softcap: float):
+    logits = logits.float()
+    if not softcap:
+        return logits, None
+    tanh = torch.tanh(logits / softcap)
+    return tanh * softcap, tanh
+
+
+def _logp_grad(logits, lse, targets, tanh, softcap) -> torch.Tensor:
+    """d log p(target) / d raw logits: one-hot minus softmax, through the soft cap."""
+    grad = -torch.exp(logits - lse[:, None])
+    grad[torch.arange(len(targets), device=targets.device), targets] += 1
+    if softcap:
+        grad *= 1 - tanh * tanh
+    return grad
+
+
+def head_logps(hidden, weight, targets, softcap: float = 0.0, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Per-row log-probs of `targets` under the linear head, never holding more than `chunk` rows of logits."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLogps.apply(hidden, weight, targets, float(softcap), chunk)
+    with torch.no_grad():
+        return _ChunkedHeadLogps.forward(_NoGrad(), hidden, weight, targets, float(softcap), chunk)
+
+
+class _NoGrad:
+    """The context `_ChunkedHeadLogps.forward` sees when nothing will call backward."""
+
+    needs_input_grad = (False, False, False, False, False)
+
+    def save_for_backward(self, *tensors):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _liger_loss_class():
     if importlib.util.find_spec("liger_kernel") is None:
@@ -188,14 +272,56 @@ def labelled_loss(model, inputs: dict, num_items=None, chunk: int = CHUNK_ROWS, 
     return loss / _normaliser(num_items, positions.numel(), loss.device)
 
 
-def _as_head_forward(head: nn.Linear, hidden, targets, softcap: float, chunk: int) -> torch.Tensor:
+def labelled_logps(model, inputs: dict, positions=None, segments=None, sequences=None, chunk: int = CHUNK_ROWS):
+    """(summed log-prob, token count) of each sequence's labelled tokens, shape (sequences,), both fp32.
+
+    A sequence is a row, or with `segments` (one sequence index per entry of `positions`, for rows that pack
+    several) whatever the collator says. The head runs on labelled positions only, as for the SFT loss, so a
+    preference pair's two completions cost their own tokens, never (tokens x vocab) logits of whole rows.
+    """
+    lm = _causal_lm(model)
+    labels = inputs["labels"]
+    if positions is None:
+        positions = loss_positions(labels)
+    body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    targets = labels.reshape(-1).index_select(0, positions.to(labels.device) + 1)
+    if supports_labelled_loss(lm):
+        hidden = lm.model(**body_inputs, use_cache=False).last_hidden_state
+        positions = positions.to(hidden.device)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        softcap = float(getattr(lm.config, "final_logit_softcapping", None) or 0.0)
+        head = lm.get_output_embeddings()
+        logps = _as_head_forward(
+            head,
+            picked,
+            targets.to(hidden.device),
+            softcap,
+            chunk,
+            fn=lambda h, y: head_logps(h, head.weight, y, softcap, chunk),
+        )
+    else:
+        logits = lm(**body_inputs, use_cache=False).logits
+        positions = positions.to(logits.device)
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float()
+        logps = flat.log_softmax(-1).gather(1, targets.to(flat.device)[:, None]).squeeze(1)
+    if segments is None:
+        segments, sequences = positions // labels.shape[1], labels.shape[0]
+    segments = segments.to(logps.device)
+    sums = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, segments, logps)
+    counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(
+        0, segments, torch.ones_like(logps)
+    )
+    return sums, counts
+
+
+def _as_head_forward(head: nn.Linear, hidden, targets, softcap: float, chunk: int, fn=None) -> torch.Tensor:
     """The head loss run as `head`'s own forward, so the hooks engines put on a module's call give it whole.
 
     Outside a call, a sharded head's weight is a shard (FSDP2: a DTensor; ZeRO-3: an empty tensor). Called
     as the module, FSDP2 unshards it and hooks up the gradient's reduce-scatter, ZeRO-3 gathers it.
     """
     own = head.__dict__.get("forward")
-    head.forward = lambda h, y: _head_loss(h, head.weight, y, softcap, chunk)
+    head.forward = fn or (lambda h, y: _head_loss(h, head.weight, y, softcap, chunk))
     try:
         return head(hidden, targets)
     finally:
@@ -230,14 +356,28 @@ def install_labelled_forward(model) -> None:
     if getattr(lm, "_tunelab_labelled_forward", False):
         return
     original = lm.forward
+    from .outputs import SequenceLogps
 
-    def forward(self, *args, tunelab_labels=None, tunelab_num_items=None, tunelab_positions=None, **kwargs):
+    def forward(
+        self,
+        *args,
+        tunelab_labels=None,
+        tunelab_num_items=None,
+        tunelab_positions=None,
+        tunelab_sequences=None,
+        tunelab_segments=None,
+        **kwargs,
+    ):
         if tunelab_labels is None:
             return original(*args, **kwargs)
         if args:
             kwargs["input_ids"] = args[0]
         inputs = {k: v for k, v in kwargs.items() if v is not None}
-        loss = labelled_loss(self, {**inputs, "labels": tunelab_labels}, tunelab_num_items, positions=tunelab_positions)
+        inputs["labels"] = tunelab_labels
+        if tunelab_sequences is not None:
+            logps, tokens = labelled_logps(self, inputs, tunelab_positions, tunelab_segments, tunelab_sequences)
+            return SequenceLogps(logps=logps, tokens=tokens)
+        loss = labelled_loss(self, inputs, tunelab_num_items, positions=tunelab_positions)
         return CausalLMOutputWithPast(loss=loss)
 
     lm.forward = types.MethodType(forward, lm)

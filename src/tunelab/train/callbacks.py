@@ -16,7 +16,18 @@ _KEYS = {
     "grad_norm": "grad_norm",
     "eval_loss": "eval_loss",
     "eval_tokens": "eval_tokens",
+    "eval_pairs": "eval_pairs",
 }
+# The preference stages' metrics, under the names every peer logs them with (train, and eval_ prefixed)
+PREFERENCE_PREFIXES = ("rewards/", "logps/", "kl", "nll")
+
+
+def _preference_keys(logs: dict) -> dict:
+    return {
+        k: float(v)
+        for k, v in logs.items()
+        if k.removeprefix("eval_").startswith(PREFERENCE_PREFIXES) and isinstance(v, (int, float))
+    }
 
 
 class BarCallback(ProgressCallback):
@@ -32,6 +43,10 @@ class BarCallback(ProgressCallback):
             post["lr"] = f"{logs['learning_rate']:.2e}"
         if "eval_loss" in logs:
             post["eval_loss"] = f"{logs['eval_loss']:.4f}"
+        if "rewards/accuracies" in logs:
+            post["acc"] = f"{logs['rewards/accuracies']:.2f}"
+        if "rewards/margins" in logs:
+            post["margin"] = f"{logs['rewards/margins']:.3f}"
         if post:
             self.training_bar.set_postfix(post, refresh=True)
         if "eval_loss" in logs:
@@ -60,6 +75,7 @@ class MetricsCallback(TrainerCallback):
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         row.update({ours: float(logs[k]) for k, ours in _KEYS.items() if k in logs})
+        row.update(_preference_keys(logs))
         if "loss" in logs:  # every rank counts in (all ranks' tokens), rank 0 writes
             now = time.perf_counter()
             row["trained_tokens_per_s"] = round(self.counter.take() / max(now - self.last_time, 1e-9), 1)
@@ -89,7 +105,10 @@ def plot_loss(metrics_path: Path, out_png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    margins = [(r["step"], r["rewards/margins"]) for r in rows if "rewards/margins" in r]
+    accuracies = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+    fig, axes = plt.subplots(1, 2 if margins else 1, figsize=(12 if margins else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -98,6 +117,14 @@ def plot_loss(metrics_path: Path, out_png: Path) -> bool:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if margins:  # a preference run: is the chosen answer pulling ahead of the rejected one?
+        right = axes[0][1]
+        right.plot(*zip(*margins), label="rewards/margins")
+        if accuracies:
+            right.plot(*zip(*accuracies), label="rewards/accuracies")
+        right.set_xlabel("step")
+        right.grid(alpha=0.3)
+        right.legend()
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

@@ -23,10 +23,11 @@ from .. import __version__, run_folder
 from ..config import Config
 from ..data.dataset import PadCollator, SampleDataset, TokenizedData, build_datasets
 from ..data.packing import PackCollator, packing_is_exact
+from ..data.preference import build_preference_data
 from ..data.stream import Position, stream_data
 from ..data.tokenizer import prepare_tokenizer
 from ..errors import Interrupted, TunelabError
-from . import distributed, engines
+from . import distributed, engines, preference
 from .arguments import pure_bf16_optimizer, training_arguments
 from .callbacks import BarCallback, MetricsCallback, plot_loss, read_metrics
 from .checkpoints import check_world, complete_checkpoints, latest_checkpoint, remove_leftovers
@@ -152,6 +153,9 @@ def prepare(cfg: Config) -> Prepared:
         log.info(
             "data: streamed from %s, %d steps; %d eval samples", ", ".join(cfg.datasets), cfg.max_steps, len(data.eval)
         )
+    elif cfg.stage != "sft":
+        data = build_preference_data(cfg, tokenizer)
+        log.info("data: %d train / %d eval %s", len(data.train), len(data.eval), preference.unit(cfg))
     else:
         with distributed.main_first():  # rank 0 tokenizes into the cache; the others read it
             data = build_datasets(cfg, tokenizer)
@@ -185,12 +189,15 @@ def prepare(cfg: Config) -> Prepared:
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     distributed.barrier()
     packing = packing_is_exact(model) if cfg.packing is None else cfg.packing
-    if packing:
-        flatten = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    flatten = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    if cfg.stage != "sft":
+        collator = preference.pair_collator(tokenizer.pad_token_id, packing, cfg.cutoff_len, flatten)
+    elif packing:
         collator = PackCollator(tokenizer.pad_token_id, cfg.cutoff_len, flatten=flatten)
-        log.info("packing: each batch's samples share rows of up to %d tokens, no padding", cfg.cutoff_len)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
+    if packing:
+        log.info("packing: each batch's samples share rows of up to %d tokens, no padding", cfg.cutoff_len)
     grouped = not (packing or cfg.streaming) if cfg.group_by_length is None else cfg.group_by_length
     args = training_arguments(
         cfg,
@@ -212,17 +219,28 @@ def prepare(cfg: Config) -> Prepared:
         "es" if world > 1 else "",
         cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
     )
-    trainer = TunelabTrainer(
+    if cfg.stage != "sft":
+        trainer_class, datasets, extra = preference.trainer_parts(
+            cfg, data, model, collator, engine.name, args.device, out
+        )
+    else:
+        trainer_class, extra = TunelabTrainer, {}
+        datasets = (
+            data.train if cfg.streaming else SampleDataset(data.train, tokenizer.pad_token_id),
+            SampleDataset(data.eval, tokenizer.pad_token_id) if data.eval else None,
+        )
+    trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=data.train if cfg.streaming else SampleDataset(data.train, tokenizer.pad_token_id),
-        eval_dataset=SampleDataset(data.eval, tokenizer.pad_token_id) if data.eval else None,
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         optimizer_cls_and_kwargs=pure_bf16_optimizer(cfg),
         token_counter=counter,
         loss_guard=LossGuard(cfg.on_bad_loss, cfg.loss_spike_factor),
+        **extra,
     )
     del keep_alive  # the TrainingArguments now hold their own DeepSpeed config, if any
     trainer.remove_callback(ProgressCallback)
@@ -315,7 +333,8 @@ def _summary(run: Prepared, result, metrics: list[dict], seen: int, reading_rank
         "total_params": run.params[1],
         "train_samples": None if cfg.streaming else len(data.train),
         "eval_samples": len(data.eval),
-        "trained_tokens": None if cfg.streaming else data.stats.trained_tokens,
+        "trained_tokens": None if cfg.streaming else getattr(data.stats, "trained_tokens", None),
+        "stage": cfg.stage,
         "tokens_trained_seen": seen,
         "processes": distributed.world_size(),
         "engine": run.engine.name,

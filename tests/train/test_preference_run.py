@@ -1,0 +1,188 @@
+"""A preference run is a run: the same YAML keys plus `stage`, the same run folder, checkpoints, resume and
+processes, with the reward metrics every peer logs.
+
+- every loss trains through `train()`: sigmoid, ipo, hinge, robust, orpo, simpo and KTO, each logging its metrics
+  in metrics.jsonl and the eval metrics on held-out pairs;
+- the reference of a LoRA run is the base (first step's rewards are exactly 0), of a full run a frozen copy or
+  log-probs precomputed before training, and the two give the same run;
+- packed rows (padding-free) train the same losses as padded rows;
+- two processes (DDP over gloo) train the same losses as one with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.train.run import train
+
+QUESTIONS = [
+    "What is {i} plus {i}?",
+    "Name a colour, number {i}.",
+    "Say hello to friend {i}.",
+    "Count to {i}.",
+]
+
+
+def _pairs(n: int = 24) -> list[dict]:
+    rows = []
+    for i in range(n):
+        q = QUESTIONS[i % len(QUESTIONS)].format(i=i)
+        rows.append(
+            {
+                "messages": [{"role": "user", "content": q}],
+                "chosen": {"role": "assistant", "content": f"Certainly. The answer for {i} is ready, kind friend."},
+                "rejected": {"role": "assistant", "content": f"no {i}"},
+            }
+        )
+    return rows
+
+
+@pytest.fixture()
+def pref_file(write_data):
+    return write_data("pairs.jsonl", _pairs())
+
+
+@pytest.fixture()
+def kto_file(write_data):
+    rows = []
+    for i, pair in enumerate(_pairs(16)):
+        side = "chosen" if i % 2 == 0 else "rejected"
+        rows.append({"prompt": pair["messages"], "completion": [pair[side]], "label": side == "chosen"})
+    return write_data("kto.jsonl", rows)
+
+
+COMMON = dict(
+    stage="dpo",
+    max_steps=3,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=4,
+    logging_steps=1,
+    learning_rate=5e-3,
+    lora_dropout=0.0,
+    val_size=4,
+    seed=5,
+)
+
+
+def _rows(result, key):
+    return [m for m in result.metrics if key in m]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "orpo", "simpo"])
+def test_each_pair_loss_trains_and_logs_the_reward_metrics(loss, run_config, pref_file, tmp_path):
+    extra = {"label_smoothing": 0.1} if loss == "robust" else {}
+    result = train(run_config(dataset=pref_file, pref_loss=loss, output_dir=tmp_path / loss, **COMMON, **extra))
+    steps = _rows(result, "rewards/margins")
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert all(key in m for m in steps), key
+    if loss not in ("orpo", "simpo"):  # a LoRA reference is the base: before the first update, no reward at all
+        assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+        assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert steps[0]["rewards/chosen"] != 0.0
+    evals = _rows(result, "eval_rewards/accuracies")
+    assert evals and evals[-1]["eval_pairs"] == 4
+    assert result.summary["stage"] == "dpo" and result.summary["train_samples"] == 20
+    assert (result.output_dir / "loss.png").is_file() and (result.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_kto_trains_on_unpaired_answers_and_logs_its_kl(run_config, kto_file, tmp_path):
+    result = train(run_config(dataset=kto_file, output_dir=tmp_path / "kto", **{**COMMON, "stage": "kto"}))
+    steps = _rows(result, "kl")
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the base: no drift yet
+    assert any("rewards/chosen" in m for m in steps) and any("rewards/rejected" in m for m in steps)
+
+
+def test_dpo_raises_the_chosen_answers_margin(run_config, pref_file, tmp_path):
+    result = train(
+        run_config(dataset=pref_file, output_dir=tmp_path / "run", **{**COMMON, "max_steps": 8, "val_size": 0})
+    )
+    margins = [m["rewards/margins"] for m in _rows(result, "rewards/margins")]
+    assert margins[-1] > 0.05 and margins[-1] > margins[1]
+    losses = [m["loss"] for m in _rows(result, "loss")]
+    assert losses[-1] < losses[0]
+
+
+def test_full_fine_tuning_precomputed_reference_equals_the_frozen_copy(run_config, pref_file, tmp_path):
+    keys = dict(COMMON, finetuning_type="full", learning_rate=1e-3, dataset=pref_file)
+    live = train(run_config(output_dir=tmp_path / "live", **keys))
+    pre = train(run_config(output_dir=tmp_path / "pre", precompute_ref=True, **keys))
+    for key in ("loss", "rewards/margins", "rewards/chosen"):
+        a, b = [m[key] for m in _rows(live, key)], [m[key] for m in _rows(pre, key)]
+        assert a == pytest.approx(b, abs=1e-5), key
+    assert _rows(live, "rewards/chosen")[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    saved = json.loads((tmp_path / "pre" / "reference_logps_train.json").read_text())
+    assert len(saved) == 20 and all(len(pair) == 2 and pair[0] < 0 for pair in saved)
+
+
+def test_packed_pairs_train_the_same_losses_as_padded_pairs(run_config, pref_file, tmp_path):
+    keys = dict(COMMON, dataset=pref_file, val_size=0, group_by_length=False)
+    packed = train(run_config(output_dir=tmp_path / "packed", packing=True, **keys))
+    padded = train(run_config(output_dir=tmp_path / "padded", packing=False, **keys))
+    assert packed.summary["packing"] and not padded.summary["packing"]
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        a, b = [m[key] for m in _rows(packed, key)], [m[key] for m in _rows(padded, key)]
+        assert a == pytest.approx(b, abs=1e-4), key
+
+
+def test_two_processes_train_like_one(run_config, pref_file, tmp_path):
+    keys = dict(COMMON, dataset=pref_file, val_size=0, lr_scheduler_type="constant", group_by_length=False)
+    keys.pop("per_device_train_batch_size")
+    one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=4, **keys))
+    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=2, **keys))
+    assert two.summary["processes"] == 2
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        a, b = [m[key] for m in _rows(one, key)], [m[key] for m in _rows(two, key)]
+        assert len(a) == 3 and a == pytest.approx(b, abs=1e-4), key
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(finetuning_type, llama_dir, pref_file, tmp_path):
+    """Killed between checkpoints (full: with log-probs precomputed before training, read back on resume, since
+    the resumed weights can no longer compute them), the resumed run ends with the uninterrupted run's weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from tunelab.config import from_dict
+    from tunelab.train import checkpoints
+
+    from .test_resume import child
+
+    keys = dict(
+        COMMON,
+        model=llama_dir,
+        dataset=pref_file,
+        finetuning_type=finetuning_type,
+        precompute_ref=finetuning_type == "full",
+        learning_rate=1e-3 if finetuning_type == "full" else 5e-3,
+        lora_dropout=0.1,
+        max_steps=6,
+        save_steps=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        warmup_ratio=0.2,
+    )
+    whole = train(from_dict({**keys, "output_dir": str(tmp_path / "whole")}))
+    out = tmp_path / "killed"
+    proc = child({**keys, "output_dir": str(out)}, STEP_PAUSE="0.3")
+    deadline = time.time() + 120
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "run_summary.json").exists(), "the kill came after the run had finished"
+    assert checkpoints.latest_checkpoint(out) is not None
+    resumed = train(from_dict({**keys, "output_dir": str(out), "resume_from_checkpoint": "auto"}))
+    name = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
+    got, want = load_file(out / name), load_file(whole.output_dir / name)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6
+    margins = {m["step"]: m["rewards/margins"] for m in _rows(resumed, "rewards/margins")}
+    for m in _rows(whole, "rewards/margins"):
+        assert margins[m["step"]] == pytest.approx(m["rewards/margins"], abs=1e-6), m["step"]
