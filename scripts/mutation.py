@@ -761,6 +761,62 @@ MUTATIONS = [
         "shield.wrap(messages), conv.tools, lost",
         ("tests/data/test_tools.py",),
     ),
+    # --- preference training (dpo, kto) ----------------------------------------------------------------------
+    Mutation(
+        "LoRA reference with the adapters still on",
+        "model/preference.py",
+        "        with adapters_off(model):\n            return batch_logps(model, batch)",
+        "        return batch_logps(model, batch)",
+        (
+            "tests/model/test_logps.py",
+            "tests/train/test_preference_run.py::test_each_pair_loss_trains_and_logs_the_reward_metrics",
+        ),
+    ),
+    Mutation(
+        "chosen and rejected swapped in the batch",
+        "data/pairs.py",
+        "sequences = [s.chosen for s in samples] + [_second(s) for s in samples]",
+        "sequences = [_second(s) for s in samples] + [s.chosen for s in samples]",
+        (
+            "tests/eval/test_preference_eval.py",
+            "tests/train/test_preference_run.py::test_dpo_raises_the_chosen_answers_margin",
+        ),
+    ),
+    Mutation(
+        "chosen and rejected swapped in the eval only",
+        "eval/preference.py",
+        "            chosen.append(logps[:half].double().cpu())\n            rejected.append(logps[half:].double().cpu())",
+        "            chosen.append(logps[half:].double().cpu())\n            rejected.append(logps[:half].double().cpu())",
+        ("tests/eval/test_preference_eval.py",),
+    ),
+    Mutation(
+        "prompt tokens scored",
+        "data/pairs.py",
+        "            labels[row, :n] = torch.tensor(s.labels)",
+        "            labels[row, :n] = torch.tensor(s.input_ids)",
+        ("tests/eval/test_preference_eval.py",),
+    ),
+    Mutation(
+        "beta applied twice",
+        "model/pref_losses.py",
+        "    logits = beta * margin\n    return -(1.0 - label_smoothing)",
+        "    logits = beta * beta * margin\n    return -(1.0 - label_smoothing)",
+        ("tests/model/test_pref_trl.py", "tests/model/test_pref_losses.py"),
+    ),
+    Mutation(
+        "KTO labels flipped",
+        "data/pairs.py",
+        "torch.tensor([bool(s.label) for s in samples])",
+        "torch.tensor([not s.label for s in samples])",
+        ("tests/train/test_preference_run.py::test_kto_trains_on_unpaired_answers_and_logs_its_kl",),
+    ),
+    Mutation(
+        "per-row log-prob gradient sign (LoRA head path)",
+        "model/loss.py",
+        "    grad = -torch.exp(logits - lse[:, None])\n    grad[torch.arange(len(targets), device=targets.device), targets] += 1",
+        "    grad = torch.exp(logits - lse[:, None])\n    grad[torch.arange(len(targets), device=targets.device), targets] -= 1",
+        ("tests/model/test_logps.py",),
+    ),
 ]
 
 

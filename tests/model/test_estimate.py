@@ -365,3 +365,30 @@ def test_each_engine_splits_what_it_shards_and_estimate_says_what_fits_a_gpu(tmp
     assert "auto picks fsdp2: the model with its gradients and optimizer state does not fit one device" in out
     assert main(["estimate", str(path), "nproc_per_node=8", "--gpu-mem", "141GB", "--device", "cuda"]) == 0
     assert "auto picks ddp" in capsys.readouterr().out
+
+
+def test_a_preference_stage_counts_two_sequences_per_pair_and_its_reference(built):
+    """Both completions of a pair share one forward: a dpo batch of b pairs holds the activations of 2b sequences.
+    The reference of a LoRA run is the base itself; of a full run a frozen copy, unless precompute_ref."""
+    import dataclasses
+
+    from tunelab.model.estimate import estimate_memory
+
+    keys = dict(finetuning_type="lora", per_device_train_batch_size=2, cutoff_len=128)
+    sft = _config(built, "llama-v600", keys)
+    dpo = dataclasses.replace(sft, stage="dpo")
+    doubled = dataclasses.replace(sft, per_device_train_batch_size=4)
+    est, twice = estimate_memory(dpo, device="cpu"), estimate_memory(doubled, device="cpu")
+    assert (
+        est.parts["activations"] == twice.parts["activations"] > estimate_memory(sft, device="cpu").parts["activations"]
+    )
+    assert "reference model" not in est.parts and any("adapters off" in n for n in est.notes)
+
+    full = dataclasses.replace(dpo, finetuning_type="full")
+    with_copy = estimate_memory(full, device="cpu")
+    assert with_copy.parts["reference model"] == with_copy.params * 4  # fp32, as the trained weights start
+    precomputed = estimate_memory(dataclasses.replace(full, precompute_ref=True), device="cpu")
+    assert "reference model" not in precomputed.parts
+    assert with_copy.total - precomputed.total == with_copy.params * 4
+    free = estimate_memory(dataclasses.replace(full, pref_loss="simpo"), device="cpu")
+    assert "reference model" not in free.parts

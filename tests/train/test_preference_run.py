@@ -95,6 +95,8 @@ def test_kto_trains_on_unpaired_answers_and_logs_its_kl(run_config, kto_file, tm
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start as the base: no drift yet
     assert any("rewards/chosen" in m for m in steps) and any("rewards/rejected" in m for m in steps)
+    last = _rows(result, "rewards/margins")[-1]
+    assert last["rewards/chosen"] > 0 > last["rewards/rejected"], "desirable answers pulled up, the others down"
 
 
 def test_dpo_raises_the_chosen_answers_margin(run_config, pref_file, tmp_path):
@@ -115,8 +117,48 @@ def test_full_fine_tuning_precomputed_reference_equals_the_frozen_copy(run_confi
         a, b = [m[key] for m in _rows(live, key)], [m[key] for m in _rows(pre, key)]
         assert a == pytest.approx(b, abs=1e-5), key
     assert _rows(live, "rewards/chosen")[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
-    saved = json.loads((tmp_path / "pre" / "reference_logps_train.json").read_text())
-    assert len(saved) == 20 and all(len(pair) == 2 and pair[0] < 0 for pair in saved)
+    saved = [json.loads(p.read_text()) for p in _reference_files()]
+    assert any(len(pairs) == 20 and all(len(pair) == 2 and pair[0] < 0 for pair in pairs) for pairs in saved)
+
+
+def _reference_files():
+    from tunelab.data import cache
+
+    return sorted((cache.cache_dir().parent / "reference").glob("reference_logps_train_*.json"))
+
+
+def test_precomputed_reference_is_reused_and_recomputed_when_the_reference_changes(
+    run_config, llama_dir, pref_file, tmp_path, monkeypatch
+):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train import preference
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    calls = []
+    real = preference.precompute_reference
+    monkeypatch.setattr(preference, "precompute_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    keys = dict(COMMON, model=base, finetuning_type="full", learning_rate=1e-3, dataset=pref_file, val_size=0)
+    keys.update(precompute_ref=True, max_steps=1)
+    first = train(run_config(output_dir=tmp_path / "a", **keys))
+    again = train(run_config(output_dir=tmp_path / "b", **keys))
+    assert len(calls) == 1, "the same weights and pairs reuse the log-probs"
+    assert _rows(again, "loss")[0]["loss"] == _rows(first, "loss")[0]["loss"]
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(base)
+    changed = train(run_config(output_dir=tmp_path / "c", **keys))
+    assert len(calls) == 2, "new starting weights: the log-probs are computed anew"
+    step = _rows(changed, "rewards/chosen")[0]
+    assert step["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # measured against the new start, not the old
+    assert step["logps/chosen"] != _rows(first, "logps/chosen")[0]["logps/chosen"]
 
 
 def test_packed_pairs_train_the_same_losses_as_padded_pairs(run_config, pref_file, tmp_path):
@@ -129,12 +171,17 @@ def test_packed_pairs_train_the_same_losses_as_padded_pairs(run_config, pref_fil
         assert a == pytest.approx(b, abs=1e-4), key
 
 
-def test_two_processes_train_like_one(run_config, pref_file, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_train_like_one(engine, run_config, pref_file, tmp_path):
     keys = dict(COMMON, dataset=pref_file, val_size=0, lr_scheduler_type="constant", group_by_length=False)
     keys.pop("per_device_train_batch_size")
     one = train(run_config(output_dir=tmp_path / "one", nproc_per_node=1, per_device_train_batch_size=4, **keys))
-    two = train(run_config(output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=2, **keys))
-    assert two.summary["processes"] == 2
+    two = train(
+        run_config(
+            output_dir=tmp_path / "two", nproc_per_node=2, per_device_train_batch_size=2, distributed=engine, **keys
+        )
+    )
+    assert two.summary["processes"] == 2 and two.summary["engine"] == engine
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         a, b = [m[key] for m in _rows(one, key)], [m[key] for m in _rows(two, key)]
         assert len(a) == 3 and a == pytest.approx(b, abs=1e-4), key
@@ -142,8 +189,8 @@ def test_two_processes_train_like_one(run_config, pref_file, tmp_path):
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(finetuning_type, llama_dir, pref_file, tmp_path):
-    """Killed between checkpoints (full: with log-probs precomputed before training, read back on resume, since
-    the resumed weights can no longer compute them), the resumed run ends with the uninterrupted run's weights."""
+    """Killed between checkpoints (full: with the reference's log-probs precomputed from the starting weights, not
+    the checkpoint's), the resumed run ends with the uninterrupted run's weights."""
     import signal
     import time
 

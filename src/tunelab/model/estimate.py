@@ -19,13 +19,14 @@ training runs on CPU in tests/model/test_estimate.py.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import REFERENCE_FREE, Config
 from ..errors import TunelabError
 from ..hub import resolve_model_path
 from .adapters import decoder_layer, resolve_targets
@@ -233,7 +234,25 @@ def estimate_memory(
             notes.append(
                 f"LoRA r={cfg.lora_r} on {len(lora)} modules; adapters, their gradients and AdamW states in fp32"
             )
-    saved, one_layer, loss, act_notes = _activations(model, cfg, dims, act, device, lora, _attention(cfg, device))
+    sequences = cfg
+    if cfg.stage != "sft":  # both completions of each pair (KTO: each completion and its KL one) in one forward
+        sequences = dataclasses.replace(cfg, per_device_train_batch_size=2 * cfg.per_device_train_batch_size)
+        notes.append(
+            f"stage {cfg.stage}: {2 * cfg.per_device_train_batch_size} sequences per forward "
+            f"({cfg.per_device_train_batch_size} {'pairs' if cfg.stage == 'dpo' else 'examples and their KL ones'})"
+        )
+    saved, one_layer, loss, act_notes = _activations(model, sequences, dims, act, device, lora, _attention(cfg, device))
+    reference = 0
+    needs_reference = cfg.stage == "kto" or (cfg.stage == "dpo" and cfg.pref_loss not in REFERENCE_FREE)
+    if needs_reference and full and not cfg.precompute_ref:
+        reference = params * master
+        notes.append("reference: a frozen copy of the starting weights (precompute_ref: true keeps none)")
+    elif needs_reference:
+        notes.append(
+            "reference: the base with adapters off, no copy"
+            if not full
+            else "reference: log-probs computed before training, no copy"
+        )
     if quant_bits:
         linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and decoder_layer(n)]
         n_q = sum(m.weight.numel() for m in linears)
@@ -266,7 +285,7 @@ def estimate_memory(
     ]  # backward through the first layer
     if cfg.gradient_checkpointing:
         candidates.append(saved + one_layer + head_grad)  # recompute of the last layer
-    total = weights + states + max(candidates) + rank["gathered"]
+    total = weights + states + max(candidates) + rank["gathered"] + reference
     acts = saved + (one_layer if cfg.gradient_checkpointing else 0)
     parts = {
         "weights": weights,
@@ -277,6 +296,8 @@ def estimate_memory(
     }
     if rank["gathered"]:
         parts["gathered layers"] = rank["gathered"]
+    if reference:
+        parts["reference model"] = reference
     notes += act_notes
     if cfg.gradient_checkpointing:
         notes.append("gradient checkpointing: each layer's input is kept, one layer is recomputed at a time")

@@ -9,16 +9,21 @@ the LoRA base with adapters off, a frozen copy (full fine-tuning), log-probs com
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .. import __version__
 from ..config import REFERENCE_FREE, Config
 from ..constants import SEQUENCES
+from ..data import cache
 from ..data.pairs import DESIRABLE, PAIRS, REF_LOGPS, PairCollator, PairDataset
 from ..errors import TunelabError
 from ..model.pref_losses import Logps, kl_estimate, kto_loss, pair_loss
@@ -190,7 +195,7 @@ def unit(cfg: Config) -> str:
     return "KTO examples" if cfg.stage == "kto" else "pairs"
 
 
-def trainer_parts(cfg: Config, data, model, collator, engine: str, device, out: Path):
+def trainer_parts(cfg: Config, data, model, collator, engine: str, device, out: Path, model_path: str):
     """(trainer class, (train, eval) datasets, the trainer's extra arguments) of a preference run."""
     settings = PreferenceSettings.from_config(cfg)
     train, held = PairDataset(data.train), PairDataset(data.eval) if data.eval else None
@@ -205,9 +210,7 @@ def trainer_parts(cfg: Config, data, model, collator, engine: str, device, out: 
         if cfg.precompute_ref:
             for dataset, name in ((train, "train"), (held, "eval")):
                 if dataset is not None:
-                    dataset.ref_logps = _reference_file(
-                        model, dataset, collator, cfg, device, out / f"reference_logps_{name}.json"
-                    )
+                    dataset.ref_logps = _reference_file(model, dataset, collator, cfg, device, out, name, model_path)
         else:
             reference = copy.deepcopy(model).eval().requires_grad_(False)
             log.info("reference: a frozen copy of the starting model (precompute_ref: true keeps none in memory)")
@@ -216,16 +219,42 @@ def trainer_parts(cfg: Config, data, model, collator, engine: str, device, out: 
     return PreferenceTrainer, (train, held), {"settings": settings, "reference": reference}
 
 
-def _reference_file(model, dataset, collator, cfg: Config, device, path: Path) -> list:
-    """Reference log-probs of `dataset`, computed with the starting weights, or read back on resume (the
-    resumed model already holds trained weights, so it could not compute them again)."""
+def reference_key(model_path: str, dataset: PairDataset, cfg: Config) -> str:
+    """What precomputed reference log-probs depend on: the starting weights (every weight file's name, size and
+    modification time), how they run (precision, attention), the exact token ids of every pair, and tunelab."""
+    h = hashlib.sha256(f"{__version__}|{cfg.bf16}|{cfg.fp16}|{cfg.pure_bf16}|{cfg.attn_implementation}".encode())
+    folder = Path(model_path)
+    for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if not folder.is_dir():
+        h.update(model_path.encode())
+    for s in dataset.samples:
+        for side in (s.chosen, s.rejected if s.rejected is not None else s.kl):
+            h.update(np.asarray(side.input_ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(side.labels, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def _reference_file(model, dataset, collator, cfg: Config, device, out: Path, name: str, model_path: str) -> list:
+    """Reference log-probs of `dataset`, computed once with the starting weights and kept under a key of what they
+    depend on (see `reference_key`): beside the tokenization cache, or in the run folder when the cache is off.
+    A resume, a sweep point or a rerun of the same config reads them back (a resume computes them before its
+    checkpoint's weights are loaded, so anew they would be the same); changed weights or data compute them anew."""
+    key = reference_key(model_path, dataset, cfg)[:24]
+    folder = cache.cache_dir().parent / "reference" if cache.enabled() else out
+    path = folder / f"reference_logps_{name}_{key}.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
-        if len(saved) == len(dataset):
-            return saved
+        log.info("reference log-probs (%s) read from %s", name, path)
+        return json.loads(path.read_text())
     values = precompute_reference(model, dataset, collator, cfg.per_device_eval_batch_size, device)
     if distributed.is_main():
-        path.write_text(json.dumps(values))
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps(values))
+        os.replace(staged, path)
     return values
 
 

@@ -221,7 +221,7 @@ def prepare(cfg: Config) -> Prepared:
     )
     if cfg.stage != "sft":
         trainer_class, datasets, extra = preference.trainer_parts(
-            cfg, data, model, collator, engine.name, args.device, out
+            cfg, data, model, collator, engine.name, args.device, out, model_path
         )
     else:
         trainer_class, extra = TunelabTrainer, {}
