@@ -125,3 +125,35 @@ def test_a_finished_run_is_freed_before_the_next_one_trains(sweep_config, monkey
     monkeypatch.setattr(sweep_module, "train", watched)
     run_sweep(sweep_config, ["lora_r=2,4"])
     assert len(refs) == 2
+
+
+def test_a_preference_sweep_compares_pref_accuracy_on_held_out_pairs(tmp_path, llama_dir, write_data):
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"Question {i}?"}],
+            "chosen": f"A careful, complete answer to question {i}.",
+            "rejected": f"no {i}",
+        }
+        for i in range(12)
+    ]
+    data, held = write_data("pairs.jsonl", rows[:8]), write_data("held.jsonl", rows[8:])
+    path = tmp_path / "dpo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            dict(
+                model=llama_dir,
+                dataset=data,
+                stage="dpo",
+                output_dir=str(tmp_path / "sweep"),
+                max_steps=3,
+                per_device_train_batch_size=4,
+                logging_steps=1,
+                lora_dropout=0.0,
+            )
+        )
+    )
+    result = run_sweep(str(path), ["learning_rate=1e-4,1e-2"], eval_dataset=held)
+    assert len(result) == 2 and all(r["pref_accuracy"] is not None and "logp_margin" in r for r in result)
+    best = max(result, key=lambda r: (r["pref_accuracy"], r["logp_margin"]))
+    assert [r["best"] for r in result].count("*") == 1 and best["best"] == "*"
+    assert best["learning_rate"] == 1e-2  # the larger step moves the held-out margin the most in 3 steps

@@ -27,6 +27,7 @@ log = logging.getLogger("tunelab")
 
 EVAL_CACHE = "sweep_eval.json"
 METRICS = ("eval_loss", "perplexity", "exact_match", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "stopped_pct")
+PREF_METRICS = ("pref_accuracy", "logp_margin")  # an eval set of preference pairs: which answer each run prefers
 
 
 def _split_values(raw: str) -> list[str]:
@@ -111,6 +112,7 @@ def plan_sweep(config_path: str, pairs: list[str]) -> tuple[list[SweepPoint], Pa
 
 def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch_size: int) -> dict:
     from .eval.evaluate import evaluate
+    from .eval.preference import evaluate_preferences, is_preference_data, read_pairs
     from .infer.generate import read_cases
     from .infer.load import load_inference
 
@@ -121,10 +123,14 @@ def _eval_point(point: SweepPoint, eval_dataset: str, max_new_tokens: int, batch
         if saved.get("key") == key:
             return saved["row"]
     cfg = point.config
-    cases = read_cases(eval_dataset, cfg.dataset_format, cfg.columns, cfg.system)
-    (row,) = evaluate(
-        load_inference(str(point.output_dir)), cases, max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+    if is_preference_data(eval_dataset):
+        pairs = read_pairs(eval_dataset, cfg.system)
+        (row,) = evaluate_preferences(load_inference(str(point.output_dir)), pairs, batch_size=batch_size)
+    else:
+        cases = read_cases(eval_dataset, cfg.dataset_format, cfg.columns, cfg.system)
+        (row,) = evaluate(
+            load_inference(str(point.output_dir)), cases, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
     cache.write_text(json.dumps({"key": key, "row": row}, ensure_ascii=False))
     return row
 
@@ -138,7 +144,7 @@ def _row(point: SweepPoint, evaluated: dict | None) -> dict:
         "train_loss": losses[-1] if losses else summary.get("train_loss"),
     }
     if evaluated:
-        row.update({k: evaluated[k] for k in METRICS})
+        row.update({k: evaluated[k] for k in METRICS + PREF_METRICS if k in evaluated})
     else:
         row["eval_loss"] = summary.get("final_eval_loss")
     row.update(train_seconds=summary.get("seconds"), trainable_params=summary.get("trainable_params"))
@@ -146,6 +152,11 @@ def _row(point: SweepPoint, evaluated: dict | None) -> dict:
 
 
 def _mark_best(rows: list[dict]) -> None:
+    if all(r.get("pref_accuracy") is not None for r in rows):  # preference pairs: the most often right, then margin
+        best = max(rows, key=lambda r: (r["pref_accuracy"], r["logp_margin"])) if rows else None
+        for r in rows:
+            r["best"] = "*" if r is best else ""
+        return
     key = "eval_loss" if all(r.get("eval_loss") is not None for r in rows) else "train_loss"
     finite = [r for r in rows if r.get(key) is not None and not math.isnan(r[key])]
     best = min(finite, key=lambda r: r[key]) if finite else None

@@ -89,7 +89,7 @@ def test_each_pair_loss_trains_and_logs_the_reward_metrics(loss, run_config, pre
     assert (result.output_dir / "loss.png").is_file() and (result.output_dir / "adapter_model.safetensors").is_file()
 
 
-def test_kto_trains_on_unpaired_answers_and_logs_its_kl(run_config, kto_file, tmp_path):
+def test_kto_trains_on_unpaired_answers_and_logs_its_kl(run_config, kto_file, pref_file, tmp_path):
     result = train(run_config(dataset=kto_file, output_dir=tmp_path / "kto", **{**COMMON, "stage": "kto"}))
     steps = _rows(result, "kl")
     assert [m["step"] for m in steps] == [1, 2, 3]
@@ -97,6 +97,14 @@ def test_kto_trains_on_unpaired_answers_and_logs_its_kl(run_config, kto_file, tm
     assert any("rewards/chosen" in m for m in steps) and any("rewards/rejected" in m for m in steps)
     last = _rows(result, "rewards/margins")[-1]
     assert last["rewards/chosen"] > 0 > last["rewards/rejected"], "desirable answers pulled up, the others down"
+    # judged apart from the trainer's own labels: the desirable style now wins more clearly than under the base
+    from tunelab.eval.preference import evaluate_preferences, read_pairs
+    from tunelab.infer.load import load_inference
+
+    pairs = read_pairs(pref_file)
+    im = load_inference(run_config().model, ["none", str(result.output_dir)])
+    base, trained = evaluate_preferences(im, pairs, progress=False)
+    assert trained["logp_margin"] > base["logp_margin"] + 1.0
 
 
 def test_dpo_raises_the_chosen_answers_margin(run_config, pref_file, tmp_path):
@@ -107,6 +115,10 @@ def test_dpo_raises_the_chosen_answers_margin(run_config, pref_file, tmp_path):
     assert margins[-1] > 0.05 and margins[-1] > margins[1]
     losses = [m["loss"] for m in _rows(result, "loss")]
     assert losses[-1] < losses[0]
+    from tunelab.infer.chat import ChatSession
+
+    session = ChatSession.load(str(result.output_dir))  # the run folder chats as an SFT run's does
+    assert isinstance(session.ask("What is 3 plus 3?", max_new_tokens=4), str)
 
 
 def test_full_fine_tuning_precomputed_reference_equals_the_frozen_copy(run_config, pref_file, tmp_path):
