@@ -103,13 +103,7 @@ def data_report(cfg: Config, n_samples: int = 3, color: bool = False) -> str:
         lines.append(
             f"WARNING: {s.reasoning_lost} turns keep reasoning the template cannot show; they train without it"
         )
-    for message in s.skipped:
-        lines.append(f"skipped: {message}")
-    if n_samples:
-        lines.append(
-            "\nsamples as the model sees them; trained tokens "
-            + ("in green" if color else "between [[ and ]] (the brackets are not in the text)")
-        )
+    lines += _skipped_and_legend(s.skipped, n_samples, color, "samples")
     for i, sample in enumerate(data.train[:n_samples]):
         lines.append(
             f"\n--- sample {i} ({sample.source}; {len(sample.input_ids)} tokens, {sample.n_trained} trained) ---"
@@ -159,13 +153,7 @@ def preference_report(cfg: Config, n_samples: int = 3, color: bool = False) -> s
     default = default_system(tokenizer)
     if default and not cfg.system:
         lines.append(f"records without a system message get the template's own system prompt {default!r}")
-    for message in s.skipped:
-        lines.append(f"skipped: {message}")
-    if n_samples:
-        lines.append(
-            "\nsides as the model sees them; trained tokens "
-            + ("in green" if color else "between [[ and ]] (the brackets are not in the text)")
-        )
+    lines += _skipped_and_legend(s.skipped, n_samples, color, "sides")
     for i, pair in enumerate(data.train[:n_samples]):
         shown = [("chosen", pair.chosen), ("rejected", pair.rejected)]
         if pair.label is not None:
@@ -194,3 +182,13 @@ def write_jsonl(cfg: Config, stream: TextIO = sys.stdout) -> int:
     for i in range(len(data.train)):
         stream.write(json.dumps(data.train.item(i)) + "\n")
     return len(data.train)
+
+
+def _skipped_and_legend(skipped: list[str], n_samples: int, color: bool, what: str) -> list[str]:
+    lines = [f"skipped: {message}" for message in skipped]
+    if n_samples:
+        lines.append(
+            f"\n{what} as the model sees them; trained tokens "
+            + ("in green" if color else "between [[ and ]] (the brackets are not in the text)")
+        )
+    return lines

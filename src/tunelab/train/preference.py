@@ -157,14 +157,7 @@ class PreferenceTrainer(TunelabTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Mean preference loss and metrics over every held-out pair, each rank's share counted once."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        rank, world, size = distributed.rank(), distributed.world_size(), self.args.per_device_eval_batch_size
-        share = list(range(rank, len(dataset), world))
-        rounds = -(-len(dataset) // (world * size))
-        share += [None] * (rounds * size - len(share))
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, share), batch_size=size, collate_fn=self.data_collator
-        )
+        loader = self.rank_share_loader(eval_dataset if eval_dataset is not None else self.eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()

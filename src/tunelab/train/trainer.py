@@ -203,6 +203,17 @@ class TunelabTrainer(Trainer):
             self._whole_batches.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
+    def rank_share_loader(self, dataset) -> torch.utils.data.DataLoader:
+        """This rank's share of `dataset`, each sample once over all ranks; fillers (None) even out the rounds,
+        since every rank must run as many batches (sharded forwards are collective)."""
+        rank, world, size = distributed.rank(), distributed.world_size(), self.args.per_device_eval_batch_size
+        share = list(range(rank, len(dataset), world))
+        rounds = -(-len(dataset) // (world * size))
+        share += [None] * (rounds * size - len(share))
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, share), batch_size=size, collate_fn=self.data_collator
+        )
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Mean cross-entropy per trained token over the whole eval set, each rank's share summed once.
 
@@ -210,14 +221,7 @@ class TunelabTrainer(Trainer):
         completes the last round with repeated samples; here every held-out token counts once, so the
         eval loss is the same for any batch size or number of processes, and equals `tunelab eval`'s.
         """
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        rank, world, size = distributed.rank(), distributed.world_size(), self.args.per_device_eval_batch_size
-        share = list(range(rank, len(dataset), world))
-        rounds = -(-len(dataset) // (world * size))  # every rank runs as many batches (sharded forwards)
-        share += [None] * (rounds * size - len(share))
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, share), batch_size=size, collate_fn=self.data_collator
-        )
+        loader = self.rank_share_loader(eval_dataset if eval_dataset is not None else self.eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()
