@@ -35,6 +35,20 @@ def tiny_data(folder: Path) -> str:
     return str(path)
 
 
+def tiny_pairs(folder: Path) -> str:
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+            "chosen": f"It is {2 * i}.",
+            "rejected": f"It is {2 * i + 1}.",
+        }
+        for i in range(64)
+    ]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def tiny_model(folder: Path) -> str:
     from tunelab.data.templates import CHATML
     from tunelab.demo.build import build_tiny_model, train_tokenizer
@@ -61,7 +75,7 @@ def _run(model: str, data: str, out: Path, **keys) -> dict:
         save_steps=1000,
         lr_scheduler_type="constant",
     )
-    cfg = from_dict({**settings, **keys})
+    cfg = from_dict({**settings, **keys})  # keys may name another dataset (preference pairs)
     result = train(cfg)
     losses = [m["loss"] for m in result.metrics if "loss" in m]
     trainable = [p for p in result.model.parameters() if p.requires_grad]
@@ -84,7 +98,7 @@ def main() -> int:
         return 2
     root = Path(args.out or tempfile.mkdtemp(prefix="tunelab-gpu-"))
     root.mkdir(parents=True, exist_ok=True)
-    data, model = tiny_data(root), tiny_model(root)
+    data, pairs, model = tiny_data(root), tiny_pairs(root), tiny_model(root)
     print(f"device: {torch.cuda.get_device_name()} (compute capability {torch.cuda.get_device_capability()})")
     results, failed = [], 0
     for name, keys in [
@@ -94,6 +108,15 @@ def main() -> int:
         ("full-fp16", dict(finetuning_type="full", fp16=True, learning_rate=1e-4)),
         ("lora-bf16-sdpa", dict(bf16=True, attn_implementation="sdpa")),
         ("lora-bf16-fa2", dict(bf16=True, attn_implementation="flash_attention_2")),
+        # preference training: both sides in one forward, the reference as adapters off / precomputed log-probs
+        ("dpo-lora-bf16", dict(bf16=True, stage="dpo", dataset=pairs)),
+        (
+            "dpo-full-bf16-precomputed",
+            dict(
+                bf16=True, stage="dpo", dataset=pairs, finetuning_type="full", precompute_ref=True, learning_rate=1e-4
+            ),
+        ),
+        ("kto-lora-bf16", dict(bf16=True, stage="kto", dataset=pairs)),
     ]:
         if name.endswith("fa2"):
             import importlib.util

@@ -245,3 +245,13 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(finetuning_typ
     margins = {m["step"]: m["rewards/margins"] for m in _rows(resumed, "rewards/margins")}
     for m in _rows(whole, "rewards/margins"):
         assert margins[m["step"]] == pytest.approx(m["rewards/margins"], abs=1e-6), m["step"]
+
+
+def test_bf16_autocast_trains_dpo_with_fp32_log_probs(run_config, pref_file, tmp_path):
+    """The GPU recipe's precision on CPU (bf16 autocast): the head's log-probs still reduce in fp32, so the first
+    step's rewards are exactly 0 and the run trains."""
+    result = train(run_config(output_dir=tmp_path / "bf16", dataset=pref_file, bf16=True, **{**COMMON, "val_size": 0}))
+    assert result.summary["dtype"] == "bfloat16"
+    steps = _rows(result, "rewards/margins")
+    assert steps[0]["rewards/margins"] == 0.0 and steps[-1]["rewards/margins"] > 0
+    assert all(abs(m["logps/chosen"]) < 1e4 for m in steps)
