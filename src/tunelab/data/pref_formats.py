@@ -18,8 +18,9 @@ completion train as they would in an SFT answer. `columns` renames fields as it 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import TunelabError
 from .conversation import Conversation, Message
@@ -29,11 +30,18 @@ from .tools import link_calls, parse_tools
 
 if TYPE_CHECKING:
     from ..config import Config
-    from .preference import PreferenceStats
 
 PAIRED = ("messages", "sharegpt", "alpaca", "trl", "trl implicit prompt")
 UNPAIRED = ("trl kto", "messages kto", "sharegpt kto")
 TURN_KEYS = ("messages", "conversations")
+
+
+class Counts(Protocol):
+    """What reading counts into (preference.PreferenceStats), named here so the two modules import one way."""
+
+    records: Counter
+
+    def count_skipped(self, errors: list[str]) -> None: ...
 
 
 @dataclass
@@ -54,7 +62,7 @@ class PreferenceRecord:
 
 
 def read_groups(
-    cfg: "Config", specs: list[str], stats: "PreferenceStats", tools: list[dict] | None = None
+    cfg: "Config", specs: list[str], stats: "Counts", tools: list[dict] | None = None
 ) -> list[list[PreferenceRecord]]:
     """The preference records of each file record: one, or two for a pair under stage kto (kept together so a
     held-out split never puts one prompt on both sides). A bad record stops the read, or under
