@@ -131,7 +131,14 @@ def _estimate_args(p):
 
 
 def _demo_args(p):
-    p.add_argument("--output-dir", default="demo_run")
+    p.add_argument(
+        "--stage",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="sft: full fine-tuning then LoRA on a persona (default); dpo: SFT then DPO on a style preference, "
+        "scored on held-out pairs (pref_accuracy before and after)",
+    )
+    p.add_argument("--output-dir", help="where the models go (default: demo_run, or demo_run/dpo for --stage dpo)")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -303,9 +310,14 @@ def _estimate(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.stage == "dpo":
+        from .demo.dpo import run_dpo_demo
+
+        run_dpo_demo(args.output_dir or "demo_run/dpo")
+        return 0
     from .demo.run import run_demo
 
-    run_demo(args.output_dir)
+    run_demo(args.output_dir or "demo_run")
     return 0
 
 
@@ -427,7 +439,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[..., int], Callable[[], str] |
     "sweep": ("train a grid of runs (key=v1,v2 ...), evaluate each, compare in sweep.md", _sweep_args, _sweep, None),
     "estimate": ("parameters and per-GPU memory of a config, from config.json alone", _estimate_args, _estimate, None),
     "serve": ("the OpenAI API (chat, completions, models) over a base and its adapters", _serve_args, _serve, None),
-    "demo": ("build a tiny model, fine-tune it on the persona data, and chat with it", _demo_args, _demo, None),
+    "demo": (
+        "build a tiny model, fine-tune it on the persona data (or --stage dpo: teach it a preference), and chat",
+        _demo_args,
+        _demo,
+        None,
+    ),
 }
 
 
